@@ -1,0 +1,52 @@
+"""Atomic file writes: write to a temp file in the same folder, fsync, then rename over the target.
+
+An interrupted write leaves either the old file or nothing, never a half-written one.
+Use: ``atomic_write_bytes(path, data)`` or ``with atomic_open(path, "w") as f: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on a clean exit it replaces ``path``, on an exception it is removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete temp files left by a writer that was killed (SIGKILL skips cleanup). Returns how many."""
+    n = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

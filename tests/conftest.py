@@ -1,0 +1,37 @@
+"""Shared test fixtures. One real Ray cluster per test session, started on first use and shut down at the end.
+
+Subprocesses (the ``rau`` CLI) join it through RAY_ADDRESS instead of starting clusters of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture
+def run_cli(ray_cluster):
+    """Run ``rau ARGS...`` in a subprocess attached to the session's Ray cluster; returns CompletedProcess."""
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+        return subprocess.run([sys.executable, "-m", "rau_ray.cli", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=timeout, cwd=REPO)
+
+    return run
