@@ -112,8 +112,8 @@ def encode_nifti(array: np.ndarray, spacing: Sequence[float], affine: np.ndarray
                  compress: bool = True) -> bytes:
     """Deterministic NIfTI-1 bytes (gzip without timestamp or name when ``compress``).
 
-    Default affine ``diag(-sx, -sy, sz, 1)``: array axes i, j, k point to patient Left, Posterior, Superior (LPS storage),
-    so ``read_nifti`` returns such an array flipped on axes 0 and 1 (RAS+).
+    Default affine ``diag(-sx, -sy, sz, 1)``: array axes i, j, k point to patient Left, Posterior, Superior
+    (LPS storage), so ``read_nifti`` returns such an array flipped on axes 0 and 1 (RAS+).
     """
     import nibabel as nib
 
@@ -237,7 +237,7 @@ def _open_png(path: PathLike) -> tuple[Path, Any]:
     try:
         with Image.open(p) as img:
             img.load()  # decoding errors (truncation) only surface here
-            return p, img.copy() if img.mode != "P" else img.copy()
+            return p, img.copy()
     except Exception as e:
         raise _unreadable("PNG", p, e) from e
 
