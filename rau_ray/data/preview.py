@@ -63,7 +63,7 @@ def preview(folders: list[str | Path], out: str | Path, n: int = 8, cols: int = 
 
     blocks = [load_examples(Path(f), n) for f in folders]
     rows_per = [math.ceil(len(ex) / cols) for _, ex, _ in blocks]
-    fig, axes = plt.subplots(sum(rows_per), cols, figsize=(3.0 * cols + 2.6, 3.1 * sum(rows_per)), squeeze=False)
+    fig, axes = plt.subplots(sum(rows_per), cols, figsize=(2.6 * cols + 2.4, 2.9 * sum(rows_per)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     r0 = 0
     for (title, examples, names), nrows in zip(blocks, rows_per):
@@ -86,7 +86,7 @@ def preview(folders: list[str | Path], out: str | Path, n: int = 8, cols: int = 
         r0 += nrows
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     out = Path(out)
     atomic_write_bytes(out, buf.getvalue())

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from rau_ray.atomic import atomic_write_bytes
+from rau_ray.atomic import atomic_write_bytes, remove_stale_temps
 from rau_ray.data.manifest import ManifestRow
 
 BACKENDS = ("ray", "local")
@@ -41,6 +41,8 @@ def write_all(fn: Callable[[object], Encoded], items: Sequence, out: Path, backe
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if out.is_dir():
+        remove_stale_temps(out)  # left by a writer that was killed (SIGKILL skips cleanup)
     rows: list[ManifestRow] = []
     n_files = 0
     with tqdm(total=len(items), unit=unit, desc=f"{desc} ({backend})", disable=not progress) as bar:
