@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from rau_ray.atomic import atomic_write_bytes, remove_stale_temps
 from rau_ray.data.manifest import ManifestRow
+from rau_ray.errors import RauError
 
 BACKENDS = ("ray", "local")
 
@@ -70,7 +71,13 @@ def write_all(fn: Callable[[object], Encoded], items: Sequence, out: Path, backe
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                for enc in ray.get(done[0]):
+                try:
+                    results = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, RauError):  # bad input found by a worker: the user's error, unwrapped
+                        raise e.cause from None
+                    raise
+                for enc in results:
                     write(enc)
         except BaseException:
             for ref in pending:

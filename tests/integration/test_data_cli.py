@@ -106,7 +106,8 @@ def test_bad_input_is_a_clear_error_without_traceback(run_cli, tmp_path):
     def fails(*args, expect):
         r = run_cli(*args)
         assert r.returncode == 2, (r.returncode, r.stderr)
-        assert "Traceback" not in r.stderr and expect in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and 'File "' not in r.stderr and expect in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
 
     fails("data", "make", "--modality", "xray-angio", "--n", "2", "--dims", "3", "--out", tmp_path / "x",
           expect="is 2D only")

@@ -1,0 +1,48 @@
+"""Where model weights come from: a Hugging Face id, a local path, or ``tiny`` (built here, offline).
+
+``resolve(name, kind, build_tiny, spec)`` returns a local folder (or the hub id) to pass to ``from_pretrained`` /
+the SAM2 builder. For ``tiny`` it builds the component once from its config with a fixed seed, saves it into
+``$RAU_CACHE`` (default ``~/.cache/rau_ray``) under a hash of ``spec``, and reuses it; the folder is written
+in a temp folder and renamed, so concurrent Ray workers never see a half-written model.
+Use: ``path = resolve(cfg.model, "policy", build_tiny=_save_tiny_qwen, spec=asdict(cfg))``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+TINY = "tiny"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAU_CACHE", Path.home() / ".cache" / "rau_ray"))
+
+
+def resolve(name: str, kind: str, build_tiny: Callable[[Path], None], spec: dict) -> str:
+    """``name`` is "tiny", a local folder/file, or a hub id; returns what the loader should open."""
+    if name != TINY:
+        return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    target = cache_root() / f"{kind}-tiny-{digest}"
+    if (target / ".complete").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build_tiny(tmp)
+        (tmp / "rau_tiny_spec.json").write_text(json.dumps(spec, sort_keys=True, indent=1, default=str))
+        (tmp / ".complete").touch()
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: its copy is identical (same spec, same seed)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
