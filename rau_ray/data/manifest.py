@@ -163,6 +163,9 @@ class Manifest:
 
 
 def load_image(path: Path, modality: str) -> np.ndarray:
+    if path.suffix.lower() != ".png":
+        raise DataError(f"{path}: unsupported image format '{path.suffix}' in a manifest; manifest images are PNG "
+                        f"(convert volumes and DICOM with `rau data import`)")
     arr = formats.read_png_image(path)
     if modality == "CT":
         if arr.dtype != np.uint16:

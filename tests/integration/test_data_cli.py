@@ -102,6 +102,13 @@ def test_import_msd_layout(run_cli, tmp_path):
     assert image.dtype == np.uint8 and image.shape == (24, 20) and (label == 1).sum() == 32
 
 
+def test_help_lists_subcommands(run_cli):
+    r = run_cli("--help")
+    assert r.returncode == 0 and "demo" in r.stdout and "data" in r.stdout
+    r = run_cli("data", "--help")
+    assert all(cmd in r.stdout for cmd in ("make", "import", "preview"))
+
+
 def test_bad_input_is_a_clear_error_without_traceback(run_cli, tmp_path):
     def fails(*args, expect):
         r = run_cli(*args)

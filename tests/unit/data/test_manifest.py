@@ -109,3 +109,11 @@ def test_assign_splits_per_subject():
     assert splits != assign_splits(subjects, seed=1)
     small = assign_splits(["a", "b", "c"])
     assert sorted(small.values()) == ["test", "train", "val"]
+
+
+def test_unsupported_image_format_is_named(tmp_path):
+    make_sample(tmp_path)
+    (tmp_path / "images" / "a.jpg").write_bytes((tmp_path / "images" / "a.png").read_bytes())
+    m = read_manifest(write_rows(tmp_path, {**ROW, "image": "images/a.jpg"}))
+    with pytest.raises(DataError, match=r"a.jpg: unsupported image format '.jpg'"):
+        m.load(m.rows[0])
