@@ -1,0 +1,269 @@
+"""The policy: Qwen2.5-VL with LoRA (peft) and the project's ``<Seg>`` token.
+
+``tiny`` builds a few-hundred-thousand-parameter Qwen2.5-VL from a config, with a byte-level BPE tokenizer trained in
+code on the project's prompt vocabulary, Qwen2.5-VL's special tokens and chat template, saves it with
+``save_pretrained`` and loads it back with ``from_pretrained`` — the path the paper profile takes with
+``Qwen/Qwen2.5-VL-7B-Instruct``. Use: ``policy = load_policy(PolicyConfig()); policy.generate([messages])``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rau_ray.errors import ConfigError
+from rau_ray.models import pretrained, prompts
+
+PROJECT_TOKENS = (prompts.SEG_TOKEN,)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen2.5-VL's chat template, for the content types this project uses (text and images)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    model: str = "tiny"  # "tiny" (built offline), a Hugging Face id, or a local folder
+    dtype: str = "float32"  # bfloat16 on GPU for the paper profile
+    load_in_4bit: bool = False  # QLoRA-style 4-bit base weights (bitsandbytes, CUDA only)
+    lora_rank: int = 8  # swept by Ray Tune; the adapter is the only thing SFT/GRPO train (+ the <Seg> rows)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # language model attention only
+    min_pixels: int = 56 * 56  # processor bounds: images are resized to a multiple of 28 px within them
+    max_pixels: int = 224 * 224
+    # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    vocab_size: int = 1024  # BPE merges learnt from the prompt vocabulary
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"policy.dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"policy.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.load_in_4bit and not torch.cuda.is_available():
+            raise ConfigError("policy.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
+
+
+TINY = PolicyConfig()
+PAPER = PolicyConfig(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", lora_rank=16, lora_alpha=32,
+                     min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
+
+
+def _tiny_corpus() -> list[str]:
+    from rau_ray.data.phantoms import PHANTOMS
+
+    names = [n for m in PHANTOMS.values() for n in m.LABELS.values()]
+    example = {n: [10 * i, 20 + i, 30 + 10 * i, 90 + i] for i, n in enumerate(names)}
+    text = [prompts.SYSTEM_PROMPT, *prompts.QUESTIONS.values(), json.dumps(example),
+            " ".join(str(i) for i in range(0, 1100)), "Reference CT MR XA US DX image: Target structures",
+            "is left right above below anterior posterior medial lateral of the next to near between"]
+    for task in prompts.TASKS:
+        for n in names:
+            text.append(prompts.build_answer(task, label=n, box=example[n], boxes=example,
+                                             think=f"The {n} lies left of and above the next structure."))
+    return text * 3
+
+
+def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_tiny_corpus(), trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=list(QWEN_SPECIAL), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             unk_token=None, bos_token=None)
+    bounds = {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}}
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**bounds), tokenizer=tok,
+                                    video_processor=Qwen2VLVideoProcessor(**bounds), chat_template=CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    head_dim = cfg.hidden_size // cfg.num_heads
+    half = head_dim // 2
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tok), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0,
+                                "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False},
+        vision_config={"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden_size,
+                       "intermediate_size": 2 * cfg.vision_hidden_size, "num_heads": cfg.vision_heads,
+                       "out_hidden_size": cfg.hidden_size, "fullatt_block_indexes": [cfg.vision_depth - 1],
+                       "window_size": 112, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(cfg.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def _load_base(cfg: PolicyConfig):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    cfg.validate()
+    spec = {k: v for k, v in asdict(cfg).items() if not k.startswith("lora") and k not in ("dtype", "load_in_4bit")}
+    path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), spec)
+    kwargs = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    return model, processor
+
+
+def _add_project_tokens(model, processor) -> int:
+    tok = processor.tokenizer
+    new = [t for t in PROJECT_TOKENS if t not in tok.get_vocab()]
+    if new:
+        tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    tok.padding_side = "left"  # batched generation continues every row from its last prompt token
+    return tok.convert_tokens_to_ids(prompts.SEG_TOKEN)
+
+
+def _lora_config(cfg: PolicyConfig, seg_id: int):
+    from peft import LoraConfig
+
+    targets = "|".join(cfg.lora_targets)
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=rf".*language_model.*\.({targets})",  # not the vision tower
+                      # only the <Seg> rows of the input embedding and the output head train, not the vocabulary
+                      trainable_token_indices={"embed_tokens": [seg_id], "lm_head": [seg_id]})
+
+
+class Policy:
+    """A peft-wrapped Qwen2.5-VL with its processor; built by ``load_policy`` or ``Policy.load``."""
+
+    def __init__(self, model, processor, cfg: PolicyConfig):
+        self.model, self.processor, self.cfg = model, processor, cfg
+        self.tokenizer = processor.tokenizer
+        self.seg_token_id = self.tokenizer.convert_tokens_to_ids(prompts.SEG_TOKEN)
+        self._assistant_ids = self.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+        self._strip = [t for t in ("<|im_end|>", "<|endoftext|>") if t in self.tokenizer.get_vocab()]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def inputs_for(self, messages_batch: list[list[dict]], completions: list[str] | None = None):
+        """Processor inputs for a batch; with completions, ``labels`` are -100 except on the completion tokens."""
+        texts, images = [], []
+        for i, messages in enumerate(messages_batch):
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if completions is not None:
+                text += completions[i] + "<|im_end|>"
+            texts.append(text)
+            images += [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"]
+                       if c["type"] == "image"]
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs.pop("mm_token_type_ids", None)
+        if completions is not None:
+            labels = inputs["input_ids"].clone()
+            labels[inputs["attention_mask"] == 0] = -100
+            for row in range(labels.shape[0]):
+                start = self._completion_start(inputs["input_ids"][row])
+                labels[row, :start] = -100
+            inputs["labels"] = labels
+        return inputs.to(self.device)
+
+    def _completion_start(self, ids: torch.Tensor) -> int:
+        pattern = torch.tensor(self._assistant_ids)
+        n = len(pattern)
+        for start in range(len(ids) - n, -1, -1):
+            if torch.equal(ids[start:start + n], pattern):
+                return start + n
+        raise ValueError("no assistant turn in the input")
+
+    @torch.no_grad()
+    def generate(self, messages_batch: list[list[dict]], max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0) -> list[str]:
+        inputs = self.inputs_for(messages_batch)
+        sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+        for token in self._strip:
+            texts = [t.split(token)[0] if token == "<|im_end|>" else t.replace(token, "") for t in texts]
+        return texts
+
+    def seg_hidden_states(self, messages: list[dict], completion: str) -> torch.Tensor:
+        """Last-layer hidden states at the completion's ``<Seg>`` tokens: (n_seg, hidden)."""
+        inputs = self.inputs_for([messages], [completion])
+        inputs.pop("labels")
+        out = self.model(**inputs, output_hidden_states=True)
+        ids = inputs["input_ids"][0]
+        start = self._completion_start(ids)
+        positions = (ids == self.seg_token_id).nonzero().flatten()
+        return out.hidden_states[-1][0, positions[positions >= start]]
+
+    def parameter_counts(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        return {"total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+    def save(self, folder: str | Path) -> Path:
+        """peft adapter (safetensors, with the <Seg> rows), processor + tokenizer with the added token, config."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder / "adapter")
+        self.processor.save_pretrained(folder / "processor")
+        (folder / "policy_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, trainable: bool = False) -> "Policy":
+        from peft import PeftModel
+
+        from rau_ray.config import from_dict
+
+        folder = Path(folder)
+        cfg = from_dict(PolicyConfig, json.loads((folder / "policy_config.json").read_text()), str(folder))
+        model, processor = _load_base(cfg)
+        _add_project_tokens(model, processor)
+        model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=trainable)
+        return cls(model, processor, cfg)
+
+
+def load_policy(cfg: PolicyConfig = TINY) -> Policy:
+    """Base model + processor (tiny or real), the <Seg> token with resized embeddings, a fresh LoRA adapter."""
+    from peft import get_peft_model
+
+    model, processor = _load_base(cfg)
+    seg_id = _add_project_tokens(model, processor)
+    model = get_peft_model(model, _lora_config(cfg, seg_id))
+    return Policy(model, processor, cfg)
