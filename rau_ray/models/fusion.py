@@ -1,0 +1,171 @@
+"""RAU's segmentation route: ``<Seg>`` hidden state -> MLP projector -> attention over reference memory -> SAM2.
+
+The reference image + mask go through SAM2's own memory encoder into memory slots; the projected ``<Seg>`` query
+attends over them; the fused token enters SAM2's mask decoder as a sparse prompt embedding together with the target
+image's embedding (the LISA / Sa2VA route). The image encoder stays frozen; the projector, the fusion and the mask
+decoder train. Use: ``seg = RAUSegmenter(build_sam2_model(), FusionConfig(llm_hidden_size=64))``;
+``logits, score, attn = seg.predict(seg.set_image(target), h_seg, seg.encode_reference(seg.set_image(ref), mask))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rau_ray.errors import ConfigError
+from rau_ray.models.sam2_builder import ImageEmbedding, as_rgb_uint8, embed_image, predictor_for
+
+PROJECTOR_DIMS = (128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    llm_hidden_size: int = 64  # the policy's hidden size (tiny 64, Qwen2.5-VL-7B 3584)
+    projector_dim: int = 256  # RAU's projector width; Ray Tune sweeps 128/256/512/1024
+    num_heads: int = 4  # attention heads of the <Seg> query over memory slots
+    dropout: float = 0.0
+    train_memory_encoder: bool = False  # the memory encoder is SAM2's and frozen unless asked
+
+    def validate(self) -> None:
+        if self.projector_dim % self.num_heads:
+            raise ConfigError(f"fusion.projector_dim ({self.projector_dim}) must be divisible by num_heads "
+                              f"({self.num_heads})")
+
+
+class SegProjector(nn.Sequential):
+    """MLP from the policy's hidden size into the projector space."""
+
+    def __init__(self, llm_hidden: int, dim: int):
+        super().__init__(nn.Linear(llm_hidden, dim), nn.GELU(), nn.Linear(dim, dim))
+
+
+class MemoryFusion(nn.Module):
+    """The projected query attends over memory slots (+ positions); returns SAM2 sparse prompt tokens."""
+
+    def __init__(self, dim: int, mem_dim: int, sam_hidden: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, kdim=mem_dim, vdim=mem_dim, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, sam_hidden)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor):
+        fused, weights = self.attn(query, memory + pos, memory, need_weights=True)
+        return self.out(self.norm(query + fused)), weights  # (B, n, sam_hidden), (B, n, slots)
+
+
+@dataclass
+class ReferenceMemory:
+    slots: torch.Tensor  # (1, h*w, mem_dim)
+    pos: torch.Tensor  # (1, h*w, mem_dim)
+
+
+class RAUSegmenter(nn.Module):
+    def __init__(self, sam2_model, cfg: FusionConfig = FusionConfig()):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.sam = cfg, sam2_model
+        mem_dim = sam2_model.mem_dim  # the memory encoder's output width (SAM2Base derives it)
+        self.projector = SegProjector(cfg.llm_hidden_size, cfg.projector_dim)
+        self.fusion = MemoryFusion(cfg.projector_dim, mem_dim, sam2_model.hidden_dim, cfg.num_heads, cfg.dropout)
+        self.predictor = predictor_for(sam2_model)
+        for name, p in self.sam.named_parameters():
+            p.requires_grad = name.startswith("sam_mask_decoder.") or (
+                cfg.train_memory_encoder and name.startswith("memory_encoder."))
+
+    # -- one image at a time (serving, eval) --------------------------------------------------------------------
+    def set_image(self, image: np.ndarray) -> ImageEmbedding:
+        """The expensive part, once per image: SAM2's image encoder."""
+        return embed_image(self.predictor, image)
+
+    def _mask_for_memory(self, mask: torch.Tensor) -> torch.Tensor:
+        s = self.sam.image_size
+        m = F.interpolate(mask.float()[:, None], size=(s, s), mode="bilinear", align_corners=False)
+        return m * self.sam.sigmoid_scale_for_mem_enc + self.sam.sigmoid_bias_for_mem_enc  # as SAM2 does for masks
+
+    def _memory(self, image_embed: torch.Tensor, mask: torch.Tensor) -> ReferenceMemory:
+        pix = image_embed - self.sam.no_mem_embed.view(1, -1, 1, 1)  # set_image added the no-memory embedding
+        out = self.sam.memory_encoder(pix, self._mask_for_memory(mask), skip_mask_sigmoid=True)
+        feats, pos = out["vision_features"], out["vision_pos_enc"][-1]
+        return ReferenceMemory(feats.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2).to(feats.dtype))
+
+    def encode_reference(self, ref: ImageEmbedding, mask: np.ndarray) -> ReferenceMemory:
+        """Reference image features + the structure's mask through SAM2's memory encoder -> memory slots."""
+        m = torch.as_tensor(np.asarray(mask, dtype=bool), device=ref.features["image_embed"].device)[None]
+        with torch.set_grad_enabled(self.cfg.train_memory_encoder and torch.is_grad_enabled()):
+            return self._memory(ref.features["image_embed"], m)
+
+    def _decode(self, image_embed, high_res, seg_hidden, memory: ReferenceMemory):
+        b = image_embed.shape[0]
+        query = self.projector(seg_hidden)  # (B, n, P)
+        tokens, attn = self.fusion(query, memory.slots.expand(b, -1, -1), memory.pos.expand(b, -1, -1))
+        pe = self.sam.sam_prompt_encoder
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *image_embed.shape[-2:])
+        low_res, iou, _, _ = self.sam.sam_mask_decoder(
+            image_embeddings=image_embed, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=tokens,
+            dense_prompt_embeddings=dense, multimask_output=False, repeat_image=False,
+            high_res_features=high_res if self.sam.use_high_res_features_in_sam else None)
+        return low_res, iou[:, 0], attn
+
+    @torch.no_grad()
+    def predict(self, target: ImageEmbedding, seg_hidden: torch.Tensor, memory: ReferenceMemory):
+        """Mask logits at the target's original size (H, W), a confidence score, and the <Seg> attention."""
+        h = seg_hidden.reshape(1, -1, seg_hidden.shape[-1]).to(target.features["image_embed"].dtype)
+        low_res, iou, attn = self._decode(target.features["image_embed"], target.features["high_res_feats"], h,
+                                          memory)
+        logits = self.predictor._transforms.postprocess_masks(low_res, target.orig_hw)
+        return logits[0, 0], float(iou[0]), attn[0]  # SAM2.1 predicts IoU through a sigmoid already
+
+    # -- batches (training) ------------------------------------------------------------------------------------
+    def images_to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 images -> SAM2's normalised (B, 3, S, S) input."""
+        return torch.stack([self.predictor._transforms(as_rgb_uint8(im)) for im in images]).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector[0].weight.device
+
+    def _encode(self, images: torch.Tensor):
+        with torch.no_grad():  # the image encoder is frozen
+            backbone = self.sam.forward_image(images)
+            _, feats, _, _ = self.sam._prepare_backbone_features(backbone)
+            if self.sam.directly_add_no_mem_embed:
+                feats[-1] = feats[-1] + self.sam.no_mem_embed
+            b, s = images.shape[0], images.shape[-1]
+            sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+            maps = [f.permute(1, 2, 0).view(b, -1, *hw) for f, hw in zip(feats[::-1], sizes[::-1])][::-1]
+        return maps[-1], maps[:-1]
+
+    def forward(self, target_images: torch.Tensor, seg_hidden: torch.Tensor, ref_images: torch.Tensor,
+                ref_masks: torch.Tensor) -> torch.Tensor:
+        """Training: (B,3,S,S) targets, (B,n,llm) <Seg> states, (B,3,S,S) references, (B,H,W) masks ->
+        mask logits (B, 1, S, S)."""
+        t_embed, t_high = self._encode(target_images)
+        r_embed, _ = self._encode(ref_images)
+        logits = []
+        for i in range(target_images.shape[0]):  # one reference memory per sample
+            with torch.set_grad_enabled(self.cfg.train_memory_encoder and torch.is_grad_enabled()):
+                memory = self._memory(r_embed[i:i + 1], ref_masks[i:i + 1])
+            low, _, _ = self._decode(t_embed[i:i + 1], [h[i:i + 1] for h in t_high], seg_hidden[i:i + 1], memory)
+            logits.append(low)
+        s = target_images.shape[-1]
+        return F.interpolate(torch.cat(logits), size=(s, s), mode="bilinear", align_corners=False)
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_trainable(self, path: str | Path) -> None:
+        save_file(self.trainable_state_dict(), str(path))
+
+    def load_trainable(self, path: str | Path) -> None:
+        state = load_file(str(path))
+        missing = set(self.trainable_state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"{path}: missing trained parameters {sorted(missing)[:5]}...")
+        self.load_state_dict(state, strict=False)

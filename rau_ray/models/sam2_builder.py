@@ -1,0 +1,140 @@
+"""Build SAM2 with the sam2 package: one builder for the tiny and the paper profile.
+
+``tiny`` shrinks SAM2.1 hiera-tiny through Hydra overrides (128 px images, 16-channel Hiera, 64-channel neck and
+decoder, one memory-attention layer: ~2M parameters, SAM2's real code), random-initialises it once with a fixed seed,
+saves ``{"model": state_dict}`` into the model cache and loads it back through ``sam2.build_sam.build_sam2`` — the
+path the paper profile takes with the SAM2.1 hiera-large checkpoint (sam2 loads with ``weights_only=True``).
+The image embedding is computed once per image (``embed_image``) and reused by every prompt (``SAM2ImagePredictor``).
+Use: ``model = build_sam2_model(Sam2Config())``; ``emb = embed_image(model, image)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from rau_ray.errors import ConfigError
+from rau_ray.models import pretrained
+
+
+def tiny_overrides(image_size: int, embed_dim: int, hidden: int, mem_dim: int) -> list[str]:
+    """Hydra overrides that shrink sam2.1_hiera_t.yaml while keeping every module of SAM2."""
+    feat = image_size // 16
+    m, ma, me = "++model", "++model.memory_attention", "++model.memory_encoder"
+    return [
+        f"{m}.image_size={image_size}",
+        f"{m}.image_encoder.trunk.embed_dim={embed_dim}", f"{m}.image_encoder.trunk.num_heads=1",
+        f"{m}.image_encoder.trunk.stages=[1,1,2,1]", f"{m}.image_encoder.trunk.global_att_blocks=[3]",
+        f"{m}.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+        f"{m}.image_encoder.trunk.window_spec=[8,4,4,4]",
+        f"{m}.image_encoder.neck.d_model={hidden}",
+        f"{m}.image_encoder.neck.position_encoding.num_pos_feats={hidden}",
+        f"{m}.image_encoder.neck.backbone_channel_list=[{embed_dim * 8},{embed_dim * 4},{embed_dim * 2},{embed_dim}]",
+        f"{ma}.d_model={hidden}", f"{ma}.num_layers=1", f"{ma}.layer.d_model={hidden}",
+        f"{ma}.layer.dim_feedforward={2 * hidden}",
+        f"{ma}.layer.self_attention.embedding_dim={hidden}", f"{ma}.layer.self_attention.feat_sizes=[{feat},{feat}]",
+        f"{ma}.layer.cross_attention.embedding_dim={hidden}",
+        f"{ma}.layer.cross_attention.feat_sizes=[{feat},{feat}]", f"{ma}.layer.cross_attention.kv_in_dim={mem_dim}",
+        f"{me}.out_dim={mem_dim}", f"{me}.in_dim={hidden}", f"{me}.position_encoding.num_pos_feats={mem_dim}",
+        f"{me}.mask_downsampler.embed_dim={hidden}", f"{me}.fuser.layer.dim={hidden}", f"{me}.fuser.num_layers=1",
+        f"{m}.num_maskmem=3",
+    ]
+
+
+@dataclass(frozen=True)
+class Sam2Config:
+    config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"  # a config of the sam2 package
+    checkpoint: str = "tiny"  # "tiny" (built offline) or a local SAM2.1 .pt file
+    image_size: int = 128  # SAM2's input side; the paper's 1024, tiny 128 (feature map 8x8)
+    # tiny shrink, used only when checkpoint == "tiny"
+    embed_dim: int = 16  # Hiera stage-1 channels (x2 per stage)
+    hidden_dim: int = 64  # neck / prompt encoder / mask decoder / memory attention width
+    mem_dim: int = 32  # memory encoder output: the width of reference memory slots
+    overrides: tuple[str, ...] = ()  # extra Hydra overrides, applied last
+    device: str = "cpu"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.image_size % 16:
+            raise ConfigError(f"sam2.image_size must be a multiple of 16, got {self.image_size}")
+
+    def hydra_overrides(self) -> list[str]:
+        base = (tiny_overrides(self.image_size, self.embed_dim, self.hidden_dim, self.mem_dim)
+                if self.checkpoint == pretrained.TINY else [f"++model.image_size={self.image_size}"])
+        return base + list(self.overrides)
+
+
+TINY = Sam2Config()
+PAPER = Sam2Config(config="configs/sam2.1/sam2.1_hiera_l.yaml", checkpoint="checkpoints/sam2.1_hiera_large.pt",
+                   image_size=1024, device="cuda")
+
+
+def _checkpoint_path(cfg: Sam2Config) -> str:
+    def save_tiny(folder):
+        from sam2.build_sam import build_sam2
+
+        torch.manual_seed(cfg.seed)
+        model = build_sam2(cfg.config, None, device="cpu", hydra_overrides_extra=cfg.hydra_overrides())
+        torch.save({"model": model.state_dict()}, folder / "sam2_tiny.pt")
+
+    spec = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    path = pretrained.resolve(cfg.checkpoint, "sam2", save_tiny, spec)
+    return f"{path}/sam2_tiny.pt" if cfg.checkpoint == pretrained.TINY else path
+
+
+def build_sam2_model(cfg: Sam2Config = TINY):
+    """A SAM2Base (image + memory model) through sam2's own builder."""
+    from sam2.build_sam import build_sam2
+
+    cfg.validate()
+    return build_sam2(cfg.config, _checkpoint_path(cfg), device=cfg.device,
+                      hydra_overrides_extra=cfg.hydra_overrides())
+
+
+def build_video_predictor(cfg: Sam2Config = TINY):
+    """A SAM2VideoPredictor: SAM2's memory across frames (the SAM2-Memory-Ref baseline, 3D propagation)."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    cfg.validate()
+    return build_sam2_video_predictor(cfg.config, _checkpoint_path(cfg), device=cfg.device,
+                                      hydra_overrides_extra=cfg.hydra_overrides())
+
+
+@dataclass
+class ImageEmbedding:
+    """What SAM2ImagePredictor.set_image computes once per image: features for every later prompt."""
+
+    features: dict  # {"image_embed": (1,C,h,w), "high_res_feats": [...]}
+    orig_hw: tuple[int, int]
+    backbone: dict = field(default_factory=dict)  # vision features + pos (for the memory encoder)
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"SAM2 takes uint8 images (window CT first), got {arr.dtype}")
+    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+def predictor_for(model):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    size = model.image_size  # sam2 1.1.0 hard-codes the 1024-px feature sizes; derive them from the model
+    predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+    return predictor
+
+
+def embed_image(predictor, image: np.ndarray) -> ImageEmbedding:
+    """Run the image encoder once (SAM2ImagePredictor.set_image) and keep its features."""
+    predictor.set_image(as_rgb_uint8(image))
+    return ImageEmbedding(features=predictor._features, orig_hw=predictor._orig_hw[0])
+
+
+def predict_with_prompts(predictor, embedding: ImageEmbedding, points=None, labels=None, box=None,
+                         multimask: bool = False):
+    """A point/box prompt on a cached embedding: no image-encoder call. Returns (masks, scores, low-res logits)."""
+    predictor._features, predictor._orig_hw, predictor._is_image_set = embedding.features, [embedding.orig_hw], True
+    return predictor.predict(point_coords=points, point_labels=labels, box=box, multimask_output=multimask)

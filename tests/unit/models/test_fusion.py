@@ -1,0 +1,89 @@
+"""RAU's <Seg> -> projector -> memory attention -> SAM2 mask decoder, and SAM2's own memory (baseline, 3D)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rau_ray.data.formats import apply_window
+from rau_ray.data.phantoms import ct_abdomen
+from rau_ray.models.fusion import PROJECTOR_DIMS, FusionConfig, RAUSegmenter
+from rau_ray.models.memory_ref import memory_ref_baseline, propagate_volume
+from rau_ray.models.sam2_builder import TINY, build_sam2_model, build_video_predictor
+
+
+@pytest.fixture(scope="module")
+def images():
+    s = ct_abdomen.generate_2d(0, 0, size=96)
+    return apply_window(s[2].image, "abdomen"), s[2].label == 1, apply_window(s[3].image, "abdomen")
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.manual_seed(0)
+    return RAUSegmenter(build_sam2_model(TINY), FusionConfig(llm_hidden_size=64))
+
+
+def test_predict_shapes_and_memory_slots(segmenter, images):
+    ref, ref_mask, tgt = images
+    memory = segmenter.encode_reference(segmenter.set_image(ref), ref_mask)
+    slots = (TINY.image_size // 16) ** 2
+    assert memory.slots.shape == memory.pos.shape == (1, slots, TINY.mem_dim)
+    logits, score, attn = segmenter.predict(segmenter.set_image(tgt), torch.randn(1, 64), memory)
+    assert logits.shape == (96, 96) and 0.0 <= score <= 1.0
+    assert attn.shape == (1, slots) and torch.allclose(attn.sum(), torch.tensor(1.0), atol=1e-5)
+    other = segmenter.encode_reference(segmenter.set_image(ref), ~ref_mask)
+    assert not torch.allclose(memory.slots, other.slots)  # the mask shapes the memory
+
+
+@pytest.mark.parametrize("dim", PROJECTOR_DIMS)
+def test_every_projector_dim(dim, images):
+    seg = RAUSegmenter(build_sam2_model(TINY), FusionConfig(llm_hidden_size=64, projector_dim=dim))
+    ref, ref_mask, tgt = images
+    logits, _, _ = seg.predict(seg.set_image(tgt), torch.randn(1, 64),
+                               seg.encode_reference(seg.set_image(ref), ref_mask))
+    assert logits.shape == (96, 96)
+
+
+def test_gradients_only_on_projector_fusion_and_decoder(segmenter, images):
+    ref, ref_mask, tgt = images
+    x, r = segmenter.images_to_tensor([tgt, tgt]), segmenter.images_to_tensor([ref, ref])
+    masks = torch.as_tensor(np.stack([ref_mask, ref_mask]))
+    segmenter.zero_grad()
+    out = segmenter(x, torch.randn(2, 1, 64), r, masks)
+    assert out.shape == (2, 1, TINY.image_size, TINY.image_size)
+    out.sigmoid().mean().backward()
+    for name, p in segmenter.named_parameters():
+        trainable = name.startswith(("projector.", "fusion.", "sam.sam_mask_decoder."))
+        assert p.requires_grad == trainable, name
+        if not trainable:
+            assert p.grad is None, name
+    assert segmenter.projector[0].weight.grad.abs().sum() > 0
+    segmenter.zero_grad()
+
+
+def test_save_load_trainable_round_trip(segmenter, images, tmp_path):
+    ref, ref_mask, tgt = images
+    h = torch.randn(1, 64)
+    te, mem = segmenter.set_image(tgt), segmenter.encode_reference(segmenter.set_image(ref), ref_mask)
+    segmenter.save_trainable(tmp_path / "seg.safetensors")
+    fresh = RAUSegmenter(build_sam2_model(TINY), FusionConfig(llm_hidden_size=64))
+    assert not torch.equal(fresh.projector[0].weight, segmenter.projector[0].weight)
+    fresh.load_trainable(tmp_path / "seg.safetensors")
+    a, _, _ = segmenter.predict(te, h, mem)
+    b, _, _ = fresh.predict(fresh.set_image(tgt), h, fresh.encode_reference(fresh.set_image(ref), ref_mask))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_memory_ref_baseline_and_volume_propagation(images):
+    predictor = build_video_predictor(TINY)
+    ref, ref_mask, tgt = images
+    mask = memory_ref_baseline(predictor, ref, ref_mask, tgt)
+    assert mask.shape == tgt.shape and mask.dtype == bool
+    vol = ct_abdomen.generate_3d(0, 0, size=64, depth=10)
+    slices = np.stack([apply_window(vol.image[:, :, k].T, "abdomen") for k in range(10)])
+    key = vol.label[:, :, 5].T == 1
+    out = propagate_volume(predictor, slices, 5, key)
+    assert out.shape == (10, 64, 64) and out.dtype == bool
+    assert np.array_equal(out[5], key)  # the annotated key slice comes back as given
+    with pytest.raises(ValueError, match="outside the volume"):
+        propagate_volume(predictor, slices, 10, key)
