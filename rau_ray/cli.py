@@ -13,6 +13,15 @@ import sys
 from rau_ray.errors import RauError
 
 
+class RauCommandError(RauError):
+    """A command text that maps to no operation (shown as a user error)."""
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="tiny", choices=("tiny", "paper"), help="model profile (default: tiny)")
+    p.add_argument("--config", help="model config YAML (a profile plus overrides); wins over --profile")
+
+
 def _data_make(a: argparse.Namespace) -> dict:
     from rau_ray.data.make import MakeConfig, make_dataset
 
@@ -32,6 +41,45 @@ def _data_preview(a: argparse.Namespace) -> dict:
     from rau_ray.data.preview import preview
 
     return {"preview": str(preview(a.dirs, a.out, n=a.n, cols=a.cols, window=a.window))}
+
+
+def _models_describe(a: argparse.Namespace) -> dict:
+    from rau_ray.models.describe import describe
+    from rau_ray.models.profiles import get_profile, load_model_config
+
+    return describe(load_model_config(a.config) if a.config else get_profile(a.profile))
+
+
+def _model_config(a: argparse.Namespace):
+    from rau_ray.models.profiles import get_profile, load_model_config
+
+    return load_model_config(a.config) if a.config else get_profile(a.profile)
+
+
+def _index_build(a: argparse.Namespace) -> dict:
+    from rau_ray.models.retrieval import ReferenceBank
+
+    bank = ReferenceBank.build(a.manifest, _model_config(a).retrieval, split=None if a.split == "all" else a.split,
+                               backend=a.backend)
+    bank.save(a.out)
+    return {"out": a.out, **bank.info}
+
+
+def _index_recall(a: argparse.Namespace) -> dict:
+    from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k
+
+    embedder = Embedder(_model_config(a).retrieval)
+    return recall_at_k(ReferenceBank.load(a.bank, embedder), embedder, a.manifest, split=a.split,
+                       pose_tolerance=a.pose_tolerance)
+
+
+def _command_parse(a: argparse.Namespace) -> list:
+    from rau_ray.commands import CommandError, parse_command
+
+    try:
+        return parse_command(a.text)
+    except CommandError as e:
+        raise RauCommandError(str(e)) from None
 
 
 def _demo(a: argparse.Namespace) -> dict:
@@ -82,6 +130,36 @@ def build_parser() -> argparse.ArgumentParser:
     prev.add_argument("--cols", type=int, default=4, help="images per row (default: 4)")
     prev.add_argument("--window", default="abdomen", help="CT window: preset name or 'level,width'")
     prev.set_defaults(func=_data_preview)
+
+    models = sub.add_parser("models", help="inspect the model profiles")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="MODELS_COMMAND")
+    desc = msub.add_parser("describe", help="parameter counts (total / trainable) per component")
+    _profile_args(desc)
+    desc.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
+    desc.set_defaults(func=_models_describe)
+
+    index = sub.add_parser("index", help="reference banks: DINOv2 embeddings in a faiss index")
+    isub = index.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
+    build = isub.add_parser("build", help="embed a manifest's references (parallel on Ray) and save the bank")
+    build.add_argument("--manifest", required=True, help="manifest.jsonl (or its folder)")
+    build.add_argument("--out", required=True, help="bank folder to write")
+    build.add_argument("--split", default="train", help="rows to index: train (default), val, test or all")
+    build.add_argument("--backend", choices=("ray", "local"), default="ray")
+    _profile_args(build)
+    build.set_defaults(func=_index_build)
+    recall = isub.add_parser("recall", help="retrieval recall@1/@5 (same modality, nearest pose) of a bank")
+    recall.add_argument("--bank", required=True)
+    recall.add_argument("--manifest", required=True, help="queries: a manifest (its --split rows)")
+    recall.add_argument("--split", default="test")
+    recall.add_argument("--pose-tolerance", type=int, default=2, help="|slice difference| counted as same pose")
+    _profile_args(recall)
+    recall.set_defaults(func=_index_recall)
+
+    command = sub.add_parser("command", help="natural-language commands for interactive segmentation")
+    csub = command.add_subparsers(dest="command_command", required=True, metavar="COMMAND_COMMAND")
+    parse = csub.add_parser("parse", help="print the operations a command text maps to (JSON)")
+    parse.add_argument("text")
+    parse.set_defaults(func=_command_parse)
     return p
 
 

@@ -83,7 +83,7 @@ class Embedder:
                                                                 "num_heads", "seed")}
         path = pretrained.resolve(cfg.embedder, "dinov2", lambda folder: _save_tiny(cfg, folder), spec)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval().requires_grad_(False)  # frozen
         self.processor = AutoImageProcessor.from_pretrained(path)
         width = self.model.config.hidden_size
         self.dim = 2 * width if cfg.pooling == "cls+mean" else width

@@ -1,0 +1,190 @@
+"""RAUModel: retrieval -> policy -> fusion/SAM2, composed. ``predict`` for one target, ``forward`` for training.
+
+predict(target, structure): find a reference (the bank, or one given), ask the policy to segment the structure
+with the reference's labelled boxes in the prompt, take the hidden state of its ``<Seg>`` token (when the answer
+is malformed — a tiny random policy's always is — the canonical answer is teacher-forced so a mask still comes out,
+and the format error is reported), encode the reference mask into SAM2 memory, decode the target's mask.
+SAM2 image embeddings are cached by image hash, so prompts on the same image skip the encoder.
+Use: ``model = RAUModel.build(get_profile("tiny"), bank_dir="banks/ct")``;
+``p = model.predict(image, "liver", modality="CT")`` -> label, box, mask, score, reference, reasoning, timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from rau_ray.data.manifest import ManifestRow, read_manifest
+from rau_ray.data.tasks import label_boxes
+from rau_ray.errors import DataError
+from rau_ray.models import prompts
+from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import ModelConfig
+from rau_ray.models.retrieval import Embedder, ReferenceBank
+from rau_ray.models.sam2_builder import ImageEmbedding, build_sam2_model
+
+
+@dataclass
+class Reference:
+    image: np.ndarray  # as stored (CT in HU)
+    label: np.ndarray  # integer label map
+    names: dict[int, str]  # label value -> structure name
+    modality: str = "CT"
+    row: dict | None = None  # the bank's metadata row when retrieved
+    similarity: float | None = None
+
+
+@dataclass
+class Prediction:
+    structure: str
+    label: str | None  # what the policy named (the structure when its answer was malformed)
+    box: list[int] | None  # [x1, y1, x2, y2] in the target's pixels
+    mask: np.ndarray | None  # (H, W) bool
+    score: float  # SAM2's predicted IoU of the mask
+    reference: dict | None  # the reference used (bank row id, similarity)
+    reasoning: str  # the policy's raw completion
+    format_error: str | None = None  # why the answer could not be parsed, if it could not
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    attention: np.ndarray | None = None  # the <Seg> query's attention over reference memory slots
+
+
+def _digest(image: np.ndarray) -> str:
+    a = np.ascontiguousarray(image)
+    return hashlib.sha1(a.tobytes() + str((a.shape, a.dtype)).encode()).hexdigest()
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+class RAUModel:
+    def __init__(self, cfg: ModelConfig, policy, segmenter: RAUSegmenter, embedder: Embedder | None = None,
+                 bank: ReferenceBank | None = None):
+        self.cfg, self.policy, self.segmenter, self.embedder, self.bank = cfg, policy, segmenter, embedder, bank
+        self._embeddings: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._manifests: dict[str, object] = {}
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, bank_dir: str | None = None) -> "RAUModel":
+        cfg.validate()
+        embedder = bank = None
+        if bank_dir is not None:
+            embedder = Embedder(cfg.retrieval)
+            bank = ReferenceBank.load(bank_dir, embedder)
+        segmenter = RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion)
+        return cls(cfg, load_policy(cfg.policy), segmenter, embedder, bank)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def image_embedding(self, image_u8: np.ndarray) -> ImageEmbedding:
+        """SAM2's embedding of an image, computed once and kept in a small LRU cache keyed by the image's hash."""
+        key = _digest(image_u8)
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        emb = self.segmenter.set_image(image_u8)
+        self._embeddings[key] = emb
+        while len(self._embeddings) > self.cfg.embedding_cache:
+            self._embeddings.popitem(last=False)
+        return emb
+
+    def retrieve(self, target: np.ndarray, modality: str, exclude_subject: str | None = None) -> Reference:
+        if self.bank is None:
+            raise DataError("no reference given and no reference bank loaded (build one with `rau index build`)")
+        query = self.embedder.embed([target], [modality])[0]
+        result = self.bank.search(query, k=1, modality=modality, exclude_subject=exclude_subject,
+                                  min_similarity=self.cfg.retrieval.min_similarity)
+        if not result.hits:
+            raise DataError(result.reason)
+        row = result.hits[0].row
+        manifest = self._manifests.get(row["manifest"]) or read_manifest(row["manifest"])
+        self._manifests[row["manifest"]] = manifest
+        mrow = ManifestRow(**{k: v for k, v in row.items() if k in ManifestRow.__dataclass_fields__})
+        image, label = manifest.load(mrow)
+        return Reference(image, label, mrow.label_names, mrow.modality, row, result.hits[0].similarity)
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    def predict(self, target: np.ndarray, structure: str, reference: Reference | None = None,
+                modality: str = "CT") -> Prediction:
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if reference is None:
+            reference = self.retrieve(target, modality)
+        t["retrieval"] = time.perf_counter() - t0
+        by_name = {v: k for k, v in reference.names.items()}
+        if structure not in by_name:
+            raise DataError(f"structure {structure!r} is not annotated in the reference; it has "
+                            f"{', '.join(sorted(by_name))}")
+        ref_mask = reference.label == by_name[structure]
+        if not ref_mask.any():
+            raise DataError(f"structure {structure!r} has no pixels in the reference image")
+
+        ref_pil, tgt_pil = prompts.to_pil(reference.image, reference.modality), prompts.to_pil(target, modality)
+        ref_hw = prompts.resized_size(ref_pil.height, ref_pil.width, self.policy.processor)
+        tgt_hw = prompts.resized_size(tgt_pil.height, tgt_pil.width, self.policy.processor)
+        boxes = {k: prompts.scale_box(b, (ref_pil.height, ref_pil.width), ref_hw)
+                 for k, b in label_boxes(reference.label, reference.names).items()}
+        messages = prompts.build_messages("segment", ref_pil, boxes, tgt_pil, structure=structure, modality=modality)
+        t0 = time.perf_counter()
+        completion = self.policy.generate([messages], max_new_tokens=self.cfg.max_new_tokens)[0]
+        t["generate"] = time.perf_counter() - t0
+        parsed = prompts.parse_answer(completion, "segment", image_size=(tgt_hw[1], tgt_hw[0]))
+        forced = completion if parsed else prompts.build_answer("segment", label=structure)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            seg_hidden = self.policy.seg_hidden_states(messages, forced)[:1]
+        t["seg_hidden"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ref_emb = self.image_embedding(np.asarray(ref_pil))
+        tgt_emb = self.image_embedding(np.asarray(tgt_pil))
+        t["embed"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        memory = self.segmenter.encode_reference(ref_emb, ref_mask)
+        logits, score, attn = self.segmenter.predict(tgt_emb, seg_hidden, memory)
+        mask = (logits > 0).cpu().numpy()
+        t["decode"] = time.perf_counter() - t0
+        if parsed and parsed.box is not None:
+            box = prompts.scale_box(parsed.box, tgt_hw, (tgt_pil.height, tgt_pil.width))
+        else:
+            found = label_boxes(mask.astype(np.uint8), {1: "m"})
+            box = found.get("m")
+        t["total"] = sum(t.values())
+        ref_info = None if reference.row is None else {"id": reference.row["id"], "similarity": reference.similarity}
+        return Prediction(structure=structure, label=parsed.label if parsed else structure, box=box, mask=mask,
+                          score=score, reference=ref_info, reasoning=completion,
+                          format_error=None if parsed else parsed.message, timings=t,
+                          attention=attn.float().cpu().numpy())
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict, mask_weight: float = 1.0, focal_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Losses for a batch: ``messages``, ``completions`` (each with one <Seg>), ``target_images`` and
+        ``ref_images`` (uint8), ``ref_masks`` and ``target_masks`` (bool). LM loss on the answers; focal + Dice
+        on the masks decoded from the <Seg> hidden states."""
+        inputs = self.policy.inputs_for(batch["messages"], batch["completions"])
+        out = self.policy.model(**inputs, output_hidden_states=True)
+        ids = inputs["input_ids"]
+        seg_positions = [(ids[i] == self.policy.seg_token_id).nonzero().flatten()[-1] for i in range(len(ids))]
+        last = out.hidden_states[-1]
+        seg_hidden = torch.stack([last[i, p] for i, p in enumerate(seg_positions)])[:, None]
+        seg = self.segmenter
+        logits = seg(seg.images_to_tensor(batch["target_images"]), seg_hidden.float(),
+                     seg.images_to_tensor(batch["ref_images"]),
+                     torch.as_tensor(np.stack(batch["ref_masks"]), device=seg.device))
+        size = logits.shape[-2:]
+        target = F.interpolate(torch.as_tensor(np.stack(batch["target_masks"]), dtype=torch.float32,
+                                               device=seg.device)[:, None], size=size, mode="nearest")
+        focal = sigmoid_focal_loss(logits, target, reduction="mean")
+        dice = dice_loss(logits, target)
+        mask_loss = focal_weight * focal + dice
+        return {"loss": out.loss + mask_weight * mask_loss, "lm_loss": out.loss.detach(),
+                "focal": focal.detach(), "dice": dice.detach()}
