@@ -1,8 +1,9 @@
 """The main job, ``rau demo`` / ``make demo``: the whole pipeline on an embedded local Ray cluster, tiny profile.
 
-Today: phantom datasets of every modality generated in parallel on Ray, a preview picture of them, and a 3D
-volume round-tripped through NIfTI + dataset.json import. Later stages (index, SFT, GRPO, seg, eval, serve) join
-as they land. Use: ``rau demo --out runs/demo``.
+Today: phantom datasets of every modality generated in parallel on Ray, a preview picture of them, a 3D volume
+round-tripped through NIfTI + dataset.json import, a reference bank built on Ray, retrieval recall, and one RAU
+``predict`` (tiny, untrained) drawn as a picture. Later stages (SFT, GRPO, seg, eval, serve) join as they land.
+Use: ``rau demo --out runs/demo``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,56 @@ from rau_ray.data.importers import ImportConfig, import_dataset
 from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.phantoms import PHANTOMS
 from rau_ray.data.preview import preview
+
+
+def run_models(out: Path) -> dict:
+    """Reference bank over the CT train split (Ray), recall on held-out subjects, one tiny RAU prediction."""
+    from rau_ray.data.manifest import read_manifest
+    from rau_ray.models.profiles import get_profile
+    from rau_ray.models.rau import RAUModel
+    from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k
+
+    cfg = get_profile("tiny")
+    manifest_path = out / "data" / "ct-abdomen" / "manifest.jsonl"
+    bank = ReferenceBank.build(manifest_path, cfg.retrieval, split="train")
+    bank.save(out / "bank")
+    recall = recall_at_k(bank, Embedder(cfg.retrieval), manifest_path, split="test")
+    model = RAUModel.build(cfg, bank_dir=str(out / "bank"))
+    manifest = read_manifest(manifest_path)
+    row = max(manifest.select(split="test"), key=lambda r: r.slice or 0)  # the most superior slice: liver level
+    image, label = manifest.load(row)
+    prediction = model.predict(image, "liver", modality=row.modality)
+    _draw_prediction(image, label == 1, prediction, out / "predict.png")
+    return {"bank": {"entries": len(bank), "index": bank.info["index"]}, "recall": recall,
+            "predict": {"target": row.id, "structure": "liver", "reference": prediction.reference,
+                        "score": round(prediction.score, 3), "format_error": prediction.format_error,
+                        "timings_ms": {k: round(1000 * v, 1) for k, v in prediction.timings.items()},
+                        "picture": str(out / "predict.png")}}
+
+
+def _draw_prediction(image, truth, prediction, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rau_ray.atomic import atomic_write_bytes
+    from rau_ray.data.formats import apply_window
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    for ax, mask, title in ((axes[0], truth, "ground truth: liver"),
+                            (axes[1], prediction.mask, f"tiny RAU (untrained), score {prediction.score:.2f}")):
+        ax.imshow(apply_window(image, "abdomen"), cmap="gray")
+        ax.imshow(mask, alpha=0.4 * mask, cmap="autumn")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"reference: {prediction.reference['id']}", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192) -> dict:
@@ -34,7 +85,9 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
     report["imported"] = import_dataset(ImportConfig(dataset_json=str(vol_dir / "dataset.json"),
                                                      out=str(out / "data" / "ct-abdomen-3d-imported"), every=4))
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
+    report["models"] = run_models(out)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"\nPreview of the phantom data: {report['preview']}\nReport: {out / 'report.json'}", flush=True)
+    print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
+          f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}", flush=True)
     return report

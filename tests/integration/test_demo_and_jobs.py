@@ -19,6 +19,10 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert read_manifest(tmp_path / "demo" / "data" / "ct-abdomen-3d-imported").rows
     assert (tmp_path / "demo" / "preview.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["volumes"]["samples"] == 4
+    models = report["models"]
+    assert models["bank"]["entries"] > 0 and models["recall"]["modality@1"] == 1.0
+    assert models["predict"]["reference"]["id"].startswith("ct-abdomen-")
+    assert (tmp_path / "demo" / "predict.png").stat().st_size > 5_000
 
 
 def test_make_data_job_with_config(ray_cluster, tmp_path):
