@@ -4,7 +4,8 @@ A bank folder holds ``index.faiss``, ``metadata.jsonl`` (one manifest row per en
 absolute manifest path, so the reference image and mask can be loaded) and ``bank.json`` (the embedder's id and
 dimension, the index type): a bank built with one embedder is never searched with another. Search filters by
 modality, never returns the query's own subject, and answers "no suitable reference" below a similarity threshold
-instead of returning a bad match. Use: ``rau index build --manifest data/ct/manifest.jsonl --out banks/ct``.
+instead of returning a bad match. Exact (Flat) indexes move to the GPU when faiss-gpu and a GPU are present.
+Use: ``rau index build --manifest data/ct/manifest.jsonl --out banks/ct``.
 """
 
 from __future__ import annotations
@@ -125,13 +126,29 @@ def _embed_rows(cfg: RetrievalConfig, manifest_path: str, ids: list[str]) -> np.
     return Embedder(cfg).embed([manifest.load(r)[0] for r in rows], [r.modality for r in rows])
 
 
+def _to_device(index):
+    """A faiss GPU index when faiss was built with GPU support (the `gpu` extra) and a GPU is visible, else as is."""
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def _to_cpu(index):
+    import faiss
+
+    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ \
+        else index
+
+
 def _new_index(kind: str, dim: int, expected: int, exact_below: int):
     import faiss
 
     if kind == "auto":
         kind = "flat" if expected < exact_below else "hnsw"
     if kind == "flat":
-        return faiss.IndexFlatIP(dim), kind
+        return _to_device(faiss.IndexFlatIP(dim)), kind
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = 128
@@ -227,7 +244,7 @@ class ReferenceBank:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".index.faiss.", suffix=".tmp")
         os.close(fd)
         try:
-            faiss.write_index(self.index, tmp)
+            faiss.write_index(_to_cpu(self.index), tmp)
             os.replace(tmp, folder / "index.faiss")
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -247,6 +264,8 @@ class ReferenceBank:
             info = json.loads((folder / "bank.json").read_text())
             rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line]
             index = faiss.read_index(str(folder / "index.faiss"))
+            if isinstance(index, faiss.IndexFlat):
+                index = _to_device(index)
         except Exception as e:  # noqa: BLE001 - json / faiss raise many types on corrupt files
             raise DataError(f"{folder}: unreadable reference bank ({type(e).__name__}: {e})") from None
         if index.ntotal != len(rows) or info.get("count") != len(rows) or index.d != info.get("dim"):
