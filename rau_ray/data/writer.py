@@ -82,5 +82,6 @@ def write_all(fn: Callable[[object], Encoded], items: Sequence, out: Path, backe
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
+            remove_stale_temps(out)  # a Ctrl-C landing between mkstemp and its cleanup handler leaves one
             raise
     return rows, n_files

@@ -2,9 +2,10 @@
 
 CBAM (Woo et al., 2018): channel attention (average- and max-pooled descriptors through a shared MLP, sigmoid), then
 spatial attention (channel-wise average and max maps through a 7x7 convolution, sigmoid), applied to every FPN level
-the neck returns. LoRA (peft) goes on the Hiera trunk's attention ``qkv`` and ``proj`` layers. Every original SAM2
-parameter stays frozen (optionally not the mask decoder); the model is still a SAM2Base, so SAM2ImagePredictor's
-point/box prompting works unchanged. Use: ``model = add_cbam_lora(build_sam2_model(), CBAMLoRAConfig())``.
+the image encoder keeps (SAM2 drops the coarsest neck level, ``scalp=1``, so that one gets none). LoRA (peft) goes
+on the Hiera trunk's attention ``qkv`` and ``proj`` layers. Every original SAM2 parameter stays frozen (optionally
+not the mask decoder); the model is still a SAM2Base, so SAM2ImagePredictor's point/box prompting works unchanged.
+Use: ``model = add_cbam_lora(build_sam2_model(), CBAMLoRAConfig())``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 
 
 class CBAM(nn.Module):
+    """Convolutional Block Attention Module: (B, C, H, W) -> same shape, reweighted by channel then by position."""
+
     def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7):
         super().__init__()
         hidden = max(1, channels // reduction)
@@ -32,7 +35,7 @@ class CBAM(nn.Module):
 
 
 class CBAMNeck(nn.Module):
-    """SAM2's FPN neck followed by one CBAM per output level."""
+    """SAM2's FPN neck followed by one CBAM on each of its first ``levels`` outputs (finest first)."""
 
     def __init__(self, neck: nn.Module, levels: int, reduction: int):
         super().__init__()
@@ -42,14 +45,15 @@ class CBAMNeck(nn.Module):
 
     def forward(self, xs):
         features, pos = self.neck(xs)
-        return [cbam(f) for cbam, f in zip(self.cbam, features)], pos
+        n = len(self.cbam)
+        return [cbam(f) for cbam, f in zip(self.cbam, features)] + list(features[n:]), pos
 
 
 @dataclass(frozen=True)
 class CBAMLoRAConfig:
     rank: int = 4  # LoRA rank on the image encoder's attention
-    alpha: int = 8
-    dropout: float = 0.0
+    alpha: int = 8  # LoRA scale alpha / rank = 2: the update starts at zero (lora_B = 0) and grows at this rate
+    dropout: float = 0.0  # LoRA input dropout; small spine data sets may want 0.05
     target_modules: str = r".*image_encoder\.trunk\.blocks\.\d+\.attn\.(qkv|proj)"  # Hiera attention layers
     reduction: int = 16  # CBAM channel-MLP reduction
     train_mask_decoder: bool = False  # SpinalSAM-R1 fine-tunes the decoder too; off keeps SAM2's decoder exact
@@ -64,7 +68,7 @@ def add_cbam_lora(sam2_model, cfg: CBAMLoRAConfig = CBAMLoRAConfig()):
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules)
     inject_adapter_in_model(lora, sam2_model)
     encoder = sam2_model.image_encoder
-    levels = len(encoder.neck.backbone_channel_list)
+    levels = len(encoder.neck.backbone_channel_list) - encoder.scalp  # the levels SAM2 actually uses
     encoder.neck = CBAMNeck(encoder.neck, levels, cfg.reduction)
     for name, p in sam2_model.named_parameters():
         p.requires_grad = ("lora_" in name or ".cbam." in name

@@ -3,7 +3,9 @@
 The reference image + mask go through SAM2's own memory encoder into memory slots; the projected ``<Seg>`` query
 attends over them; the fused token enters SAM2's mask decoder as a sparse prompt embedding together with the target
 image's embedding (the LISA / Sa2VA route). The image encoder stays frozen; the projector, the fusion and the mask
-decoder train. Use: ``seg = RAUSegmenter(build_sam2_model(), FusionConfig(llm_hidden_size=64))``;
+decoder train. The SAM2-Memory-Ref baseline and 3D propagation (SAM2's own video memory, no VLM) live in
+``memory_ref`` and are re-exported here.
+Use: ``seg = RAUSegmenter(build_sam2_model(), FusionConfig(llm_hidden_size=64))``;
 ``logits, score, attn = seg.predict(seg.set_image(target), h_seg, seg.encode_reference(seg.set_image(ref), mask))``.
 """
 
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rau_ray.errors import ConfigError
+from rau_ray.models.memory_ref import memory_ref_baseline, propagate_volume  # noqa: F401  (the baselines)
 from rau_ray.models.sam2_builder import ImageEmbedding, as_rgb_uint8, embed_image, predictor_for
 
 PROJECTOR_DIMS = (128, 256, 512, 1024)
@@ -29,7 +32,7 @@ class FusionConfig:
     llm_hidden_size: int = 64  # the policy's hidden size (tiny 64, Qwen2.5-VL-7B 3584)
     projector_dim: int = 256  # RAU's projector width; Ray Tune sweeps 128/256/512/1024
     num_heads: int = 4  # attention heads of the <Seg> query over memory slots
-    dropout: float = 0.0
+    dropout: float = 0.0  # attention dropout; 0 keeps tiny runs deterministic, small data may want 0.1
     train_memory_encoder: bool = False  # the memory encoder is SAM2's and frozen unless asked
 
     def validate(self) -> None:
@@ -61,11 +64,15 @@ class MemoryFusion(nn.Module):
 
 @dataclass
 class ReferenceMemory:
+    """A reference image + mask through SAM2's memory encoder, flattened to slots."""
+
     slots: torch.Tensor  # (1, h*w, mem_dim)
     pos: torch.Tensor  # (1, h*w, mem_dim)
 
 
 class RAUSegmenter(nn.Module):
+    """SAM2 (frozen image encoder) + <Seg> projector + memory fusion; trains projector, fusion, mask decoder."""
+
     def __init__(self, sam2_model, cfg: FusionConfig = FusionConfig()):
         super().__init__()
         cfg.validate()
@@ -89,7 +96,9 @@ class RAUSegmenter(nn.Module):
         return m * self.sam.sigmoid_scale_for_mem_enc + self.sam.sigmoid_bias_for_mem_enc  # as SAM2 does for masks
 
     def _memory(self, image_embed: torch.Tensor, mask: torch.Tensor) -> ReferenceMemory:
-        pix = image_embed - self.sam.no_mem_embed.view(1, -1, 1, 1)  # set_image added the no-memory embedding
+        pix = image_embed  # the memory encoder takes the raw features; SAM2.1's set_image added no_mem_embed
+        if self.sam.directly_add_no_mem_embed:
+            pix = image_embed - self.sam.no_mem_embed.view(1, -1, 1, 1)
         out = self.sam.memory_encoder(pix, self._mask_for_memory(mask), skip_mask_sigmoid=True)
         feats, pos = out["vision_features"], out["vision_pos_enc"][-1]
         return ReferenceMemory(feats.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2).to(feats.dtype))
@@ -114,12 +123,21 @@ class RAUSegmenter(nn.Module):
 
     @torch.no_grad()
     def predict(self, target: ImageEmbedding, seg_hidden: torch.Tensor, memory: ReferenceMemory):
-        """Mask logits at the target's original size (H, W), a confidence score, and the <Seg> attention."""
-        h = seg_hidden.reshape(1, -1, seg_hidden.shape[-1]).to(target.features["image_embed"].dtype)
-        low_res, iou, attn = self._decode(target.features["image_embed"], target.features["high_res_feats"], h,
-                                          memory)
-        logits = self.predictor._transforms.postprocess_masks(low_res, target.orig_hw)
-        return logits[0, 0], float(iou[0]), attn[0]  # SAM2.1 predicts IoU through a sigmoid already
+        """Mask logits at the target's original size, a confidence score, and the <Seg> attention over slots.
+
+        ``seg_hidden`` (n, llm_hidden): one query of n tokens -> (H, W) logits, float score, (n, slots) attention.
+        (B, n, llm_hidden): B queries on the same target -> (B, H, W), (B,) scores, (B, n, slots).
+        """
+        embed = target.features["image_embed"]
+        h = seg_hidden.to(embed.device, embed.dtype)
+        b = h.shape[0] if h.dim() == 3 else 1
+        low_res, iou, attn = self._decode(embed.expand(b, -1, -1, -1),
+                                          [f.expand(b, -1, -1, -1) for f in target.features["high_res_feats"]],
+                                          h.reshape(b, -1, h.shape[-1]), memory)
+        logits = self.predictor._transforms.postprocess_masks(low_res, target.orig_hw)[:, 0]
+        if h.dim() == 3:
+            return logits, iou, attn
+        return logits[0], float(iou[0]), attn[0]  # SAM2.1 predicts IoU through a sigmoid already
 
     # -- batches (training) ------------------------------------------------------------------------------------
     def images_to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -9,7 +9,7 @@ code on the project's prompt vocabulary, Qwen2.5-VL's special tokens and chat te
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,15 +18,27 @@ from rau_ray.errors import ConfigError
 from rau_ray.models import pretrained, prompts
 
 PROJECT_TOKENS = (prompts.SEG_TOKEN,)
+# Qwen2.5-VL's added tokens, in its order (the tiny vocabulary gives them ids 0..21)
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-# Qwen2.5-VL's chat template, for the content types this project uses (text and images)
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+# Qwen2.5-VL's chat template (same rendering: default system turn, image/video placeholders, add_vision_id,
+# generation prompt), written out here because the tiny model has no hub files to copy it from
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,11 +49,13 @@ class PolicyConfig:
     dtype: str = "float32"  # bfloat16 on GPU for the paper profile
     load_in_4bit: bool = False  # QLoRA-style 4-bit base weights (bitsandbytes, CUDA only)
     lora_rank: int = 8  # swept by Ray Tune; the adapter is the only thing SFT/GRPO train (+ the <Seg> rows)
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # language model attention only
-    min_pixels: int = 56 * 56  # processor bounds: images are resized to a multiple of 28 px within them
-    max_pixels: int = 224 * 224
+    lora_alpha: int = 16  # update scale alpha/r: 2 keeps the step size comparable when r is swept
+    lora_dropout: float = 0.05  # light regularisation: SFT sets are small (a few thousand reference/target pairs)
+    # Linear layers of the *language model* that get LoRA (matched by a regex that excludes the vision tower,
+    # whose blocks also have q/k/v-like names): attention only, the usual cheap choice for instruction tuning
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    min_pixels: int = 56 * 56  # processor bounds: images are resized to a multiple of 28 px within them;
+    max_pixels: int = 224 * 224  # boxes in prompts/answers are pixels of that resized image
     # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B
     hidden_size: int = 64
     num_layers: int = 2
@@ -52,15 +66,30 @@ class PolicyConfig:
     vision_hidden_size: int = 32
     vision_heads: int = 2
     vocab_size: int = 1024  # BPE merges learnt from the prompt vocabulary
-    seed: int = 0
+    seed: int = 0  # the tiny weights are a function of the config: every worker builds the same model
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"policy.dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
         if self.lora_rank < 1:
             raise ConfigError(f"policy.lora_rank must be >= 1, got {self.lora_rank}")
+        if not self.lora_targets:
+            raise ConfigError("policy.lora_targets must name at least one Linear layer (e.g. q_proj)")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"policy.min_pixels ({self.min_pixels}) must be > 0 and <= max_pixels "
+                              f"({self.max_pixels})")
         if self.load_in_4bit and not torch.cuda.is_available():
             raise ConfigError("policy.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
+        if self.model == pretrained.TINY:
+            if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+                raise ConfigError(f"policy: hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                                  f"({self.num_heads}), and num_heads of num_kv_heads ({self.num_kv_heads})")
+            if (self.hidden_size // self.num_heads) % 2 or self.hidden_size // self.num_heads < 6:
+                raise ConfigError("policy: the head size hidden_size/num_heads must be even and >= 6 "
+                                  "(multimodal RoPE splits half of it into time/height/width sections)")
+            if self.vision_hidden_size % self.vision_heads:
+                raise ConfigError(f"policy: vision_hidden_size ({self.vision_hidden_size}) must be a multiple of "
+                                  f"vision_heads ({self.vision_heads})")
 
 
 TINY = PolicyConfig()
@@ -107,6 +136,7 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
             "vocab_size": len(tok), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": 4096,
+            # multimodal RoPE: the rotary half of a head is split into (time, height, width) sections
             "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0,
                                 "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
@@ -126,19 +156,25 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def _load_base(cfg: PolicyConfig):
+def _load_base(cfg: PolicyConfig, processor_source: str | Path | None = None):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     cfg.validate()
     spec = {k: v for k, v in asdict(cfg).items() if not k.startswith("lora") and k not in ("dtype", "load_in_4bit")}
+    spec.update(special_tokens=QWEN_SPECIAL, chat_template=CHAT_TEMPLATE)  # a changed build gets a new folder
     path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), spec)
     kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path)
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    processor = AutoProcessor.from_pretrained(path if processor_source is None else processor_source)
+    # the config decides the pixel bounds (the hub's default goes up to 12.8 Mpx per image)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     return model, processor
 
@@ -148,20 +184,35 @@ def _add_project_tokens(model, processor) -> int:
     new = [t for t in PROJECT_TOKENS if t not in tok.get_vocab()]
     if new:
         tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    # Qwen2.5-VL-7B's embedding matrix is padded (152064 rows for 151665 tokens): <Seg> then takes a spare row
+    # and nothing is resized; the tiny one has exactly len(tok) rows and grows by one.
     if model.get_input_embeddings().weight.shape[0] < len(tok):
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     tok.padding_side = "left"  # batched generation continues every row from its last prompt token
-    return tok.convert_tokens_to_ids(prompts.SEG_TOKEN)
+    seg_id = tok.convert_tokens_to_ids(prompts.SEG_TOKEN)
+    if new:  # start <Seg> at the mean of the known rows (deterministic); a saved adapter carries its trained rows
+        with torch.no_grad():
+            for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                              model.get_output_embeddings().weight)}.values():
+                weight[seg_id] = weight[:len(tok) - len(new)].float().mean(0).to(weight.dtype)
+    return seg_id
 
 
-def _lora_config(cfg: PolicyConfig, seg_id: int):
+def _lora_config(cfg: PolicyConfig, seg_id: int, tied: bool):
     from peft import LoraConfig
 
     targets = "|".join(cfg.lora_targets)
+    # peft's trainable tokens: only the <Seg> row of the input embedding (and of the output head, so the policy
+    # can learn to *emit* <Seg>) trains, as a small delta saved with the adapter; the rest of the vocabulary stays
+    # frozen. With tied embeddings peft updates lm_head through embed_tokens, so it is named only when untied.
+    rows = {"embed_tokens": [seg_id]} if tied else {"embed_tokens": [seg_id], "lm_head": [seg_id]}
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=rf".*language_model.*\.({targets})",  # not the vision tower
-                      # only the <Seg> rows of the input embedding and the output head train, not the vocabulary
-                      trainable_token_indices={"embed_tokens": [seg_id], "lm_head": [seg_id]})
+                      trainable_token_indices=rows)
+
+
+def _tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 class Policy:
@@ -172,7 +223,10 @@ class Policy:
         self.tokenizer = processor.tokenizer
         self.seg_token_id = self.tokenizer.convert_tokens_to_ids(prompts.SEG_TOKEN)
         self._assistant_ids = self.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
-        self._strip = [t for t in ("<|im_end|>", "<|endoftext|>") if t in self.tokenizer.get_vocab()]
+        self._stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}  # <|im_end|>, <|endoftext|>
+        # chat/vision special tokens are dropped from completions; <Seg> is special too, but it is the answer
+        self._hidden_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items()
+                            if t.special and i != self.seg_token_id}
 
     @property
     def hidden_size(self) -> int:
@@ -192,8 +246,8 @@ class Policy:
             texts.append(text)
             images += [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"]
                        if c["type"] == "image"]
+        # keeps mm_token_type_ids: transformers 5 needs them to give image tokens 3D (t, h, w) rotary positions
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        inputs.pop("mm_token_type_ids", None)
         if completions is not None:
             labels = inputs["input_ids"].clone()
             labels[inputs["attention_mask"] == 0] = -100
@@ -204,23 +258,31 @@ class Policy:
         return inputs.to(self.device)
 
     def _completion_start(self, ids: torch.Tensor) -> int:
-        pattern = torch.tensor(self._assistant_ids)
-        n = len(pattern)
-        for start in range(len(ids) - n, -1, -1):
-            if torch.equal(ids[start:start + n], pattern):
-                return start + n
-        raise ValueError("no assistant turn in the input")
+        """Index of the first token after the last ``<|im_start|>assistant\\n`` in ``ids``."""
+        pattern = torch.tensor(self._assistant_ids, device=ids.device)
+        hits = (ids.unfold(0, len(pattern), 1) == pattern).all(1).nonzero().flatten()
+        if len(hits) == 0:
+            raise ValueError("no assistant turn in the input")
+        return int(hits[-1]) + len(pattern)
 
     @torch.no_grad()
     def generate(self, messages_batch: list[list[dict]], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0) -> list[str]:
+        """Completions for a batch of chats (greedy unless ``do_sample``); LoRA dropout is off while generating."""
         inputs = self.inputs_for(messages_batch)
         sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
-        for token in self._strip:
-            texts = [t.split(token)[0] if token == "<|im_end|>" else t.replace(token, "") for t in texts]
-        return texts
+        training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+        finally:
+            self.model.train(training)
+        return [self.decode_completion(row) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+
+    def decode_completion(self, ids: list[int]) -> str:
+        """Generated ids -> text: up to the first <|im_end|>/<|endoftext|>, chat tokens dropped, <Seg> kept."""
+        stop = next((i for i, t in enumerate(ids) if t in self._stop_ids), len(ids))
+        return self.tokenizer.decode([t for t in ids[:stop] if t not in self._hidden_ids])
 
     def seg_hidden_states(self, messages: list[dict], completion: str) -> torch.Tensor:
         """Last-layer hidden states at the completion's ``<Seg>`` tokens: (n_seg, hidden)."""
@@ -247,14 +309,15 @@ class Policy:
 
     @classmethod
     def load(cls, folder: str | Path, trainable: bool = False) -> "Policy":
+        """The base named in the saved config (rebuilt/found via ``resolve``) + the saved processor and adapter."""
         from peft import PeftModel
 
         from rau_ray.config import from_dict
 
         folder = Path(folder)
         cfg = from_dict(PolicyConfig, json.loads((folder / "policy_config.json").read_text()), str(folder))
-        model, processor = _load_base(cfg)
-        _add_project_tokens(model, processor)
+        model, processor = _load_base(cfg, processor_source=folder / "processor")
+        _add_project_tokens(model, processor)  # the saved tokenizer has <Seg> already: this only sizes the rows
         model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=trainable)
         return cls(model, processor, cfg)
 
@@ -265,5 +328,5 @@ def load_policy(cfg: PolicyConfig = TINY) -> Policy:
 
     model, processor = _load_base(cfg)
     seg_id = _add_project_tokens(model, processor)
-    model = get_peft_model(model, _lora_config(cfg, seg_id))
+    model = get_peft_model(model, _lora_config(cfg, seg_id, _tied(model)))
     return Policy(model, processor, cfg)

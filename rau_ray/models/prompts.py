@@ -11,7 +11,6 @@ resizes it* (as Qwen2.5-VL is trained). The parser never raises on model output:
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from rau_ray.data import formats
 TASKS = ("label", "ground", "all_boxes", "segment")
 SEG_TOKEN = "<Seg>"
 MAX_ANSWER_CHARS = 20_000  # a longer completion is runaway generation, not an answer
+MAX_COORD = 1e6  # pixel coordinates beyond this are garbage (and NaN/inf fail the comparison too)
 SYSTEM_PROMPT = (
     "You are a radiologist. You are given an annotated reference image and a target image of the same anatomy. "
     "Compare them and reason about the relative positions of the structures inside <think></think>, then give the "
@@ -131,8 +131,10 @@ def _reject_constant(name: str):
 def _check_box(box, image_size) -> str | None:
     if not (isinstance(box, list) and len(box) == 4):
         return f"a box is a list of 4 numbers, got {str(box)[:80]}"
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-        return f"box values must be finite numbers, got {str(box)[:80]}"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        return f"box values must be numbers, got {str(box)[:80]}"
+    if not all(abs(v) < MAX_COORD for v in box):  # no float(): a 400-digit int would overflow it
+        return f"box values must be finite numbers below {MAX_COORD:g}, got {str(box)[:80]}"
     x1, y1, x2, y2 = box
     if not (x1 < x2 and y1 < y2):
         return f"box must have x1 < x2 and y1 < y2, got {box}"
@@ -158,7 +160,7 @@ def _parse(text, task, image_size, labels) -> Answer | FormatError:
     if len(text) > MAX_ANSWER_CHARS:
         return FormatError("too_long", f"answer has {len(text)} characters (limit {MAX_ANSWER_CHARS})")
     m = _SHAPE.fullmatch(text)
-    if not m or text.count("<think>") != 1 or text.count("<answer>") != 1 or text.count("</answer>") != 1:
+    if not m or any(text.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
         return FormatError("structure", "expected exactly <think>...</think><answer>{JSON}</answer>")
     think, body = m.group(1), m.group(2)
     try:

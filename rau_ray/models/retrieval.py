@@ -1,11 +1,11 @@
 """Reference retrieval: a DINOv2 embedder and a faiss ``ReferenceBank`` over a manifest.
 
-A bank folder holds ``index.faiss``, ``metadata.jsonl`` (one manifest row per entry + its embedding id and the
-absolute manifest path, so the reference image and mask can be loaded) and ``bank.json`` (the embedder's id and
+A bank folder holds ``index.faiss``, ``metadata.jsonl`` (one manifest row per entry + its position in the index and
+the absolute manifest path, so the reference image and mask can be loaded) and ``bank.json`` (the embedder's id and
 dimension, the index type): a bank built with one embedder is never searched with another. Search filters by
 modality, never returns the query's own subject, and answers "no suitable reference" below a similarity threshold
 instead of returning a bad match. Exact (Flat) indexes move to the GPU when faiss-gpu and a GPU are present.
-Use: ``rau index build --manifest data/ct/manifest.jsonl --out banks/ct``.
+Use: ``bank = ReferenceBank.build("data/ct/manifest.jsonl", TINY); bank.search(Embedder(TINY).embed([im], ["CT"])[0])``.
 """
 
 from __future__ import annotations
@@ -22,33 +22,44 @@ import torch
 
 from rau_ray.atomic import atomic_write_text
 from rau_ray.data.manifest import read_manifest
-from rau_ray.errors import ConfigError, DataError
+from rau_ray.errors import ConfigError, DataError, RauError
 from rau_ray.models import pretrained, prompts
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
 POOLINGS = ("cls", "mean", "cls+mean")
+GPU_MAX_K = 2048  # faiss GPU k-selection limit; beyond it (rare) the exact fallback answers
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
     embedder: str = "tiny"  # "tiny" (built offline), a Hugging Face id (facebook/dinov2-base) or a local folder
     image_size: int = 112  # tiny: 8x8 patches of 14 px; the paper profile's processor decides its own (224)
-    pooling: str = "cls+mean"  # CLS carries global appearance, mean-pooled patches the layout; DINOv2's probe uses both
-    index: str = "auto"  # auto: exact Flat below `exact_below` entries, HNSW above (no training, incremental add)
-    exact_below: int = 20_000  # a brute-force inner product over 20k x 768 floats is still < 10 ms
-    min_similarity: float = 0.2  # cosine; below it search returns "no suitable reference"
-    batch_size: int = 16
+    # CLS carries global appearance, mean-pooled patches the layout; "cls+mean" concatenates both (each normalised),
+    # as DINOv2's linear probe does; on phantoms it ranks poses at least as well as either alone
+    pooling: str = "cls+mean"
+    # auto: exact Flat inner product below `exact_below` entries (exact, no training, GPU-able); above it HNSW,
+    # which stays fast at millions of entries, needs no training and grows incrementally (IVF must be trained)
+    index: str = "auto"
+    exact_below: int = 20_000  # brute force over 20k x 1536 floats: ~8 ms a query on one core (measured)
+    min_similarity: float = 0.2  # cosine; below it search says "no suitable reference" instead of a bad match
+    batch_size: int = 16  # images per forward pass; also the smallest chunk a Ray task gets
+    device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu; or an explicit torch device
     # tiny architecture, used only when embedder == "tiny"
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
-    seed: int = 0
+    patch_size: int = 14  # DINOv2's patch size, so the tiny model has the real one's geometry
+    seed: int = 0  # random init of the tiny model: the same seed gives the same weights on every worker
 
     def validate(self) -> None:
         if self.index not in INDEX_TYPES:
             raise ConfigError(f"retrieval.index must be one of {INDEX_TYPES}, not {self.index!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"retrieval.pooling must be one of {POOLINGS}, not {self.pooling!r}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"retrieval.min_similarity is a cosine in [-1, 1], not {self.min_similarity}")
+        if self.batch_size < 1:
+            raise ConfigError(f"retrieval.batch_size must be >= 1, not {self.batch_size}")
 
 
 TINY = RetrievalConfig()
@@ -66,8 +77,9 @@ def _save_tiny(cfg: RetrievalConfig, folder: Path) -> None:
     torch.manual_seed(cfg.seed)
     model = Dinov2Model(Dinov2Config(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                                      num_attention_heads=cfg.num_heads, intermediate_size=2 * cfg.hidden_size,
-                                     image_size=cfg.image_size, patch_size=14))
+                                     image_size=cfg.image_size, patch_size=cfg.patch_size))
     model.save_pretrained(folder)
+    # DINOv2's own normalisation; resize straight to the square input (phantoms are already square)
     BitImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}, do_center_crop=False,
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
 
@@ -80,10 +92,11 @@ class Embedder:
 
         cfg.validate()
         self.cfg = cfg
-        spec = {k: v for k, v in asdict(cfg).items() if k in ("image_size", "hidden_size", "num_layers",
-                                                                "num_heads", "seed")}
+        spec = {k: getattr(cfg, k) for k in ("image_size", "hidden_size", "num_layers", "num_heads", "patch_size",
+                                              "seed")}
         path = pretrained.resolve(cfg.embedder, "dinov2", lambda folder: _save_tiny(cfg, folder), spec)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or cfg.device
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.model = AutoModel.from_pretrained(path).to(self.device).eval().requires_grad_(False)  # frozen
         self.processor = AutoImageProcessor.from_pretrained(path)
         width = self.model.config.hidden_size
@@ -92,6 +105,9 @@ class Embedder:
 
     @torch.no_grad()
     def embed(self, images: list, modalities: list[str]) -> np.ndarray:
+        """Images (HxW grey, HxWx3, CT in HU) -> (N, dim) unit vectors; CT is windowed (abdomen) to 8 bits."""
+        if len(images) != len(modalities):
+            raise ValueError(f"{len(images)} images but {len(modalities)} modalities")
         out = []
         for i in range(0, len(images), self.cfg.batch_size):
             pil = [prompts.to_pil(im, mod) for im, mod in zip(images[i:i + self.cfg.batch_size],
@@ -99,10 +115,11 @@ class Embedder:
             pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
             hidden = self.model(pixel_values=pixels).last_hidden_state
             cls, mean = hidden[:, 0], hidden[:, 1:].mean(1)
-            pooled = {"cls": cls, "mean": mean}.get(self.cfg.pooling)
-            if pooled is None:
+            if self.cfg.pooling == "cls+mean":
                 pooled = torch.cat([torch.nn.functional.normalize(cls, dim=1),
                                     torch.nn.functional.normalize(mean, dim=1)], 1)
+            else:
+                pooled = cls if self.cfg.pooling == "cls" else mean
             out.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
@@ -119,11 +136,21 @@ class SearchResult:
     reason: str | None = None  # why there is no hit, e.g. "no suitable reference (best similarity 0.12 < 0.20)"
 
 
-def _embed_rows(cfg: RetrievalConfig, manifest_path: str, ids: list[str]) -> np.ndarray:
+def _embed_rows(cfg: RetrievalConfig, manifest_path: str, ids: list[str], progress=None) -> np.ndarray:
+    """One chunk of a bank build (in-process or as a Ray task): one Embedder, images loaded a batch at a time."""
     manifest = read_manifest(manifest_path)
     by_id = {r.id: r for r in manifest.rows}
-    rows = [by_id[i] for i in ids]
-    return Embedder(cfg).embed([manifest.load(r)[0] for r in rows], [r.modality for r in rows])
+    embedder, out = Embedder(cfg), []
+    for i in range(0, len(ids), cfg.batch_size):
+        rows = [by_id[j] for j in ids[i:i + cfg.batch_size]]
+        out.append(embedder.embed([manifest.load(r)[0] for r in rows], [r.modality for r in rows]))
+        if progress is not None:
+            progress(len(rows))
+    return np.concatenate(out)
+
+
+def _is_gpu(index) -> bool:
+    return type(index).__name__.startswith("Gpu")
 
 
 def _to_device(index):
@@ -138,11 +165,11 @@ def _to_device(index):
 def _to_cpu(index):
     import faiss
 
-    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ \
-        else index
+    return faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
 
 
 def _new_index(kind: str, dim: int, expected: int, exact_below: int):
+    """(faiss index, kind). Only Flat goes to the GPU: faiss has no GPU HNSW, and IVF is trained on first add."""
     import faiss
 
     if kind == "auto":
@@ -150,25 +177,54 @@ def _new_index(kind: str, dim: int, expected: int, exact_below: int):
     if kind == "flat":
         return _to_device(faiss.IndexFlatIP(dim)), kind
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)  # 32 links a node: faiss' usual default
+        index.hnsw.efSearch = 128  # wider beam than faiss' 16: better recall, fewer short filtered searches
         return index, kind
-    nlist = max(1, int(4 * math.sqrt(max(expected, 1))))
-    return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT), kind
+    return _new_ivf(dim, max(1, int(4 * math.sqrt(max(expected, 1))))), kind  # faiss' rule: 4..16 sqrt(N) lists
+
+
+def _new_ivf(dim: int, nlist: int):
+    import faiss
+
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = min(nlist, 16)  # lists scanned a query: recall vs speed
+    return index
+
+
+def _search_params(index, sel):
+    """faiss search parameters carrying an IDSelector for this index type, or None where it is not honoured.
+
+    The parameter object must match the index (IVF rejects the base class) and its own defaults win over the
+    index's settings (SearchParametersIVF.nprobe = 1, SearchParametersHNSW.efSearch = 16), so they are copied.
+    GPU indexes accept the argument but (faiss 1.x GpuIndexFlat) ignore the selector: over-fetch there instead.
+    """
+    import faiss
+
+    if _is_gpu(index):
+        return None
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=index.nprobe)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
 
 
 class ReferenceBank:
-    def __init__(self, index, rows: list[dict], info: dict):
+    """faiss inner-product index over unit embeddings (= cosine) + one metadata row per entry, in index order."""
+
+    def __init__(self, index, rows: list[dict], info: dict, min_similarity: float = TINY.min_similarity):
         self.index, self.rows, self.info = index, rows, info
+        self.min_similarity = min_similarity  # search's default threshold (the embedder config's)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @classmethod
     def empty(cls, embedder_id: str, dim: int, index: str = "flat", expected: int = 0,
-              exact_below: int = TINY.exact_below) -> "ReferenceBank":
+              exact_below: int = TINY.exact_below, min_similarity: float = TINY.min_similarity) -> "ReferenceBank":
         idx, kind = _new_index(index, dim, expected, exact_below)
-        return cls(idx, [], {"embedder": embedder_id, "dim": dim, "index": kind, "count": 0, "metric": "cosine"})
+        return cls(idx, [], {"embedder": embedder_id, "dim": dim, "index": kind, "count": 0, "metric": "cosine"},
+                   min_similarity)
 
     @classmethod
     def build(cls, manifest_path: str | Path, cfg: RetrievalConfig = TINY, split: str | None = "train",
@@ -176,67 +232,112 @@ class ReferenceBank:
         """Embed the manifest's rows of ``split`` (all rows if None), on Ray tasks or in-process."""
         from tqdm import tqdm
 
+        cfg.validate()
+        if backend not in ("ray", "local"):
+            raise ValueError(f"backend must be 'ray' or 'local', not {backend!r}")
         manifest = read_manifest(manifest_path)
         rows = [r for r in manifest.rows if split is None or r.split == split]
         if not rows:
             raise DataError(f"{manifest.path}: no rows with split {split!r} to build a reference bank from")
         ids = [r.id for r in rows]
         path = str(manifest.path.resolve())
-        if backend == "local":
-            embeddings = _embed_rows(cfg, path, ids)
-        else:
-            from rau_ray import ray_session
-
-            ray = ray_session.connect()
-            chunk = max(cfg.batch_size, math.ceil(len(ids) / (2 * ray_session.cluster_cpus())))
-            task = ray.remote(num_cpus=1)(_embed_rows)
-            refs = [task.remote(cfg, path, ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
-            with tqdm(total=len(ids), unit="image", desc="embedding", disable=not progress) as bar:
-                for ref in refs:  # in submission order: row i keeps embedding i
-                    bar.update(len(ray.get(ref)))
-            embeddings = np.concatenate(ray.get(refs))
+        with tqdm(total=len(ids), unit="image", desc=f"embedding ({backend})", disable=not progress) as bar:
+            if backend == "local":
+                embeddings = _embed_rows(cfg, path, ids, bar.update)
+            else:
+                embeddings = _embed_on_ray(cfg, path, ids, bar)
         width = embeddings.shape[1]
-        bank = cls.empty(embedder_id(cfg, width), width, cfg.index, expected=len(rows), exact_below=cfg.exact_below)
+        bank = cls.empty(embedder_id(cfg, width), width, cfg.index, expected=len(rows), exact_below=cfg.exact_below,
+                         min_similarity=cfg.min_similarity)
         bank.add([{**asdict(r), "manifest": path} for r in rows], embeddings)
         return bank
 
     def add(self, rows: list[dict], embeddings: np.ndarray) -> None:
+        """Append entries (rows as dicts, unit embeddings (n, dim)); ``embedding_id`` is their index position."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.shape != (len(rows), self.info["dim"]):
             raise ValueError(f"expected embeddings of shape ({len(rows)}, {self.info['dim']}), got {embeddings.shape}")
+        if not rows:
+            return
         if not self.index.is_trained:  # IVF learns its coarse centroids from the first batch
+            if self.index.nlist > len(rows):  # k-means needs at least one point a list
+                self.index = _new_ivf(self.info["dim"], len(rows))
             self.index.train(embeddings)
         start = len(self.rows)
         self.index.add(embeddings)
         self.rows += [{**r, "embedding_id": start + i} for i, r in enumerate(rows)]
         self.info["count"] = len(self.rows)
 
-    def search(self, query: np.ndarray, k: int = 1, modality: str | None = None,
-               exclude_subject: str | None = None, min_similarity: float | None = None) -> SearchResult:
-        """Top-k references for one query embedding (dim,), filtered; over-fetches until k pass the filters."""
-        q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
-        if q.shape[1] != self.info["dim"]:
-            raise ValueError(f"query has dimension {q.shape[1]}, the bank {self.info['dim']}")
-        if not self.rows:
-            return SearchResult(reason="the reference bank is empty")
-        threshold = -1.0 if min_similarity is None else min_similarity
-        fetch = min(len(self.rows), max(4 * k, 16))
-        while True:
-            sims, ids = self.index.search(q, fetch)
-            hits = [Hit(self.rows[i], float(s)) for s, i in zip(sims[0], ids[0]) if i >= 0
-                    and (modality is None or self.rows[i]["modality"] == modality)
-                    and (exclude_subject is None or self.rows[i].get("subject") != exclude_subject)]
-            if len(hits) >= k or fetch >= len(self.rows):
-                break
-            fetch = min(len(self.rows), fetch * 4)
-        if not hits:
-            return SearchResult(reason=f"no reference of modality {modality!r}" if modality else "no reference")
-        if hits[0].similarity < threshold:
-            return SearchResult(reason=f"no suitable reference (best similarity {hits[0].similarity:.2f} < "
-                                       f"{threshold:.2f})")
-        return SearchResult(hits=[h for h in hits[:k] if h.similarity >= threshold])
+    def search(self, query: np.ndarray, k: int = 1, modality: str | None = None, exclude_subject: str | None = None,
+               min_similarity: float | None = None) -> SearchResult | list[SearchResult]:
+        """Top-k references, best first, for one embedding (dim,) -> SearchResult or a batch (n, dim) -> a list.
+
+        ``modality`` keeps only that modality; ``exclude_subject`` drops the query's own subject (a query must not
+        retrieve itself). ``min_similarity`` (default: the bank's) below which there is no suitable reference;
+        pass -1 to disable. Filters run inside faiss (IDSelectorBatch) where the index honours them, else on an
+        over-fetched top list; results are always re-checked, and a query left with fewer than k is answered exactly.
+        """
+        import faiss
+
+        q = np.ascontiguousarray(np.asarray(query, np.float32))
+        single = q.ndim == 1
+        q = q.reshape(1, -1) if single else q
+        if q.ndim != 2 or q.shape[1] != self.info["dim"]:
+            raise ValueError(f"query has shape {np.asarray(query).shape}; the bank holds {self.info['dim']}-d vectors")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, not {k}")
+        threshold = self.min_similarity if min_similarity is None else min_similarity
+        allowed = np.array([(modality is None or r["modality"] == modality)
+                            and (exclude_subject is None or r.get("subject") != exclude_subject) for r in self.rows],
+                           dtype=bool)
+        n_allowed = int(allowed.sum())
+        if n_allowed == 0:
+            what = (f"modality {modality!r}" if modality else "entries") + (
+                f" outside subject {exclude_subject!r}" if exclude_subject is not None else "")
+            empty = SearchResult(reason=f"no reference: the bank has no {what}" if self.rows
+                                 else "no reference: the bank is empty")
+            return empty if single else [SearchResult(reason=empty.reason) for _ in q]
+        want = min(k, n_allowed)
+        params = fetch = None
+        if n_allowed < len(self.rows):
+            sel = faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
+            params = _search_params(self.index, sel)
+            if params is None:  # the selector would be ignored: over-fetch, filter here
+                fetch = min(len(self.rows), max(4 * k, 16))
+        sims, ids = self.index.search(q, min(fetch or want, GPU_MAX_K), params=params)
+        found = [[(int(i), float(s)) for s, i in zip(s_row, i_row) if i >= 0 and allowed[i]][:k]
+                 for s_row, i_row in zip(sims, ids)]
+        # an approximate index can come short under a selective filter (the HNSW graph or the probed IVF lists never
+        # reach the allowed entries; no k fixes that): brute force over the allowed entries for those queries
+        short = [n for n, f in enumerate(found) if len(f) < want]
+        if short:
+            for n, f in zip(short, self._exact(q[short], np.flatnonzero(allowed), k)):
+                found[n] = f
+        results = [self._result(f, threshold) for f in found]
+        return results[0] if single else results
+
+    def _exact(self, q: np.ndarray, ids: np.ndarray, k: int, chunk: int = 65_536) -> list[list[tuple[int, float]]]:
+        """Exact top-k of ``q`` among ``ids``, vectors read back from the index a chunk at a time."""
+        import faiss
+
+        if isinstance(self.index, faiss.IndexIVF) and self.index.direct_map.no():
+            self.index.make_direct_map()  # IVF reconstructs by id only through a direct map
+        top_s, top_i = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            s = np.concatenate([top_s, q @ self.index.reconstruct_batch(part).T], 1)
+            i = np.concatenate([top_i, np.broadcast_to(part, (len(q), len(part)))], 1)
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            top_s, top_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        return [[(int(i), float(s)) for i, s in zip(ri, rs)] for ri, rs in zip(top_i, top_s)]
+
+    def _result(self, found: list[tuple[int, float]], threshold: float) -> SearchResult:
+        if found[0][1] < threshold:
+            return SearchResult(reason=f"no suitable reference (best similarity {found[0][1]:.3f} < {threshold:.3f})")
+        return SearchResult(hits=[Hit(self.rows[i], s) for i, s in found if s >= threshold])
 
     def save(self, folder: str | Path) -> Path:
+        """Write the three files, each atomically; bank.json last, so a complete bank.json means a complete bank."""
         import faiss
 
         folder = Path(folder)
@@ -244,56 +345,108 @@ class ReferenceBank:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".index.faiss.", suffix=".tmp")
         os.close(fd)
         try:
-            faiss.write_index(_to_cpu(self.index), tmp)
+            faiss.write_index(_to_cpu(self.index), tmp)  # faiss writes by path: temp file + rename by hand
             os.replace(tmp, folder / "index.faiss")
         finally:
             Path(tmp).unlink(missing_ok=True)
         atomic_write_text(folder / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
-        atomic_write_text(folder / "bank.json", json.dumps(self.info, indent=1) + "\n")  # last: marks it complete
+        atomic_write_text(folder / "bank.json", json.dumps(self.info, indent=1) + "\n")
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, embedder: Embedder | None = None) -> "ReferenceBank":
+        """Open a saved bank; with ``embedder``, refuse a bank built by a different one (ConfigError)."""
         import faiss
 
         folder = Path(folder)
         for name in ("bank.json", "metadata.jsonl", "index.faiss"):
             if not (folder / name).is_file():
-                raise DataError(f"{folder}: not a reference bank ({name} is missing)")
+                raise DataError(f"{folder / name}: missing; {folder} is not a reference bank (`rau index build`)")
+        path = folder / "bank.json"
         try:
-            info = json.loads((folder / "bank.json").read_text())
-            rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line]
-            index = faiss.read_index(str(folder / "index.faiss"))
-            if isinstance(index, faiss.IndexFlat):
-                index = _to_device(index)
-        except Exception as e:  # noqa: BLE001 - json / faiss raise many types on corrupt files
-            raise DataError(f"{folder}: unreadable reference bank ({type(e).__name__}: {e})") from None
-        if index.ntotal != len(rows) or info.get("count") != len(rows) or index.d != info.get("dim"):
-            raise DataError(f"{folder}: index ({index.ntotal} x {index.d}), metadata ({len(rows)} rows) and "
-                            f"bank.json disagree")
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(info, dict) or not isinstance(info.get("dim"), int) or "embedder" not in info:
+                raise ValueError("expected an object with 'embedder' and 'dim'")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: corrupt bank description ({e})") from None
+        path = folder / "metadata.jsonl"
+        rows, lineno = [], 0
+        try:
+            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}:{lineno}: corrupt metadata row ({e})") from None
+        path = folder / "index.faiss"
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise DataError(f"{path}: unreadable faiss index ({str(e).strip().splitlines()[-1]})") from None
+        if index.ntotal != len(rows) or info.get("count") != len(rows) or index.d != info["dim"]:
+            raise DataError(f"{folder}: index.faiss ({index.ntotal} x {index.d}), metadata.jsonl ({len(rows)} rows) "
+                            f"and bank.json (count {info.get('count')}, dim {info['dim']}) disagree")
         if embedder is not None and (embedder.id != info["embedder"] or embedder.dim != info["dim"]):
-            raise ConfigError(f"{folder}: bank built with embedder {info['embedder']!r} (dim {info['dim']}), "
-                              f"cannot be searched with {embedder.id!r} (dim {embedder.dim})")
-        return cls(index, rows, info)
+            raise ConfigError(f"{folder}: bank built with {info['embedder']!r} (dim {info['dim']}), cannot be searched "
+                              f"with {embedder.id!r} (dim {embedder.dim}); rebuild it with `rau index build`")
+        if isinstance(index, faiss.IndexFlat):
+            index = _to_device(index)
+        return cls(index, rows, info, embedder.cfg.min_similarity if embedder else TINY.min_similarity)
+
+
+def _embed_on_ray(cfg: RetrievalConfig, manifest_path: str, ids: list[str], bar) -> np.ndarray:
+    """Chunks of rows on Ray tasks (one CPU, one Embedder each); results put back in manifest order."""
+    from rau_ray import ray_session
+
+    ray = ray_session.connect()
+    chunk = max(cfg.batch_size, math.ceil(len(ids) / (2 * ray_session.cluster_cpus())))  # ~2 tasks a CPU
+    options = {"num_cpus": 1}
+    if "RAU_CACHE" in os.environ:  # workers build/read the tiny model in the driver's cache, not their own default
+        options["runtime_env"] = {"env_vars": {"RAU_CACHE": os.environ["RAU_CACHE"]}}
+    task = ray.remote(_embed_rows).options(**options)
+    refs = [task.remote(cfg, manifest_path, ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+    order, pending, done = {ref: n for n, ref in enumerate(refs)}, list(refs), {}
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                done[order[ready[0]]] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, RauError):  # a bad image found by a worker: the user's error, unwrapped
+                    raise e.cause from None
+                raise
+            bar.update(len(done[order[ready[0]]]))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    return np.concatenate([done[n] for n in range(len(refs))])
 
 
 def recall_at_k(bank: ReferenceBank, embedder: Embedder, manifest_path: str | Path, split: str = "test",
                 ks: tuple[int, ...] = (1, 5), pose_tolerance: int = 2) -> dict:
-    """Retrieval quality: for each query (its own subject excluded), is a same-modality / nearest-pose reference
-    among the top k? Pose: same modality and |slice - query slice| <= tolerance (native 2D: same modality)."""
+    """Retrieval quality: for each query (its own subject excluded, no modality filter, no threshold), is a
+    same-modality / nearest-pose reference among the top k? Pose: same modality and |slice - query slice| <=
+    tolerance (rows without a slice, native 2D: same modality). Also the share of queries whose best match falls
+    below the bank's threshold (search would answer "no suitable reference")."""
     manifest = read_manifest(manifest_path)
     queries = [r for r in manifest.rows if r.split == split]
     if not queries:
         raise DataError(f"{manifest.path}: no {split!r} rows to evaluate retrieval on")
-    emb = embedder.embed([manifest.load(r)[0] for r in queries], [r.modality for r in queries])
     hits = {f"{what}@{k}": 0 for what in ("modality", "pose") for k in ks}
-    for q, e in zip(queries, emb):
-        found = bank.search(e, k=max(ks), exclude_subject=q.subject).hits
-        for k in ks:
-            top = [h.row for h in found[:k]]
-            same = [r for r in top if r["modality"] == q.modality]
-            hits[f"modality@{k}"] += bool(same)
-            hits[f"pose@{k}"] += any(q.slice is None or (r.get("slice") is not None
-                                                          and abs(r["slice"] - q.slice) <= pose_tolerance)
-                                     for r in same)
-    return {"queries": len(queries), **{key: round(v / len(queries), 4) for key, v in hits.items()}}
+    below = 0
+    for start in range(0, len(queries), embedder.cfg.batch_size):
+        batch = queries[start:start + embedder.cfg.batch_size]
+        emb = embedder.embed([manifest.load(r)[0] for r in batch], [r.modality for r in batch])
+        for q, e in zip(batch, emb):
+            found = bank.search(e, k=max(ks), exclude_subject=q.subject or None, min_similarity=-1.0).hits
+            below += bool(found) and found[0].similarity < bank.min_similarity
+            for k in ks:
+                same = [h.row for h in found[:k] if h.row["modality"] == q.modality]
+                hits[f"modality@{k}"] += bool(same)
+                hits[f"pose@{k}"] += any(q.slice is None or (r.get("slice") is not None
+                                                              and abs(r["slice"] - q.slice) <= pose_tolerance)
+                                         for r in same)
+    n = len(queries)
+    return {"queries": n, **{key: round(v / n, 4) for key, v in hits.items()}, "below_threshold": round(below / n, 4)}

@@ -1,16 +1,18 @@
 """Build SAM2 with the sam2 package: one builder for the tiny and the paper profile.
 
 ``tiny`` shrinks SAM2.1 hiera-tiny through Hydra overrides (128 px images, 16-channel Hiera, 64-channel neck and
-decoder, one memory-attention layer: ~2M parameters, SAM2's real code), random-initialises it once with a fixed seed,
-saves ``{"model": state_dict}`` into the model cache and loads it back through ``sam2.build_sam.build_sam2`` — the
-path the paper profile takes with the SAM2.1 hiera-large checkpoint (sam2 loads with ``weights_only=True``).
+decoder, 32-channel memory, one memory-attention layer: ~1.3M parameters, SAM2's real code), random-initialises it
+once with a fixed seed, saves ``{"model": state_dict}`` into the model cache and loads it back through
+``sam2.build_sam.build_sam2`` — the path the paper profile takes with the SAM2.1 hiera-large checkpoint (sam2 loads
+with ``weights_only=True``).
 The image embedding is computed once per image (``embed_image``) and reused by every prompt (``SAM2ImagePredictor``).
-Use: ``model = build_sam2_model(Sam2Config())``; ``emb = embed_image(model, image)``.
+Use: ``model = build_sam2_model(TINY)``; ``emb = embed_image(predictor_for(model), image)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,12 +21,17 @@ from rau_ray.errors import ConfigError
 from rau_ray.models import pretrained
 
 
+def _size_overrides(image_size: int) -> list[str]:
+    """The input side and the memory attention's RoPE grid, which must be image_size / 16."""
+    feat, ma = image_size // 16, "++model.memory_attention.layer"
+    return [f"++model.image_size={image_size}", f"{ma}.self_attention.feat_sizes=[{feat},{feat}]",
+            f"{ma}.cross_attention.feat_sizes=[{feat},{feat}]"]
+
+
 def tiny_overrides(image_size: int, embed_dim: int, hidden: int, mem_dim: int) -> list[str]:
     """Hydra overrides that shrink sam2.1_hiera_t.yaml while keeping every module of SAM2."""
-    feat = image_size // 16
     m, ma, me = "++model", "++model.memory_attention", "++model.memory_encoder"
-    return [
-        f"{m}.image_size={image_size}",
+    return _size_overrides(image_size) + [
         f"{m}.image_encoder.trunk.embed_dim={embed_dim}", f"{m}.image_encoder.trunk.num_heads=1",
         f"{m}.image_encoder.trunk.stages=[1,1,2,1]", f"{m}.image_encoder.trunk.global_att_blocks=[3]",
         f"{m}.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
@@ -34,9 +41,8 @@ def tiny_overrides(image_size: int, embed_dim: int, hidden: int, mem_dim: int) -
         f"{m}.image_encoder.neck.backbone_channel_list=[{embed_dim * 8},{embed_dim * 4},{embed_dim * 2},{embed_dim}]",
         f"{ma}.d_model={hidden}", f"{ma}.num_layers=1", f"{ma}.layer.d_model={hidden}",
         f"{ma}.layer.dim_feedforward={2 * hidden}",
-        f"{ma}.layer.self_attention.embedding_dim={hidden}", f"{ma}.layer.self_attention.feat_sizes=[{feat},{feat}]",
-        f"{ma}.layer.cross_attention.embedding_dim={hidden}",
-        f"{ma}.layer.cross_attention.feat_sizes=[{feat},{feat}]", f"{ma}.layer.cross_attention.kv_in_dim={mem_dim}",
+        f"{ma}.layer.self_attention.embedding_dim={hidden}", f"{ma}.layer.cross_attention.embedding_dim={hidden}",
+        f"{ma}.layer.cross_attention.kv_in_dim={mem_dim}",
         f"{me}.out_dim={mem_dim}", f"{me}.in_dim={hidden}", f"{me}.position_encoding.num_pos_feats={mem_dim}",
         f"{me}.mask_downsampler.embed_dim={hidden}", f"{me}.fuser.layer.dim={hidden}", f"{me}.fuser.num_layers=1",
         f"{m}.num_maskmem=3",
@@ -52,9 +58,9 @@ class Sam2Config:
     embed_dim: int = 16  # Hiera stage-1 channels (x2 per stage)
     hidden_dim: int = 64  # neck / prompt encoder / mask decoder / memory attention width
     mem_dim: int = 32  # memory encoder output: the width of reference memory slots
-    overrides: tuple[str, ...] = ()  # extra Hydra overrides, applied last
-    device: str = "cpu"
-    seed: int = 0
+    overrides: tuple[str, ...] = ()  # extra Hydra overrides, applied last (experiments without code changes)
+    device: str = "cpu"  # not part of the tiny cache key: one checkpoint serves CPU and GPU
+    seed: int = 0  # the tiny random init; part of the cache key, so every process gets identical weights
 
     def validate(self) -> None:
         if self.image_size % 16:
@@ -62,7 +68,7 @@ class Sam2Config:
 
     def hydra_overrides(self) -> list[str]:
         base = (tiny_overrides(self.image_size, self.embed_dim, self.hidden_dim, self.mem_dim)
-                if self.checkpoint == pretrained.TINY else [f"++model.image_size={self.image_size}"])
+                if self.checkpoint == pretrained.TINY else _size_overrides(self.image_size))
         return base + list(self.overrides)
 
 
@@ -71,17 +77,25 @@ PAPER = Sam2Config(config="configs/sam2.1/sam2.1_hiera_l.yaml", checkpoint="chec
                    image_size=1024, device="cuda")
 
 
-def _checkpoint_path(cfg: Sam2Config) -> str:
+def checkpoint_path(cfg: Sam2Config) -> str:
+    """The .pt file build_sam2 loads: the cached tiny checkpoint (built on first use) or the configured file."""
+
     def save_tiny(folder):
         from sam2.build_sam import build_sam2
 
-        torch.manual_seed(cfg.seed)
-        model = build_sam2(cfg.config, None, device="cpu", hydra_overrides_extra=cfg.hydra_overrides())
-        torch.save({"model": model.state_dict()}, folder / "sam2_tiny.pt")
+        with torch.random.fork_rng():  # a fixed seed without touching the caller's random stream
+            torch.manual_seed(cfg.seed)
+            model = build_sam2(cfg.config, None, device="cpu", hydra_overrides_extra=cfg.hydra_overrides())
+        torch.save({"model": model.state_dict()}, folder / "sam2_tiny.pt")  # the layout of SAM2's release .pt
 
     spec = {k: v for k, v in asdict(cfg).items() if k != "device"}
     path = pretrained.resolve(cfg.checkpoint, "sam2", save_tiny, spec)
-    return f"{path}/sam2_tiny.pt" if cfg.checkpoint == pretrained.TINY else path
+    if cfg.checkpoint == pretrained.TINY:
+        return f"{path}/sam2_tiny.pt"
+    if not Path(path).is_file():
+        raise ConfigError(f"sam2.checkpoint {cfg.checkpoint!r} is not a file; download a SAM2.1 release .pt "
+                          "(e.g. sam2.1_hiera_large.pt) and point sam2.checkpoint at it")
+    return path
 
 
 def build_sam2_model(cfg: Sam2Config = TINY):
@@ -89,7 +103,7 @@ def build_sam2_model(cfg: Sam2Config = TINY):
     from sam2.build_sam import build_sam2
 
     cfg.validate()
-    return build_sam2(cfg.config, _checkpoint_path(cfg), device=cfg.device,
+    return build_sam2(cfg.config, checkpoint_path(cfg), device=cfg.device,
                       hydra_overrides_extra=cfg.hydra_overrides())
 
 
@@ -98,7 +112,7 @@ def build_video_predictor(cfg: Sam2Config = TINY):
     from sam2.build_sam import build_sam2_video_predictor
 
     cfg.validate()
-    return build_sam2_video_predictor(cfg.config, _checkpoint_path(cfg), device=cfg.device,
+    return build_sam2_video_predictor(cfg.config, checkpoint_path(cfg), device=cfg.device,
                                       hydra_overrides_extra=cfg.hydra_overrides())
 
 
@@ -106,19 +120,22 @@ def build_video_predictor(cfg: Sam2Config = TINY):
 class ImageEmbedding:
     """What SAM2ImagePredictor.set_image computes once per image: features for every later prompt."""
 
-    features: dict  # {"image_embed": (1,C,h,w), "high_res_feats": [...]}
-    orig_hw: tuple[int, int]
-    backbone: dict = field(default_factory=dict)  # vision features + pos (for the memory encoder)
+    features: dict  # SAM2ImagePredictor._features: {"image_embed": (1,C,S/16,S/16), "high_res_feats": [S/4, S/8]}
+    orig_hw: tuple[int, int]  # the image's (H, W): masks are upsampled back to it
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H,W) or (H,W,3) uint8 -> (H,W,3) uint8, the input SAM2's transforms expect."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"SAM2 takes uint8 images (window CT first), got {arr.dtype}")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"SAM2 takes (H, W) or (H, W, 3) images, got shape {arr.shape}")
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
 
 
 def predictor_for(model):
+    """SAM2ImagePredictor for any image size (the predictor keeps the set_image / predict split)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     predictor = SAM2ImagePredictor(model)
@@ -127,8 +144,12 @@ def predictor_for(model):
     return predictor
 
 
-def embed_image(predictor, image: np.ndarray) -> ImageEmbedding:
-    """Run the image encoder once (SAM2ImagePredictor.set_image) and keep its features."""
+def embed_image(model_or_predictor, image: np.ndarray) -> ImageEmbedding:
+    """Run the image encoder once (SAM2ImagePredictor.set_image) on an (H,W) or (H,W,3) uint8 image."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = (model_or_predictor if isinstance(model_or_predictor, SAM2ImagePredictor)
+                 else predictor_for(model_or_predictor))
     predictor.set_image(as_rgb_uint8(image))
     return ImageEmbedding(features=predictor._features, orig_hw=predictor._orig_hw[0])
 

@@ -1,13 +1,16 @@
 """RAU's <Seg> -> projector -> memory attention -> SAM2 mask decoder, and SAM2's own memory (baseline, 3D)."""
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rau_ray.data.formats import apply_window
 from rau_ray.data.phantoms import ct_abdomen
-from rau_ray.models.fusion import PROJECTOR_DIMS, FusionConfig, RAUSegmenter
-from rau_ray.models.memory_ref import memory_ref_baseline, propagate_volume
+from rau_ray.models.fusion import (PROJECTOR_DIMS, FusionConfig, RAUSegmenter, memory_ref_baseline,
+                                   propagate_volume)
 from rau_ray.models.sam2_builder import TINY, build_sam2_model, build_video_predictor
 
 
@@ -35,6 +38,18 @@ def test_predict_shapes_and_memory_slots(segmenter, images):
     assert not torch.allclose(memory.slots, other.slots)  # the mask shapes the memory
 
 
+def test_predict_takes_several_tokens_and_batches(segmenter, images):
+    ref, ref_mask, tgt = images
+    target, memory = segmenter.set_image(tgt), segmenter.encode_reference(segmenter.set_image(ref), ref_mask)
+    slots = memory.slots.shape[1]
+    h = torch.randn(3, 2, 64)  # 3 queries of 2 <Seg> tokens each
+    logits, scores, attn = segmenter.predict(target, h, memory)
+    assert logits.shape == (3, 96, 96) and scores.shape == (3,) and attn.shape == (3, 2, slots)
+    one, score, one_attn = segmenter.predict(target, h[1], memory)  # (n, llm) -> one query
+    assert one.shape == (96, 96) and isinstance(score, float) and one_attn.shape == (2, slots)
+    assert torch.allclose(one, logits[1], atol=1e-5)
+
+
 @pytest.mark.parametrize("dim", PROJECTOR_DIMS)
 def test_every_projector_dim(dim, images):
     seg = RAUSegmenter(build_sam2_model(TINY), FusionConfig(llm_hidden_size=64, projector_dim=dim))
@@ -52,13 +67,27 @@ def test_gradients_only_on_projector_fusion_and_decoder(segmenter, images):
     out = segmenter(x, torch.randn(2, 1, 64), r, masks)
     assert out.shape == (2, 1, TINY.image_size, TINY.image_size)
     out.sigmoid().mean().backward()
+    groups = {"projector.": 0.0, "fusion.": 0.0, "sam.sam_mask_decoder.": 0.0}
     for name, p in segmenter.named_parameters():
-        trainable = name.startswith(("projector.", "fusion.", "sam.sam_mask_decoder."))
-        assert p.requires_grad == trainable, name
-        if not trainable:
-            assert p.grad is None, name
-    assert segmenter.projector[0].weight.grad.abs().sum() > 0
+        group = next((g for g in groups if name.startswith(g)), None)
+        assert p.requires_grad == (group is not None), name
+        if group is None:
+            assert p.grad is None, name  # image encoder, memory encoder, memory attention, prompt encoder
+        elif p.grad is not None:
+            groups[group] += float(p.grad.abs().sum())
+    assert all(total > 0 for total in groups.values()), groups
+    assert all(p.grad is None for p in segmenter.sam.image_encoder.parameters())
     segmenter.zero_grad()
+
+
+def test_memory_encoder_trains_only_when_asked(images):
+    ref, ref_mask, tgt = images
+    seg = RAUSegmenter(build_sam2_model(TINY), FusionConfig(llm_hidden_size=64, train_memory_encoder=True))
+    x, r = seg.images_to_tensor([tgt]), seg.images_to_tensor([ref])
+    seg(x, torch.randn(1, 1, 64), r, torch.as_tensor(ref_mask[None])).mean().backward()
+    grads = [p.grad for p in seg.sam.memory_encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in seg.sam.image_encoder.parameters())
 
 
 def test_save_load_trainable_round_trip(segmenter, images, tmp_path):
@@ -66,6 +95,7 @@ def test_save_load_trainable_round_trip(segmenter, images, tmp_path):
     h = torch.randn(1, 64)
     te, mem = segmenter.set_image(tgt), segmenter.encode_reference(segmenter.set_image(ref), ref_mask)
     segmenter.save_trainable(tmp_path / "seg.safetensors")
+    assert set(load_file(tmp_path / "seg.safetensors")) == set(segmenter.trainable_state_dict())
     fresh = RAUSegmenter(build_sam2_model(TINY), FusionConfig(llm_hidden_size=64))
     assert not torch.equal(fresh.projector[0].weight, segmenter.projector[0].weight)
     fresh.load_trainable(tmp_path / "seg.safetensors")
@@ -74,8 +104,11 @@ def test_save_load_trainable_round_trip(segmenter, images, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_memory_ref_baseline_and_volume_propagation(images):
+@pytest.mark.filterwarnings("ignore:cannot import name '_C'")  # sam2's CUDA hole filling; CPU skips it
+def test_memory_ref_baseline_and_volume_propagation(images, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the JPEG frame folders go
     predictor = build_video_predictor(TINY)
+    assert type(predictor).__name__ == "SAM2VideoPredictor"
     ref, ref_mask, tgt = images
     mask = memory_ref_baseline(predictor, ref, ref_mask, tgt)
     assert mask.shape == tgt.shape and mask.dtype == bool
@@ -87,3 +120,4 @@ def test_memory_ref_baseline_and_volume_propagation(images):
     assert np.array_equal(out[5], key)  # the annotated key slice comes back as given
     with pytest.raises(ValueError, match="outside the volume"):
         propagate_volume(predictor, slices, 10, key)
+    assert list(tmp_path.iterdir()) == []  # the frame folders were removed

@@ -52,6 +52,18 @@ HOSTILE = [
     "<think>" + "a" * 1_000_000 + "</think><answer>{}</answer>",
     "<think>\u202e\u0000</think><answer>{\"label\": \"\u00e9\"}</answer> trailing",
     "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg><Seg>\"}</answer>",
+    "<think>x</think></think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"}</answer>",
+    "<think><Seg></think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"}</answer>",
+    "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 1" + "0" * 400 + "], \"mask\": \"<Seg>\"}</answer>",
+    "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 1" + "0" * 5000 + "]}</answer>",
+    "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3], \"mask\": \"<Seg>\"}</answer>",
+    "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"",
+    "<think>x</think>\n<answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": null}</answer>",
+    "x<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"}</answer>",
+    "<think>x</think><answer>{\"label\": \"liver\", \"label\": [1]}</answer>",
+    "<think>x</think><answer>" + "{\"a\": " * 100_000 + "</answer>",
+    "\ud800<think>x</think><answer>{}</answer>",
+    "x" * 1_000_000,
 ]
 
 
@@ -59,6 +71,21 @@ HOSTILE = [
 def test_hostile_outputs_never_raise(text):
     result = parse_answer(text, "segment", image_size=(64, 48), labels=["liver"])
     assert isinstance(result, FormatError) and not result and result.reason
+    for task in TASKS:  # whatever the task, an Answer or a FormatError, never an exception
+        assert isinstance(parse_answer(text, task), (Answer, FormatError))
+
+
+def test_whitespace_around_the_tags_is_allowed_and_reasons_are_specific():
+    ok = "\n <think> a </think>\n<answer> {\"label\": \"liver\"} </answer>\n"
+    assert parse_answer(ok, "label").think == "a"
+    body = "<think>x</think><answer>{}</answer>"
+    assert parse_answer(body.replace("{}", '{"label": "liver", "box": [0, 0, 99, 5]}'), "ground",
+                        image_size=(64, 48)).reason == "box"
+    assert parse_answer(body.replace("{}", "[]"), "label").reason == "json"
+    assert parse_answer(body.replace("{}", '{"label": "x"}'), "label", labels=["liver"]).reason == "label"
+    assert parse_answer(body, "label").reason == "field"
+    assert parse_answer(body + body, "label").reason == "structure"
+    assert parse_answer("a" * 30_000, "label").reason == "too_long"
 
 
 def test_builder_puts_reference_target_and_question_in_order():

@@ -1,12 +1,17 @@
-"""Tiny SAM2 through sam2's own builder; one image embedding serves many prompts."""
+"""Tiny SAM2 through sam2's own builder and the model cache; one image embedding serves many prompts."""
+
+import os
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rau_ray.errors import ConfigError
-from rau_ray.models.sam2_builder import (TINY, Sam2Config, build_sam2_model, embed_image, predict_with_prompts,
-                                         predictor_for)
+from rau_ray.models import pretrained
+from rau_ray.models.sam2_builder import (PAPER, TINY, Sam2Config, build_sam2_model, checkpoint_path, embed_image,
+                                         predict_with_prompts, predictor_for)
 
 
 @pytest.fixture(scope="module")
@@ -14,13 +19,21 @@ def model():
     return build_sam2_model(TINY)
 
 
-def test_tiny_is_small_real_sam2_and_reloads_identically(model):
+def test_tiny_builds_offline_into_the_cache_and_reloads_identically(model):
+    assert os.environ["RAU_CACHE"] == str(pretrained.cache_root())  # the tests' own folder (conftest)
+    ckpt = Path(checkpoint_path(TINY))
+    assert ckpt.parent.parent == pretrained.cache_root() and (ckpt.parent / ".complete").exists()
+    assert set(torch.load(ckpt, map_location="cpu", weights_only=True)) == {"model"}  # SAM2's release layout
+    written = ckpt.stat().st_mtime_ns
+
     n = sum(p.numel() for p in model.parameters())
     assert 500_000 < n < 5_000_000
     assert type(model).__name__ == "SAM2Base" and model.image_size == TINY.image_size
-    again = build_sam2_model(TINY)  # from the cached checkpoint, through torch.load(weights_only=True)
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
+    again = build_sam2_model(TINY)  # from the cached checkpoint, through sam2's torch.load(weights_only=True)
+    assert ckpt.stat().st_mtime_ns == written  # reused, not rebuilt
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_embedding_once_many_prompts(model):
@@ -36,11 +49,23 @@ def test_embedding_once_many_prompts(model):
     finally:
         hook.remove()
     assert len(calls) == 1
+    assert emb.orig_hw == (90, 110) and emb.features["image_embed"].shape[-2:] == (8, 8)
     for masks, scores, low_res in outs:
         assert masks.shape == (1, 90, 110) and scores.shape == (1,)
     assert not np.array_equal(outs[0][2], outs[2][2])  # different prompts, different logits
 
 
-def test_image_size_must_fit_sam2():
+def test_embed_image_takes_a_model_or_rgb(model):
+    rgb = np.zeros((40, 50, 3), dtype=np.uint8)
+    assert embed_image(model, rgb).orig_hw == (40, 50)
+    with pytest.raises(ValueError, match="uint8"):
+        embed_image(model, np.zeros((40, 50), dtype=np.float32))
+
+
+def test_config_errors_and_paper_overrides(tmp_path):
     with pytest.raises(ConfigError, match="multiple of 16"):
         Sam2Config(image_size=100).validate()
+    with pytest.raises(ConfigError, match="not a file"):
+        build_sam2_model(replace(PAPER, checkpoint=str(tmp_path / "missing.pt"), device="cpu"))
+    assert "++model.memory_attention.layer.cross_attention.feat_sizes=[64,64]" in PAPER.hydra_overrides()
+    assert "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]" in TINY.hydra_overrides()
