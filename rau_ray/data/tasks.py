@@ -1,7 +1,8 @@
-"""What the models are asked about a sample: per-structure boxes derived from label masks.
+"""What the models are asked about samples: per-structure boxes from label masks, reference-target task pairs.
 
-Use: ``boxes = label_boxes(label_map, {1: "liver", 2: "spleen"})`` -> {"liver": [x1, y1, x2, y2], ...}
-(pixel corners, x2/y2 exclusive; structures without pixels are left out).
+Boxes are pixel corners [x1, y1, x2, y2] with x2/y2 exclusive; structures without pixels are left out.
+Use: ``label_boxes(label_map, {1: "liver"})`` -> {"liver": [x1, y1, x2, y2]};
+``make_pairs(read_manifest("data/ct"), split="train")`` -> reference-target task items for the policy.
 """
 
 from __future__ import annotations
@@ -19,3 +20,44 @@ def label_boxes(label: np.ndarray, names: dict[int, str]) -> dict[str, list[int]
             ys, xs = slices[value - 1]
             boxes[name] = [int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)]
     return boxes
+
+
+TASKS = ("label", "ground", "all_boxes", "segment")
+
+
+def choose_reference(target, candidates: list, rng: np.random.Generator):
+    """Same modality, another subject, nearest axial level (what a bank's nearest-pose hit would give)."""
+    pool = [c for c in candidates if c.modality == target.modality and c.subject != target.subject]
+    if not pool:
+        return None
+    if target.slice is not None:
+        best = min(abs((c.slice or 0) - target.slice) for c in pool)
+        pool = [c for c in pool if abs((c.slice or 0) - target.slice) == best]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def make_pairs(manifest, split: str = "train", reference_split: str = "train", tasks: tuple[str, ...] = TASKS,
+               seed: int = 0) -> list[dict]:
+    """Reference-target task items for the policy, one per (target, task): plain dicts, so Ray Data can shard them.
+
+    Each item names the manifest, the two row ids, the task and its subject (a structure present in the reference,
+    picked at random; ``label`` also gives the structure's box in the target as the region to name)."""
+    rng = np.random.default_rng(seed)
+    references = manifest.select(split=reference_split)
+    items = []
+    for target in manifest.select(split=split):
+        ref = choose_reference(target, references, rng)
+        if ref is None:
+            continue
+        in_ref = set(label_boxes(manifest.load(ref)[1], ref.label_names))
+        _, tgt_label = manifest.load(target)
+        in_tgt = label_boxes(tgt_label, target.label_names)
+        shared = sorted(in_ref & set(in_tgt))
+        if not shared:
+            continue
+        for task in tasks:
+            structure = shared[int(rng.integers(len(shared)))]
+            items.append({"manifest": str(manifest.path.resolve()), "reference": ref.id, "target": target.id,
+                          "task": task, "structure": structure,
+                          "region": in_tgt[structure] if task == "label" else None})
+    return items

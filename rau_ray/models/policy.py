@@ -66,6 +66,9 @@ class PolicyConfig:
     vision_hidden_size: int = 32
     vision_heads: int = 2
     vocab_size: int = 1024  # BPE merges learnt from the prompt vocabulary
+    # weight init std of the tiny model. The 7B's 0.02 would leave a 64-wide model's frozen output head able to
+    # reach logits of only about +-1, so no LoRA update could push the loss below ~log(vocab); 0.1 lets it peak
+    init_std: float = 0.1
     seed: int = 0  # the tiny weights are a function of the config: every worker builds the same model
 
     def validate(self) -> None:
@@ -140,14 +143,15 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
             "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0,
                                 "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False},
+            "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False,
+            "initializer_range": cfg.init_std},
         vision_config={"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden_size,
                        "intermediate_size": 2 * cfg.vision_hidden_size, "num_heads": cfg.vision_heads,
                        "out_hidden_size": cfg.hidden_size, "fullatt_block_indexes": [cfg.vision_depth - 1],
                        "window_size": 112, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, initializer_range=cfg.init_std)
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]

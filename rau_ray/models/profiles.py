@@ -47,22 +47,33 @@ def get_profile(name: str) -> ModelConfig:
     return PROFILES[name]
 
 
-def load_model_config(path) -> ModelConfig:
-    """YAML: ``profile`` picks the base, every other key overrides that base's fields (nested per component)."""
-    from pathlib import Path
+def model_config_from(data: dict | None, where: str = "model") -> ModelConfig:
+    """``profile`` picks the base, every other key overrides that base's fields (nested per component).
 
-    import yaml
-
+    Job configs carry this as their ``model:`` section: ``{profile: tiny, policy: {lora_rank: 32}}``."""
     from rau_ray.config import from_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = dict(data or {})
     base = asdict(get_profile(data.get("profile", "tiny")))
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             base[key] = {**base[key], **value}
         else:
             base[key] = value
-    return from_dict(ModelConfig, base, str(path))
+    cfg = from_dict(ModelConfig, base, where)
+    cfg.validate()
+    return cfg
+
+
+def load_model_config(path) -> ModelConfig:
+    """A YAML file holding a ``model_config_from`` mapping."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return model_config_from(yaml.safe_load(path.read_text()), str(path))

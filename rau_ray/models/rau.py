@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
 
 from rau_ray.data.manifest import ManifestRow, read_manifest
 from rau_ray.data.tasks import label_boxes
@@ -30,6 +29,7 @@ from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.retrieval import Embedder, ReferenceBank
 from rau_ray.models.sam2_builder import ImageEmbedding, build_sam2_model
+from rau_ray.train.losses import dice_loss, focal_dice_loss  # noqa: F401  (dice_loss: re-exported)
 
 
 @dataclass
@@ -59,12 +59,6 @@ class Prediction:
 def _digest(image: np.ndarray) -> str:
     a = np.ascontiguousarray(image)
     return hashlib.sha1(a.tobytes() + str((a.shape, a.dtype)).encode()).hexdigest()
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    p = logits.sigmoid().flatten(1)
-    t = target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
 
 
 class RAUModel:
@@ -183,8 +177,6 @@ class RAUModel:
         size = logits.shape[-2:]
         target = F.interpolate(torch.as_tensor(np.stack(batch["target_masks"]), dtype=torch.float32,
                                                device=seg.device)[:, None], size=size, mode="nearest")
-        focal = sigmoid_focal_loss(logits, target, reduction="mean")
-        dice = dice_loss(logits, target)
-        mask_loss = focal_weight * focal + dice
+        mask_loss, focal, dice = focal_dice_loss(logits, target, focal_weight=focal_weight)
         return {"loss": out.loss + mask_weight * mask_loss, "lm_loss": out.loss.detach(),
                 "focal": focal.detach(), "dice": dice.detach()}

@@ -1,0 +1,145 @@
+"""What every training job shares: the TorchTrainer around a worker loop, checkpoints, and the metric history.
+
+A checkpoint folder holds ``weights.safetensors`` (only what the job trains: a LoRA adapter, a projector...),
+``train_state.json`` (global step, the job's config) and ``history.jsonl`` (every logged metric row so far). The
+history travels inside the checkpoint, so a run restarted after a failure, or stored on s3://, continues its curve.
+Use (inside a worker loop): ``state = resume()``; ``report(metrics, weights=..., step=..., history=...)``;
+on the driver: ``result = fit(loop, cfg, datasets)``; ``weights, state = read_checkpoint(result.checkpoint.path)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rau_ray.errors import ConfigError, DataError
+
+WEIGHTS = "weights.safetensors"
+STATE = "train_state.json"
+HISTORY = "history.jsonl"
+
+
+@dataclass
+class Resumed:
+    step: int = 0  # global optimizer steps already taken
+    weights: dict[str, torch.Tensor] | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def read_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, train_state) of a checkpoint folder; a clear DataError when it is not one."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
+        raise DataError(f"{folder}: not a training checkpoint (expected {WEIGHTS} and {STATE})")
+    return load_file(str(folder / WEIGHTS)), json.loads((folder / STATE).read_text())
+
+
+def read_history(folder: str | os.PathLike) -> list[dict]:
+    path = Path(folder) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def resume() -> Resumed:
+    """Inside a worker: the latest checkpoint Ray Train hands a (re)started run, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return Resumed()
+    with checkpoint.as_directory() as folder:
+        weights, state = read_checkpoint(folder)
+        return Resumed(step=state["step"], weights=weights, history=read_history(folder))
+
+
+def report(metrics: dict, weights: dict[str, torch.Tensor] | None = None, step: int = 0,
+           history: list[dict] | None = None, config: dict | None = None) -> None:
+    """Report metrics from every worker (Ray Train expects all to call); with ``weights``, rank 0 also saves them
+    (with the step, config and history) as the checkpoint."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    if weights is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(tmp) / WEIGHTS))
+            (Path(tmp) / STATE).write_text(json.dumps({"step": step, "config": config or {}}))
+            (Path(tmp) / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history or []))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How a job runs on the cluster; every job config embeds these fields (``scale:`` in the YAML)."""
+
+    num_workers: int = 2  # Ray Train workers: here 2 CPU processes, on a GPU cluster one per GPU
+    use_gpu: bool = False  # never assumed: the GPU configs turn it on
+    cpus_per_worker: float = 1  # 1 x 2 workers fills this 2-core machine; data loading runs in the workers
+    gpus_per_worker: float = 1  # used only with use_gpu
+    storage_path: str = "runs/train"  # Ray Train storage: a local folder, or an s3:// / gs:// URI
+    max_failures: int = 1  # worker failures survived: the run restarts from its latest checkpoint
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scale.num_workers must be at least 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"scale.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+    def storage(self) -> str:
+        return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).resolve())
+
+
+def materialized(items: list[dict], seed: int):
+    """A shuffled Ray Dataset of plain-dict items, materialised on the driver: training workers hold every CPU of
+    a small cluster, so a lazy shuffle would wait forever for a CPU of its own."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the training metrics are the progress
+    return ray.data.from_items(items).random_shuffle(seed=seed).materialize()
+
+
+def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None):
+    """Run ``loop(loop_config)`` on ``scale.num_workers`` Ray Train workers; returns Ray Train's Result.
+
+    A failed run (after ``max_failures`` restarts) raises ``ray.train.TrainingFailedError``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rau_ray import ray_session
+
+    ray_session.connect()
+    resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, datasets=datasets or {},
+        scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(storage_path=scale.storage(), name=name,
+                             failure_config=FailureConfig(max_failures=scale.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints)))
+    return trainer.fit()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (model loading included)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now; its maximum over training steps is what the ZeRO stage changes on CPU
+    (ZeRO-3 keeps only this worker's shard of the weights between steps)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

@@ -1,0 +1,715 @@
+"""Segmenter training on Ray Train: RAU's fusion segmenter, or SpinalSAM-R1's CBAM-LoRA SAM2 with interactive clicks.
+
+Mode ``rau``: reference-target pairs (``make_pairs`` with the segment task, expanded to every structure the two
+share). The policy is frozen: the canonical segment answer is teacher-forced (as ``RAUModel.predict`` does when the
+policy's own answer is malformed) and its ``<Seg>`` hidden state drives the ``RAUSegmenter``, whose projector, memory
+fusion and SAM2 mask decoder train (SAM2's image and memory encoders stay frozen); ``train_policy_lora`` also trains
+the policy's LoRA, with its answer LM loss. Mode ``cbam-lora``: single samples + structures; SAM2 with CBAM + LoRA
+(``add_cbam_lora``) is prompted with a box (or a point) from the true mask, then for ``interactive_rounds`` rounds
+with corrective clicks sampled from the error region of the previous prediction, the previous mask logits entering
+as the mask prompt (SAM2's own interactive training); the loss is summed over rounds. Both modes: focal + Dice
+(``focal_weight``:``dice_weight``), AdamW, DDP through ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU).
+Validation Dice (mean over the val split's sample/structure pairs, sharded over the workers and all-reduced) is
+reported at step 0, every ``eval_every`` steps and at the end; ``val_dice_start`` keeps the untrained figure.
+Checkpoints hold the trainable parameters (safetensors) + ``train_state.json`` {step, evals}; a resumed run continues
+the step. In-process (tests, notebooks): ``t = build_seg_trainer(cfg); t.train_step(items, rng); t.evaluate(items)``.
+Use: ``run_seg(SegJobConfig(manifest="data/ct/manifest.jsonl", mode="cbam-lora"))`` or
+``python -m rau_ray.train.seg config.yaml`` (the YAML's fields are SegJobConfig's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rau_ray.errors import ConfigError, DataError
+from rau_ray.train.losses import focal_dice_loss, sample_corrective_points
+
+STATE_FILE = "train_state.json"
+SEGMENTER_FILE = "segmenter.safetensors"  # mode rau: RAUSegmenter.trainable_state_dict (load_trainable reads it)
+ADAPTER_FILE = "adapter.safetensors"  # mode rau with train_policy_lora: the peft adapter state, as SFT saves it
+CBAM_LORA_FILE = "cbam_lora.safetensors"  # mode cbam-lora: the trainable SAM2 parameters (LoRA, CBAM, +decoder)
+MODES = ("rau", "cbam-lora")
+FIRST_PROMPTS = ("box", "point", "mixed")
+
+
+@dataclass(frozen=True)
+class SegJobConfig:
+    manifest: str  # manifest.jsonl: `train_split` rows train, `val_split` rows give the validation Dice
+    storage_path: str = "runs/train"  # Ray Train storage: a local folder or an s3:// / gs:// URI
+    name: str = "seg"  # run folder under storage_path; the same name again resumes from its latest checkpoint
+    profile: str = "tiny"  # model profile (rau_ray.models.profiles)
+    model_config: str = ""  # optional model YAML (load_model_config) instead of the bare profile, e.g. to sweep
+    #                         fusion.projector_dim or train the decoder in cbam-lora (cbam_lora.train_mask_decoder)
+    mode: str = "rau"  # "rau": <Seg> -> projector -> memory fusion -> SAM2 decoder; "cbam-lora": prompted SAM2
+    train_split: str = "train"
+    val_split: str = "val"  # "" skips validation (no val_dice)
+    num_workers: int = 2  # Ray Train workers (DDP ranks); on GPU one per GPU
+    cpus_per_worker: int = 1  # explicit, so a 2-CPU machine runs 2 workers and nothing waits for a CPU
+    use_gpu: bool = False
+    batch_size: int = 4  # samples per worker and step (the global batch is num_workers times this)
+    lr: float = 1e-3  # AdamW; the decoder/projector of a tiny random model tolerate it, the paper uses 1e-4
+    grad_clip: float = 1.0  # max gradient norm: a fresh projector can spike the loss in its first steps
+    focal_weight: float = 1.0  # focal : Dice is 1 : 1 in SpinalSAM-R1; SAM itself uses 20 : 1
+    dice_weight: float = 1.0
+    first_prompt: str = "box"  # cbam-lora: first-round prompt from the true mask: box | point | mixed (either,
+    #                            50/50 per sample in training, as SAM2 trains; validation then uses the box)
+    interactive_rounds: int = 2  # cbam-lora: corrective rounds after the first prompt (0: the prompt alone)
+    points_per_round: int = 1  # cbam-lora: corrective clicks added per round (SAM2 adds one)
+    max_steps: int = 200  # optimizer steps in all (the shard is cycled through as often as needed)
+    eval_every: int = 50  # steps between validations (0: only at the start and the end)
+    checkpoint_every: int = 100  # steps between checkpoints (and the last step)
+    max_failures: int = 1  # worker failures tolerated; the run restarts from the latest checkpoint
+    seed: int = 0  # data order, click sampling and the init of new layers (the same on every worker)
+    train_policy_lora: bool = False  # rau: also train the policy's LoRA (+<Seg> rows) through the mask loss
+    lm_weight: float = 1.0  # rau with train_policy_lora: weight of the answer LM loss that keeps the policy talking
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.first_prompt not in FIRST_PROMPTS:
+            raise ConfigError(f"first_prompt must be one of {', '.join(FIRST_PROMPTS)}, got {self.first_prompt!r}")
+        if min(self.num_workers, self.cpus_per_worker, self.batch_size, self.max_steps, self.checkpoint_every,
+               self.points_per_round) < 1:
+            raise ConfigError("num_workers, cpus_per_worker, batch_size, max_steps, checkpoint_every and "
+                              "points_per_round must be at least 1")
+        if self.interactive_rounds < 0 or self.eval_every < 0 or self.max_failures < 0:
+            raise ConfigError("interactive_rounds, eval_every and max_failures must be >= 0")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError(f"lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
+        if self.focal_weight < 0 or self.dice_weight < 0 or self.focal_weight + self.dice_weight == 0:
+            raise ConfigError(f"focal_weight and dice_weight must be >= 0 and not both 0, got "
+                              f"{self.focal_weight} and {self.dice_weight}")
+        if self.train_policy_lora and self.mode != "rau":
+            raise ConfigError("train_policy_lora applies to mode 'rau' only (cbam-lora has no policy)")
+
+    def model(self):
+        """The ModelConfig this job trains: the profile, or the model YAML when one is given."""
+        from rau_ray.models.profiles import get_profile, load_model_config
+
+        return load_model_config(self.model_config) if self.model_config else get_profile(self.profile)
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: str = "train") -> list[dict]:
+    """Training/validation items as plain dicts (Ray Data rows), one per (sample, structure).
+
+    ``rau``: ``make_pairs`` reference-target pairs (segment task), one item per structure annotated in both, with
+    keys manifest, reference, target, structure. ``cbam-lora``: every row of ``split`` and each of its structures
+    (reference None)."""
+    from rau_ray.data.manifest import read_manifest
+    from rau_ray.data.tasks import label_boxes, make_pairs
+
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    m = read_manifest(manifest) if isinstance(manifest, (str, Path)) else manifest
+    path = str(m.path.resolve())
+    rows = {r.id: r for r in m.rows}
+
+    def present(row_id):
+        return set(label_boxes(m.load(rows[row_id])[1], rows[row_id].label_names))
+
+    items = []
+    if mode == "rau":
+        seen = set()
+        for pair in make_pairs(m, split=split, reference_split=reference_split, tasks=("segment",), seed=seed):
+            if (pair["reference"], pair["target"]) in seen:
+                continue
+            seen.add((pair["reference"], pair["target"]))
+            for s in sorted(present(pair["reference"]) & present(pair["target"])):
+                items.append({"manifest": path, "reference": pair["reference"], "target": pair["target"],
+                              "structure": s})
+    else:
+        for row in m.select(split=split):
+            items += [{"manifest": path, "reference": None, "target": row.id, "structure": s}
+                      for s in sorted(present(row.id))]
+    return items
+
+
+class Samples:
+    """Reads manifest rows once per process: (row, (H, W, 3) uint8 image as SAM2 and the policy see it, label)."""
+
+    def __init__(self, capacity: int = 512):
+        self._manifests: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+        self.capacity = capacity
+
+    def get(self, manifest_path: str, row_id: str):
+        from rau_ray.data.manifest import read_manifest
+        from rau_ray.models.prompts import to_pil
+
+        key = (manifest_path, row_id)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if manifest_path not in self._manifests:
+            m = read_manifest(manifest_path)
+            self._manifests[manifest_path] = (m, {r.id: r for r in m.rows})
+        m, rows = self._manifests[manifest_path]
+        if row_id not in rows:
+            raise DataError(f"{manifest_path}: no row {row_id!r}")
+        row = rows[row_id]
+        image, label = m.load(row)
+        value = np.asarray(to_pil(image, row.modality))
+        self._cache[key] = (row, value, label)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def mask(self, manifest_path: str, row_id: str, structure: str) -> np.ndarray:
+        row, _, label = self.get(manifest_path, row_id)
+        by_name = {v: k for k, v in row.label_names.items()}
+        if structure not in by_name:
+            raise DataError(f"{manifest_path} [{row_id}]: no structure {structure!r}")
+        return label == by_name[structure]
+
+
+def _resize_masks(masks: list[np.ndarray], size: int, device) -> torch.Tensor:
+    """Boolean (H, W) masks of any sizes -> (B, size, size) float 0/1 (nearest, as labels must be)."""
+    return torch.cat([F.interpolate(torch.as_tensor(m, dtype=torch.float32, device=device)[None, None],
+                                    size=(size, size), mode="nearest")[0] for m in masks])
+
+
+def _dice_at(logits: torch.Tensor, mask: np.ndarray) -> float:
+    """Dice of ``logits`` (h, w) brought to the true mask's size (bilinear, as SAM2 postprocesses) against it."""
+    from rau_ray.eval.metrics import dice
+
+    up = F.interpolate(logits[None, None].float(), size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
+    return dice((up > 0).cpu().numpy(), mask)
+
+
+def _unwrap(module):
+    return getattr(module, "module", module)  # DDP keeps the model as .module
+
+
+# -- the prompted SAM2 of cbam-lora --------------------------------------------------------------------------------
+class PromptedSAM2(nn.Module):
+    """SAM2 as ``SAM2ImagePredictor`` runs it (image encoder -> prompt encoder -> mask decoder, no object-score
+    gating), batched and with gradients, plus SAM2's interactive rounds. One ``forward`` per optimizer step, so
+    DDP sees every round."""
+
+    def __init__(self, sam):
+        super().__init__()
+        self.sam = sam
+
+    def encode(self, images: torch.Tensor):
+        """(B, 3, S, S) normalised images -> image embedding (B, C, S/16, S/16) + high-res features (S/4, S/8)."""
+        sam = self.sam
+        backbone = sam.forward_image(images)
+        _, feats, _, _ = sam._prepare_backbone_features(backbone)
+        if sam.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + sam.no_mem_embed
+        b, s = images.shape[0], images.shape[-1]
+        sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        maps = [f.permute(1, 2, 0).reshape(b, -1, *hw) for f, hw in zip(feats[::-1], sizes[::-1])][::-1]
+        return maps[-1], maps[:-1]
+
+    def decode(self, embed, high_res, coords, labels, mask_input=None) -> torch.Tensor:
+        """Points (B, n, 2) in input pixels with SAM labels (1 pos, 0 neg, 2/3 box corners, -1 padding) and an
+        optional (B, 1, h, w) mask-logit prompt -> low-res mask logits (B, 1, S/4, S/4)."""
+        sam = self.sam
+        pe = sam.sam_prompt_encoder
+        if mask_input is not None and tuple(mask_input.shape[-2:]) != tuple(pe.mask_input_size):
+            mask_input = F.interpolate(mask_input, size=pe.mask_input_size, mode="bilinear", align_corners=False)
+        sparse, dense = pe(points=(coords, labels), boxes=None, masks=mask_input)
+        low, _, _, _ = sam.sam_mask_decoder(
+            image_embeddings=embed, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=False, repeat_image=False,
+            high_res_features=high_res if sam.use_high_res_features_in_sam else None)
+        return low
+
+    @staticmethod
+    def first_prompts(masks: np.ndarray, kinds: list[str], rng) -> tuple[np.ndarray, np.ndarray]:
+        """Box (two corner points, labels 2/3) or one positive point inside each (B, S, S) mask -> (B, 2, 2), (B, 2)."""
+        from rau_ray.eval.metrics import mask_to_box
+
+        coords = np.zeros((len(masks), 2, 2), np.float32)
+        labels = np.full((len(masks), 2), -1, np.int64)
+        for i, (m, kind) in enumerate(zip(masks, kinds)):
+            box = mask_to_box(m)
+            if box is None:
+                raise DataError("a training mask is empty at SAM2's input size: nothing to prompt for")
+            if kind == "box":
+                coords[i], labels[i] = [[box[0], box[1]], [box[2], box[3]]], [2, 3]
+            else:  # a click inside the structure: the corrective click for an empty prediction
+                pts, lab = sample_corrective_points(np.zeros_like(m), m, 1, rng)
+                coords[i, :1], labels[i, :1] = pts, lab
+        return coords, labels
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, kinds: list[str], rounds: int,
+                points_per_round: int = 1, rng: np.random.Generator | None = None) -> list[torch.Tensor]:
+        """Mask logits at input size (B, 1, S, S), one per round: the first prompt, then ``rounds`` rounds each
+        adding corrective clicks from the previous prediction's errors (random interior points with ``rng``, the
+        most interior ones without) with the previous low-res logits as the mask prompt."""
+        s = images.shape[-1]
+        embed, high_res = self.encode(images)
+        true = masks.bool().cpu().numpy()
+        c, lab = self.first_prompts(true, kinds, rng)
+        coords = torch.as_tensor(c, device=images.device)
+        labels = torch.as_tensor(lab, device=images.device)
+        outputs, low = [], None
+        for r in range(rounds + 1):
+            if r:
+                pred = (outputs[-1][:, 0] > 0).cpu().numpy()
+                new_c = np.zeros((len(true), points_per_round, 2), np.float32)
+                new_l = np.full((len(true), points_per_round), -1, np.int64)  # -1: no error left to click on
+                for i in range(len(true)):
+                    p, l_ = sample_corrective_points(pred[i], true[i], points_per_round, rng)
+                    new_c[i, :len(p)], new_l[i, :len(l_)] = p, l_
+                coords = torch.cat([coords, torch.as_tensor(new_c, device=images.device)], 1)
+                labels = torch.cat([labels, torch.as_tensor(new_l, device=images.device)], 1)
+            low = self.decode(embed, high_res, coords, labels, low)  # SAM2 feeds the previous logits, undetached
+            outputs.append(F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False))
+        return outputs
+
+
+# -- trainers: the model pieces of one mode, usable in-process or inside a Ray Train worker -------------------------
+class SegTrainer:
+    """Common loop pieces: ``train_step(items, rng)``, ``evaluate(items)``, checkpoint files, DDP wrapping."""
+
+    files: tuple[str, ...] = ()
+
+    def __init__(self, cfg: SegJobConfig, device: torch.device | str = "cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.samples = Samples()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def _make_optimizer(self) -> None:
+        params = self.parameters()
+        if not params:
+            raise ConfigError(f"mode {self.cfg.mode}: the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+
+    def train_step(self, items: list[dict], rng: np.random.Generator | None = None) -> dict[str, float]:
+        self.set_train(True)
+        out = self.losses(items, rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    @torch.no_grad()
+    def eval_losses(self, items: list[dict]) -> dict[str, float]:
+        """The training losses in evaluation mode, deterministically (fixed clicks): for 'does it learn' checks."""
+        self.set_train(False)
+        return {k: float(v) for k, v in self.losses(items, None).items()}
+
+    def _batches(self, items):
+        for i in range(0, len(items), self.cfg.batch_size):
+            yield items[i:i + self.cfg.batch_size]
+
+
+class RAUSegTrainer(SegTrainer):
+    """Mode rau: frozen policy (teacher-forced canonical segment answer) -> <Seg> hidden -> RAUSegmenter."""
+
+    files = (SEGMENTER_FILE, ADAPTER_FILE)
+
+    def __init__(self, cfg: SegJobConfig, device="cpu"):
+        from rau_ray.models.fusion import RAUSegmenter
+        from rau_ray.models.policy import load_policy
+        from rau_ray.models.sam2_builder import build_sam2_model
+        from rau_ray.train.policy_examples import PolicyExamples
+
+        super().__init__(cfg, device)
+        model_cfg = cfg.model()
+        model_cfg.validate()
+        torch.manual_seed(cfg.seed)  # the same new layers (and LoRA) on every worker
+        self.policy = load_policy(model_cfg.policy)
+        self.policy.model.to(self.device)
+        if not cfg.train_policy_lora:
+            self.policy.model.requires_grad_(False)
+            self.policy.model.eval()  # no LoRA dropout: the <Seg> state of an item is fixed, so it is cached
+        self.segmenter = RAUSegmenter(build_sam2_model(replace(model_cfg.sam2, device=str(self.device))),
+                                      model_cfg.fusion).to(self.device)
+        self.examples = PolicyExamples(self.policy.processor)
+        self._hidden: OrderedDict = OrderedDict()
+        self.seg_call, self.policy_call = self.segmenter, self.policy.model  # replaced by their DDP wrappers
+        self._make_optimizer()
+
+    def parameters(self):
+        params = [p for p in self.segmenter.parameters() if p.requires_grad]
+        if self.cfg.train_policy_lora:
+            params += [p for p in self.policy.model.parameters() if p.requires_grad]
+        return params
+
+    def distribute(self, prepare) -> None:
+        """Wrap the trained modules for DDP (``prepare`` is ``ray.train.torch.prepare_model``-like)."""
+        self.seg_call = prepare(self.segmenter)
+        if self.cfg.train_policy_lora:
+            self.policy_call = prepare(self.policy.model)
+
+    def set_train(self, on: bool) -> None:
+        self.segmenter.train(on)
+        if self.cfg.train_policy_lora:
+            self.policy.model.train(on)
+
+    def _policy_inputs(self, items):
+        from rau_ray.models import prompts
+
+        messages = [self.examples.example({**it, "task": "segment", "region": None})[0] for it in items]
+        completions = [prompts.build_answer("segment", label=it["structure"]) for it in items]
+        return self.policy.inputs_for(messages, completions)
+
+    def _seg_hidden_states(self, inputs, out) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        last = out.hidden_states[-1]
+        pos = [(ids[i] == self.policy.seg_token_id).nonzero().flatten()[-1] for i in range(len(ids))]
+        return torch.stack([last[i, p] for i, p in enumerate(pos)])[:, None].float()  # (B, 1, hidden)
+
+    def seg_hidden(self, items) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, hidden) <Seg> states and, when the policy trains, its answer LM loss."""
+        if self.cfg.train_policy_lora and torch.is_grad_enabled():
+            inputs = self._policy_inputs(items)
+            out = self.policy_call(**inputs, output_hidden_states=True)
+            return self._seg_hidden_states(inputs, out), out.loss
+        keys = [(it["manifest"], it["reference"], it["target"], it["structure"]) for it in items]
+        missing = [it for it, k in zip(items, keys) if k not in self._hidden]
+        if missing:
+            with torch.no_grad():
+                inputs = self._policy_inputs(missing)
+                out = self.policy.model(**inputs, output_hidden_states=True)
+                states = self._seg_hidden_states(inputs, out)
+            for it, h in zip(missing, states):
+                self._hidden[(it["manifest"], it["reference"], it["target"], it["structure"])] = h
+        if self.cfg.train_policy_lora:  # evaluating a training policy: its states change, do not keep them
+            states = torch.stack([self._hidden.pop(k) for k in keys])
+        else:
+            states = torch.stack([self._hidden[k] for k in keys])
+            while len(self._hidden) > 4096:
+                self._hidden.popitem(last=False)
+        return states, None
+
+    def _tensors(self, items):
+        seg = self.segmenter
+        s = seg.sam.image_size
+        m = lambda it, rid: self.samples.mask(it["manifest"], rid, it["structure"])  # noqa: E731
+        targets = seg.images_to_tensor([self.samples.get(it["manifest"], it["target"])[1] for it in items])
+        refs = seg.images_to_tensor([self.samples.get(it["manifest"], it["reference"])[1] for it in items])
+        ref_masks = _resize_masks([m(it, it["reference"]) for it in items], s, seg.device) > 0.5
+        true = [m(it, it["target"]) for it in items]
+        return targets, refs, ref_masks, true
+
+    def losses(self, items, rng=None) -> dict[str, torch.Tensor]:
+        targets, refs, ref_masks, true = self._tensors(items)
+        hidden, lm_loss = self.seg_hidden(items)
+        logits = self.seg_call(targets, hidden, refs, ref_masks)
+        target = _resize_masks(true, logits.shape[-1], logits.device)[:, None]
+        loss, focal, dice = focal_dice_loss(logits, target, self.cfg.focal_weight, self.cfg.dice_weight)
+        out = {"loss": loss, "focal": focal.detach(), "dice": dice.detach()}
+        if lm_loss is not None:
+            out["loss"] = loss + self.cfg.lm_weight * lm_loss
+            out["lm_loss"] = lm_loss.detach()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, items: list[dict]) -> dict[str, float]:
+        """Sums over ``items`` of the Dice of the thresholded mask at the target's size: {"dice": sum, "n": count}."""
+        self.set_train(False)
+        total, n = 0.0, 0
+        for batch in self._batches(items):
+            targets, refs, ref_masks, true = self._tensors(batch)
+            hidden, _ = self.seg_hidden(batch)
+            logits = self.segmenter(targets, hidden, refs, ref_masks)
+            for i, mask in enumerate(true):
+                d = _dice_at(logits[i, 0], mask)
+                if not math.isnan(d):
+                    total, n = total + d, n + 1
+        return {"dice": total, "n": n}
+
+    def state_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        files = {SEGMENTER_FILE: self.segmenter.trainable_state_dict()}
+        if self.cfg.train_policy_lora:
+            from peft import get_peft_model_state_dict
+
+            files[ADAPTER_FILE] = {k: v.detach().cpu().contiguous()
+                                   for k, v in get_peft_model_state_dict(self.policy.model).items()}
+        return files
+
+    def load_files(self, folder: Path) -> None:
+        self.segmenter.load_trainable(folder / SEGMENTER_FILE)
+        if self.cfg.train_policy_lora and (folder / ADAPTER_FILE).exists():
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.policy.model, load_file(str(folder / ADAPTER_FILE)))
+        self._hidden.clear()
+
+
+class CBAMLoRASegTrainer(SegTrainer):
+    """Mode cbam-lora: SAM2 + CBAM + LoRA, box/point prompt then interactive corrective rounds."""
+
+    files = (CBAM_LORA_FILE,)
+
+    def __init__(self, cfg: SegJobConfig, device="cpu"):
+        from rau_ray.models.cbam_lora import add_cbam_lora
+        from rau_ray.models.sam2_builder import build_sam2_model, predictor_for
+
+        super().__init__(cfg, device)
+        model_cfg = cfg.model()
+        model_cfg.validate()
+        torch.manual_seed(cfg.seed)  # the same CBAM init on every worker
+        sam = add_cbam_lora(build_sam2_model(replace(model_cfg.sam2, device=str(self.device))), model_cfg.cbam_lora)
+        self.model = PromptedSAM2(sam).to(self.device)
+        self.transforms = predictor_for(sam)._transforms
+        self.call = self.model
+        self._make_optimizer()
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def distribute(self, prepare) -> None:
+        self.call = prepare(self.model)
+
+    def set_train(self, on: bool) -> None:
+        self.model.train(on)
+
+    def _tensors(self, items):
+        from rau_ray.models.sam2_builder import as_rgb_uint8
+
+        s = self.model.sam.image_size
+        images = torch.stack([self.transforms(as_rgb_uint8(self.samples.get(it["manifest"], it["target"])[1]))
+                              for it in items]).to(self.device)
+        true = [self.samples.mask(it["manifest"], it["target"], it["structure"]) for it in items]
+        return images, _resize_masks(true, s, self.device), true
+
+    def _kinds(self, n: int, rng) -> list[str]:
+        kind = self.cfg.first_prompt
+        if kind != "mixed":
+            return [kind] * n
+        if rng is None:
+            return ["box"] * n  # validation: the box, reproducible
+        return [("box", "point")[int(b)] for b in rng.integers(0, 2, n)]
+
+    def losses(self, items, rng=None) -> dict[str, torch.Tensor]:
+        images, masks, _ = self._tensors(items)
+        outputs = self.call(images, masks, self._kinds(len(items), rng), self.cfg.interactive_rounds,
+                            self.cfg.points_per_round, rng)
+        parts = [focal_dice_loss(o, masks[:, None], self.cfg.focal_weight, self.cfg.dice_weight) for o in outputs]
+        return {"loss": sum(p.loss for p in parts),  # summed over rounds, as SAM2's multi-step loss
+                "focal": torch.stack([p.focal for p in parts]).mean().detach(),
+                "dice": torch.stack([p.dice for p in parts]).mean().detach(),
+                "dice_last_round": parts[-1].dice.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, items: list[dict]) -> dict[str, float]:
+        """Sums of the Dice after the first prompt ("dice") and after the last corrective round
+        ("dice_interactive"), clicks at the error regions' centres; "n" items."""
+        self.set_train(False)
+        total, inter, n = 0.0, 0.0, 0
+        for batch in self._batches(items):
+            images, masks, true = self._tensors(batch)
+            outputs = self.model(images, masks, self._kinds(len(batch), None), self.cfg.interactive_rounds,
+                                 self.cfg.points_per_round, None)
+            for i, mask in enumerate(true):
+                d, di = _dice_at(outputs[0][i, 0], mask), _dice_at(outputs[-1][i, 0], mask)
+                if not math.isnan(d):
+                    total, inter, n = total + d, inter + di, n + 1
+        return {"dice": total, "dice_interactive": inter, "n": n}
+
+    def state_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {CBAM_LORA_FILE: {n: p.detach().cpu().contiguous() for n, p in self.model.sam.named_parameters()
+                                 if p.requires_grad}}
+
+    def load_files(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / CBAM_LORA_FILE))
+        expected = {n for n, p in self.model.sam.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            raise DataError(f"{folder / CBAM_LORA_FILE}: parameters do not match this model "
+                            f"({len(set(state) ^ expected)} differ); was it saved with another model config?")
+        self.model.sam.load_state_dict(state, strict=False)
+
+
+def build_seg_trainer(cfg: SegJobConfig, device="cpu") -> SegTrainer:
+    cfg.validate()
+    return (RAUSegTrainer if cfg.mode == "rau" else CBAMLoRASegTrainer)(cfg, device)
+
+
+def save_checkpoint(trainer: SegTrainer, folder: Path, step: int, evals: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    for name, state in trainer.state_files().items():
+        save_file(state, str(folder / name))
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "mode": trainer.cfg.mode, "evals": evals,
+                                                 "config": asdict(trainer.cfg)}, indent=1))
+
+
+def load_checkpoint(trainer: SegTrainer, folder: str | Path) -> dict:
+    """Load a checkpoint's trainable parameters into ``trainer``; returns its train_state ({step, evals, ...})."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise DataError(f"{folder}: not a segmenter checkpoint (no {STATE_FILE})")
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state.get("mode") != trainer.cfg.mode:
+        raise DataError(f"{folder}: a {state.get('mode')!r} checkpoint, this job trains {trainer.cfg.mode!r}")
+    trainer.load_files(folder)
+    return state
+
+
+# -- Ray Train -------------------------------------------------------------------------------------------------------
+def _reduce(values: dict[str, float], device) -> dict[str, float]:
+    """Sum over workers (the process group Ray Train set up), or as is in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from rau_ray.config import from_dict
+
+    cfg = from_dict(SegJobConfig, config, "seg config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    trainer = build_seg_trainer(cfg, device)
+    step, evals = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(trainer, folder)
+            step, evals = state["step"], state.get("evals", [])
+    trainer.distribute(lambda m: ray.train.torch.prepare_model(
+        m, parallel_strategy_kwargs={"find_unused_parameters": True}))  # SAM2's IoU/multimask heads get no loss
+    val_items = []
+    if cfg.val_split:
+        val_items = list(ray.train.get_dataset_shard("val").iter_rows())[rank::world]  # every worker: all rows
+
+    def validate() -> dict:
+        sums = _reduce(trainer.evaluate(val_items), device)
+        n = max(sums.pop("n"), 1)
+        record = {"step": step, **{f"val_{k}": v / n for k, v in sums.items()}}
+        evals.append(record)
+        if rank == 0:
+            print(f"[seg {cfg.mode}] " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in record.items()), flush=True)
+        return record
+
+    def val_metrics() -> dict:
+        if not evals:
+            return {}
+        out = {k: v for k, v in evals[-1].items() if k != "step"}
+        out.update(val_step=evals[-1]["step"], val_dice_start=evals[0]["val_dice"])
+        return out
+
+    if cfg.val_split and not evals:
+        validate()
+        ray.train.report({"step": step, **val_metrics()})
+    shard = ray.train.get_dataset_shard("train")
+    rng = np.random.default_rng([cfg.seed, rank, step])  # clicks; a resumed run draws new ones
+    epoch = 0
+    while step < cfg.max_steps:
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas"):
+            items = batch.to_dict("records")
+            metrics = trainer.train_step(items, rng)
+            step += 1
+            last = step >= cfg.max_steps
+            if cfg.val_split and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                validate()
+            metrics = {"step": step, "epoch": epoch, **metrics, **val_metrics()}
+            if step % cfg.checkpoint_every == 0 or last:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if rank == 0:
+                        save_checkpoint(trainer, Path(tmp), step, evals)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0
+                                     else None)
+            else:
+                ray.train.report(metrics)
+            if last:
+                break
+        epoch += 1
+
+
+def run_seg(cfg: SegJobConfig):
+    """Build the items, start the TorchTrainer, return Ray Train's Result (metrics with val_dice, checkpoint)."""
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rau_ray import ray_session
+    from rau_ray.data.manifest import read_manifest
+
+    cfg.validate()
+    cfg.model().validate()  # a bad model config fails here, not in every worker
+    manifest = read_manifest(cfg.manifest)
+    items = seg_items(manifest, cfg.train_split, cfg.mode, seed=cfg.seed)
+    if len(items) < cfg.num_workers:
+        raise ConfigError(f"{cfg.manifest}: {len(items)} training items in split {cfg.train_split!r}, fewer than "
+                          f"the {cfg.num_workers} workers")
+    val = seg_items(manifest, cfg.val_split, cfg.mode, seed=cfg.seed) if cfg.val_split else []
+    if cfg.val_split and not val:
+        raise ConfigError(f"{cfg.manifest}: no validation items in split {cfg.val_split!r} (set val_split: '' to "
+                          "train without validation)")
+    ray_session.connect()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the training metrics are the progress
+    # Materialised up front: the workers hold every CPU of a small cluster, so a lazy shuffle would never run.
+    datasets = {"train": ray.data.from_items(items).random_shuffle(seed=cfg.seed).materialize()}
+    if val:
+        datasets["val"] = ray.data.from_items(val).materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=asdict(cfg), datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # each worker sees all of val and takes its part
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path
+                             else cfg.storage_path, name=cfg.name,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rau_ray.train.seg CONFIG.yaml [field=value ...]``: run a job, print its final metrics."""
+    import sys
+
+    import yaml
+
+    from rau_ray.config import load_config
+    from rau_ray.errors import RauError
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m rau_ray.train.seg CONFIG.yaml [field=value ...]", file=sys.stderr)
+        return 2
+    try:
+        overrides = {}
+        for arg in args[1:]:
+            if "=" not in arg:
+                raise ConfigError(f"override {arg!r} is not field=value")
+            key, value = arg.split("=", 1)
+            overrides[key] = yaml.safe_load(value)
+        result = run_seg(load_config(args[0], SegJobConfig, overrides))
+    except RauError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"path": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                      "metrics": result.metrics}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
