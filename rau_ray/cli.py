@@ -82,6 +82,12 @@ def _command_parse(a: argparse.Namespace) -> list:
         raise RauCommandError(str(e)) from None
 
 
+def _train(a: argparse.Namespace) -> dict:
+    from rau_ray.train.jobs import overrides, run_job
+
+    return run_job(a.job, a.config, overrides(a))
+
+
 def _demo(a: argparse.Namespace) -> dict:
     from rau_ray.demo import run_demo
 
@@ -160,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     parse = csub.add_parser("parse", help="print the operations a command text maps to (JSON)")
     parse.add_argument("text")
     parse.set_defaults(func=_command_parse)
+
+    from rau_ray.train.jobs import add_arguments
+
+    train = sub.add_parser("train", help="training jobs on Ray Train: sft, grpo (policy), seg (segmenter)")
+    train.add_argument("job", choices=("sft", "grpo", "seg"), help="which training job")
+    add_arguments(train)
+    train.set_defaults(func=_train)
     return p
 
 

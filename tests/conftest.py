@@ -1,6 +1,8 @@
 """Shared test fixtures. One real Ray cluster per test session, started on first use and shut down at the end.
 
-Subprocesses (the ``rau`` CLI) join it through RAY_ADDRESS instead of starting clusters of their own.
+Subprocesses (the ``rau`` CLI) join it through RAY_ADDRESS instead of starting clusters of their own. Tiny models
+are built once per session into an isolated cache folder (no hub, no user cache), set before the cluster starts so
+its workers share it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_model_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAU_CACHE", str(tmp_path_factory.mktemp("rau_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(isolated_model_cache):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")

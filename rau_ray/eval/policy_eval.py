@@ -31,12 +31,14 @@ def score_answer(text: str, truth: dict) -> dict[str, float]:
     return {"format": 1.0, "accuracy": accuracy}
 
 
-def evaluate_policy(policy, examples, items: list[dict], max_new_tokens: int = 128) -> dict[str, float]:
-    """Greedy answers for ``items`` (one at a time), scored; sums and counts per task, so ranks can add them."""
+def evaluate_policy(policy, examples, items: list[dict], max_new_tokens: int = 128,
+                    synced_gpus: bool = False) -> dict[str, float]:
+    """Greedy answers for ``items`` (one at a time), scored; sums and counts per task, so ranks can add them.
+    ``synced_gpus`` when the policy is ZeRO-3-sharded over ranks (each rank then passes as many items)."""
     totals: dict[str, float] = {}
     for item in items:
         messages, _ = examples.example(item)
-        text = policy.generate([messages], max_new_tokens=max_new_tokens)[0]
+        text = policy.generate([messages], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)[0]
         score = score_answer(text, examples.truth(item))
         for key in ("format", "accuracy"):
             totals[key] = totals.get(key, 0.0) + score[key]

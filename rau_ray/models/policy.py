@@ -156,7 +156,7 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.save_pretrained(folder)
+    pretrained.save_tiny_weights(model, folder)
     processor.save_pretrained(folder)
 
 
@@ -271,14 +271,16 @@ class Policy:
 
     @torch.no_grad()
     def generate(self, messages_batch: list[list[dict]], max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0) -> list[str]:
-        """Completions for a batch of chats (greedy unless ``do_sample``); LoRA dropout is off while generating."""
+                 temperature: float = 1.0, synced_gpus: bool | None = None) -> list[str]:
+        """Completions for a batch of chats (greedy unless ``do_sample``); LoRA dropout is off while generating.
+
+        ``synced_gpus``: keep every rank stepping until all are done, as a ZeRO-3-sharded model needs."""
         inputs = self.inputs_for(messages_batch)
         sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
         training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus, **sampling)
         finally:
             self.model.train(training)
         return [self.decode_completion(row) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]

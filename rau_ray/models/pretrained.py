@@ -20,6 +20,18 @@ from typing import Callable
 TINY = "tiny"
 
 
+def save_tiny_weights(model, folder: Path) -> None:
+    """``save_pretrained``'s files (config, generation config, model.safetensors) on any rank: inside an initialised
+    process group transformers writes weights on global rank 0 only, and a tiny model is built wherever it is
+    first needed — a Ray Train worker of any rank, on any node."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RAU_CACHE", Path.home() / ".cache" / "rau_ray"))
 

@@ -78,7 +78,7 @@ def _save_tiny(cfg: RetrievalConfig, folder: Path) -> None:
     model = Dinov2Model(Dinov2Config(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                                      num_attention_heads=cfg.num_heads, intermediate_size=2 * cfg.hidden_size,
                                      image_size=cfg.image_size, patch_size=cfg.patch_size))
-    model.save_pretrained(folder)
+    pretrained.save_tiny_weights(model, folder)
     # DINOv2's own normalisation; resize straight to the square input (phantoms are already square)
     BitImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}, do_center_crop=False,
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)

@@ -24,7 +24,7 @@ Rewards (each in [0, 1]; a completion that is garbage in any way scores 0, nothi
 
 trl decodes completions with ``skip_special_tokens=True``, which drops ``<Seg>``; ``with_decoder`` re-decodes from
 ``completion_ids`` with the policy's own decoder so segment answers keep their token.
-Use: ``GRPOTrainer(..., reward_funcs=[with_decoder(format_reward, policy.decode_completion), ...])``.
+Use: ``GRPOTrainer(..., reward_funcs=[with_decoder(format_reward, policy.decode_completion, "format"), ...])``.
 """
 
 from __future__ import annotations
@@ -162,18 +162,18 @@ def accuracy_reward(prompts, completions, task, solution, image_size=None, **kwa
             for c, t, s, z in zip(completions, tasks, solutions, sizes)]
 
 
-def with_decoder(reward: Callable, decode: Callable[[list[int]], str] | None) -> Callable:
+def with_decoder(reward: Callable, decode: Callable[[list[int]], str] | None, name: str | None = None) -> Callable:
     """``reward`` with completions re-decoded from trl's ``completion_ids`` by ``decode`` (ids -> text), e.g.
-    ``Policy.decode_completion``, which keeps ``<Seg>``; the name (trl's metric key) stays the reward's."""
-    if decode is None:
-        return reward
+    ``Policy.decode_completion``, which keeps ``<Seg>``. ``name`` (default: the reward's) is what trl calls it in
+    its metrics: ``rewards/<name>/mean``."""
 
     @functools.wraps(reward)
     def wrapped(prompts, completions, completion_ids=None, **kwargs):
-        if completion_ids is not None and len(completion_ids) == len(completions):
+        if decode is not None and completion_ids is not None and len(completion_ids) == len(completions):
             completions = [_safe_decode(decode, ids) for ids in completion_ids]
         return reward(prompts, completions, **kwargs)
 
+    wrapped.__name__ = name or getattr(reward, "__name__", type(reward).__name__)
     return wrapped
 
 

@@ -130,6 +130,22 @@ def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict |
     return trainer.fit()
 
 
+def local_rank_zero_first(build):
+    """Call ``build()`` on each node's local rank 0 first, then on the other workers (after a barrier).
+
+    The first call builds the tiny models into the node's cache once instead of on every worker at the same time."""
+    import ray.train
+    import torch.distributed as dist
+
+    first = ray.train.get_context().get_local_rank() == 0
+    distributed = dist.is_available() and dist.is_initialized()
+    if first:
+        result = build()
+    if distributed:
+        dist.barrier()
+    return result if first else build()
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory since it started (model loading included)."""
     import resource

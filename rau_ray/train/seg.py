@@ -9,21 +9,21 @@ the policy's LoRA, with its answer LM loss. Mode ``cbam-lora``: single samples +
 with corrective clicks sampled from the error region of the previous prediction, the previous mask logits entering
 as the mask prompt (SAM2's own interactive training); the loss is summed over rounds. Both modes: focal + Dice
 (``focal_weight``:``dice_weight``), AdamW, DDP through ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU).
-Validation Dice (mean over the val split's sample/structure pairs, sharded over the workers and all-reduced) is
-reported at step 0, every ``eval_every`` steps and at the end; ``val_dice_start`` keeps the untrained figure.
-Checkpoints hold the trainable parameters (safetensors) + ``train_state.json`` {step, evals}; a resumed run continues
-the step. In-process (tests, notebooks): ``t = build_seg_trainer(cfg); t.train_step(items, rng); t.evaluate(items)``.
-Use: ``run_seg(SegJobConfig(manifest="data/ct/manifest.jsonl", mode="cbam-lora"))`` or
-``python -m rau_ray.train.seg config.yaml`` (the YAML's fields are SegJobConfig's).
+Validation Dice (mean over the val split's sample/structure pairs, split over the ranks and all-reduced) is logged
+at step 0 (the untrained start), every ``eval_every`` steps and at the end. Checkpoints (``rau_ray.train.run``):
+the trainable parameters in ``weights.safetensors``, ``train_state.json`` {step, config}, ``history.jsonl``; a
+resumed run continues the step. In-process (tests, notebooks): ``t = build_seg_trainer(cfg)``;
+``t.train_step(items, rng)``; ``t.evaluate(items)``; ``seg_trainer_from_checkpoint(path)`` for a trained one.
+Use: ``rau train seg --config jobs/configs/seg-tiny.yaml`` or ``run_seg(SegJobConfig(manifest=..., mode="rau"))``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
+import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,57 +33,53 @@ from torch import nn
 
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.train.losses import focal_dice_loss, sample_corrective_points
+from rau_ray.train.run import ScaleConfig
 
-STATE_FILE = "train_state.json"
-SEGMENTER_FILE = "segmenter.safetensors"  # mode rau: RAUSegmenter.trainable_state_dict (load_trainable reads it)
-ADAPTER_FILE = "adapter.safetensors"  # mode rau with train_policy_lora: the peft adapter state, as SFT saves it
-CBAM_LORA_FILE = "cbam_lora.safetensors"  # mode cbam-lora: the trainable SAM2 parameters (LoRA, CBAM, +decoder)
 MODES = ("rau", "cbam-lora")
 FIRST_PROMPTS = ("box", "point", "mixed")
+POLICY_PREFIX = "policy."  # mode rau with train_policy_lora: the peft adapter's keys in weights.safetensors
 
 
 @dataclass(frozen=True)
 class SegJobConfig:
     manifest: str  # manifest.jsonl: `train_split` rows train, `val_split` rows give the validation Dice
-    storage_path: str = "runs/train"  # Ray Train storage: a local folder or an s3:// / gs:// URI
-    name: str = "seg"  # run folder under storage_path; the same name again resumes from its latest checkpoint
-    profile: str = "tiny"  # model profile (rau_ray.models.profiles)
-    model_config: str = ""  # optional model YAML (load_model_config) instead of the bare profile, e.g. to sweep
-    #                         fusion.projector_dim or train the decoder in cbam-lora (cbam_lora.train_mask_decoder)
+    name: str = "seg"  # run name: the folder under scale.storage_path; the same name again resumes
     mode: str = "rau"  # "rau": <Seg> -> projector -> memory fusion -> SAM2 decoder; "cbam-lora": prompted SAM2
+    model: dict = field(default_factory=lambda: {"profile": "tiny"})  # profile + overrides (models.profiles)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     train_split: str = "train"
-    val_split: str = "val"  # "" skips validation (no val_dice)
-    num_workers: int = 2  # Ray Train workers (DDP ranks); on GPU one per GPU
-    cpus_per_worker: int = 1  # explicit, so a 2-CPU machine runs 2 workers and nothing waits for a CPU
-    use_gpu: bool = False
+    val_split: str = "val"  # other subjects than training: the Dice there is what generalises
+    eval_items: int = 256  # validation items at most (a seeded sample, split over the ranks); one forward each
     batch_size: int = 4  # samples per worker and step (the global batch is num_workers times this)
-    lr: float = 1e-3  # AdamW; the decoder/projector of a tiny random model tolerate it, the paper uses 1e-4
+    lr: float = 1e-3  # AdamW; right for a tiny random SAM2 and a few hundred steps, fine-tuning a real one wants 1e-4
     grad_clip: float = 1.0  # max gradient norm: a fresh projector can spike the loss in its first steps
     focal_weight: float = 1.0  # focal : Dice is 1 : 1 in SpinalSAM-R1; SAM itself uses 20 : 1
     dice_weight: float = 1.0
-    first_prompt: str = "box"  # cbam-lora: first-round prompt from the true mask: box | point | mixed (either,
-    #                            50/50 per sample in training, as SAM2 trains; validation then uses the box)
+    first_prompt: str = "box"  # cbam-lora: the first round's prompt from the true mask: box | point | mixed
+    #                            (either, 50/50 per sample, as SAM2 trains; validation then uses the box)
     interactive_rounds: int = 2  # cbam-lora: corrective rounds after the first prompt (0: the prompt alone)
     points_per_round: int = 1  # cbam-lora: corrective clicks added per round (SAM2 adds one)
-    max_steps: int = 200  # optimizer steps in all (the shard is cycled through as often as needed)
-    eval_every: int = 50  # steps between validations (0: only at the start and the end)
-    checkpoint_every: int = 100  # steps between checkpoints (and the last step)
-    max_failures: int = 1  # worker failures tolerated; the run restarts from the latest checkpoint
-    seed: int = 0  # data order, click sampling and the init of new layers (the same on every worker)
+    train_mask_decoder: bool = True  # cbam-lora: fine-tune SAM2's mask decoder with CBAM + LoRA, as SpinalSAM-R1
+    #                                  does (a random tiny decoder must learn); false keeps the decoder exact
     train_policy_lora: bool = False  # rau: also train the policy's LoRA (+<Seg> rows) through the mask loss
     lm_weight: float = 1.0  # rau with train_policy_lora: weight of the answer LM loss that keeps the policy talking
+    max_steps: int = 200  # optimizer steps in all (the shard is cycled through as often as needed)
+    log_every: int = 10  # steps between metric reports (each is a sync of all workers)
+    eval_every: int = 50  # steps between validations; 0: only at the start and the end
+    checkpoint_every: int = 100  # steps between checkpoints (the last step always saves)
+    seed: int = 0  # data order, click sampling and the init of new layers (the same on every worker)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.first_prompt not in FIRST_PROMPTS:
             raise ConfigError(f"first_prompt must be one of {', '.join(FIRST_PROMPTS)}, got {self.first_prompt!r}")
-        if min(self.num_workers, self.cpus_per_worker, self.batch_size, self.max_steps, self.checkpoint_every,
-               self.points_per_round) < 1:
-            raise ConfigError("num_workers, cpus_per_worker, batch_size, max_steps, checkpoint_every and "
-                              "points_per_round must be at least 1")
-        if self.interactive_rounds < 0 or self.eval_every < 0 or self.max_failures < 0:
-            raise ConfigError("interactive_rounds, eval_every and max_failures must be >= 0")
+        if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every, self.points_per_round,
+               self.eval_items) < 1:
+            raise ConfigError("batch_size, max_steps, log_every, checkpoint_every, points_per_round and eval_items "
+                              "must be at least 1")
+        if self.interactive_rounds < 0 or self.eval_every < 0:
+            raise ConfigError("interactive_rounds and eval_every must be >= 0")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ConfigError(f"lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
         if self.focal_weight < 0 or self.dice_weight < 0 or self.focal_weight + self.dice_weight == 0:
@@ -91,12 +87,14 @@ class SegJobConfig:
                               f"{self.focal_weight} and {self.dice_weight}")
         if self.train_policy_lora and self.mode != "rau":
             raise ConfigError("train_policy_lora applies to mode 'rau' only (cbam-lora has no policy)")
+        self.scale.validate()
 
-    def model(self):
-        """The ModelConfig this job trains: the profile, or the model YAML when one is given."""
-        from rau_ray.models.profiles import get_profile, load_model_config
+    def model_config(self):
+        """The ModelConfig this job trains (profile + the ``model`` overrides); cbam-lora's decoder as configured."""
+        from rau_ray.models.profiles import model_config_from
 
-        return load_model_config(self.model_config) if self.model_config else get_profile(self.profile)
+        cfg = model_config_from(self.model, f"{self.name}: model")
+        return replace(cfg, cbam_lora=replace(cfg.cbam_lora, train_mask_decoder=self.train_mask_decoder))
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
@@ -187,8 +185,19 @@ def _dice_at(logits: torch.Tensor, mask: np.ndarray) -> float:
     return dice((up > 0).cpu().numpy(), mask)
 
 
-def _unwrap(module):
-    return getattr(module, "module", module)  # DDP keeps the model as .module
+@contextmanager
+def single_mask_output(sam):
+    """SAM2's mask decoder without its eval-mode fallback: with ``multimask_output=False`` an evaluating SAM2.1 swaps
+    in the best of its three multimask outputs whenever the single mask is unstable (logits near 0). The loss
+    trains the single mask only, so early in training the swap picks untrained outputs; this measures the trained
+    one."""
+    decoder = sam.sam_mask_decoder
+    saved = decoder.dynamic_multimask_via_stability
+    decoder.dynamic_multimask_via_stability = False
+    try:
+        yield
+    finally:
+        decoder.dynamic_multimask_via_stability = saved
 
 
 # -- the prompted SAM2 of cbam-lora --------------------------------------------------------------------------------
@@ -274,9 +283,8 @@ class PromptedSAM2(nn.Module):
 
 # -- trainers: the model pieces of one mode, usable in-process or inside a Ray Train worker -------------------------
 class SegTrainer:
-    """Common loop pieces: ``train_step(items, rng)``, ``evaluate(items)``, checkpoint files, DDP wrapping."""
-
-    files: tuple[str, ...] = ()
+    """Common loop pieces: ``train_step(items, rng)``, ``evaluate(items)``, ``weights()`` / ``load_weights``,
+    ``distribute(prepare_model)`` for DDP."""
 
     def __init__(self, cfg: SegJobConfig, device: torch.device | str = "cpu"):
         self.cfg, self.device = cfg, torch.device(device)
@@ -302,9 +310,10 @@ class SegTrainer:
         return {k: float(v.detach()) for k, v in out.items()}
 
     @torch.no_grad()
-    def eval_losses(self, items: list[dict]) -> dict[str, float]:
-        """The training losses in evaluation mode, deterministically (fixed clicks): for 'does it learn' checks."""
-        self.set_train(False)
+    def fixed_losses(self, items: list[dict]) -> dict[str, float]:
+        """The training losses on ``items`` without a step, with the clicks fixed (the error regions' centres):
+        the same number before and after training tells whether the optimizer lowers the loss."""
+        self.set_train(True)  # as the optimizer sees it (SAM2's eval mode may swap in a multimask output)
         return {k: float(v) for k, v in self.losses(items, None).items()}
 
     def _batches(self, items):
@@ -315,8 +324,6 @@ class SegTrainer:
 class RAUSegTrainer(SegTrainer):
     """Mode rau: frozen policy (teacher-forced canonical segment answer) -> <Seg> hidden -> RAUSegmenter."""
 
-    files = (SEGMENTER_FILE, ADAPTER_FILE)
-
     def __init__(self, cfg: SegJobConfig, device="cpu"):
         from rau_ray.models.fusion import RAUSegmenter
         from rau_ray.models.policy import load_policy
@@ -324,10 +331,11 @@ class RAUSegTrainer(SegTrainer):
         from rau_ray.train.policy_examples import PolicyExamples
 
         super().__init__(cfg, device)
-        model_cfg = cfg.model()
+        model_cfg = cfg.model_config()
         model_cfg.validate()
-        torch.manual_seed(cfg.seed)  # the same new layers (and LoRA) on every worker
+        torch.manual_seed(cfg.seed)  # the same LoRA on every worker (DDP broadcasts rank 0's when it trains)
         self.policy = load_policy(model_cfg.policy)
+        torch.manual_seed(cfg.seed)  # the same new layers whether or not the tiny policy was just built
         self.policy.model.to(self.device)
         if not cfg.train_policy_lora:
             self.policy.model.requires_grad_(False)
@@ -416,49 +424,56 @@ class RAUSegTrainer(SegTrainer):
 
     @torch.no_grad()
     def evaluate(self, items: list[dict]) -> dict[str, float]:
-        """Sums over ``items`` of the Dice of the thresholded mask at the target's size: {"dice": sum, "n": count}."""
+        """Sums over ``items`` of the Dice of the thresholded mask at the target's size: "dice" as inference runs
+        SAM2 (eval mode), "dice_single" from the single-mask output the loss trains (see ``single_mask_output``);
+        "n" items."""
         self.set_train(False)
-        total, n = 0.0, 0
+        sums = {"dice": 0.0, "dice_single": 0.0, "n": 0}
         for batch in self._batches(items):
             targets, refs, ref_masks, true = self._tensors(batch)
             hidden, _ = self.seg_hidden(batch)
             logits = self.segmenter(targets, hidden, refs, ref_masks)
+            with single_mask_output(self.segmenter.sam):
+                single = self.segmenter(targets, hidden, refs, ref_masks)
             for i, mask in enumerate(true):
                 d = _dice_at(logits[i, 0], mask)
                 if not math.isnan(d):
-                    total, n = total + d, n + 1
-        return {"dice": total, "n": n}
+                    sums["dice"] += d
+                    sums["dice_single"] += _dice_at(single[i, 0], mask)
+                    sums["n"] += 1
+        return sums
 
-    def state_files(self) -> dict[str, dict[str, torch.Tensor]]:
-        files = {SEGMENTER_FILE: self.segmenter.trainable_state_dict()}
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What trains: the segmenter's projector, fusion and decoder (+ the policy adapter, prefixed)."""
+        weights = self.segmenter.trainable_state_dict()
         if self.cfg.train_policy_lora:
             from peft import get_peft_model_state_dict
 
-            files[ADAPTER_FILE] = {k: v.detach().cpu().contiguous()
-                                   for k, v in get_peft_model_state_dict(self.policy.model).items()}
-        return files
+            weights.update({POLICY_PREFIX + k: v.detach().cpu().contiguous()
+                            for k, v in get_peft_model_state_dict(self.policy.model).items()})
+        return weights
 
-    def load_files(self, folder: Path) -> None:
-        self.segmenter.load_trainable(folder / SEGMENTER_FILE)
-        if self.cfg.train_policy_lora and (folder / ADAPTER_FILE).exists():
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        seg = {k: v for k, v in weights.items() if not k.startswith(POLICY_PREFIX)}
+        _check_keys(seg, self.segmenter.trainable_state_dict())
+        self.segmenter.load_state_dict(seg, strict=False)
+        adapter = {k[len(POLICY_PREFIX):]: v for k, v in weights.items() if k.startswith(POLICY_PREFIX)}
+        if adapter:
             from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.policy.model, load_file(str(folder / ADAPTER_FILE)))
+            set_peft_model_state_dict(self.policy.model, adapter)
         self._hidden.clear()
 
 
 class CBAMLoRASegTrainer(SegTrainer):
     """Mode cbam-lora: SAM2 + CBAM + LoRA, box/point prompt then interactive corrective rounds."""
 
-    files = (CBAM_LORA_FILE,)
-
     def __init__(self, cfg: SegJobConfig, device="cpu"):
         from rau_ray.models.cbam_lora import add_cbam_lora
         from rau_ray.models.sam2_builder import build_sam2_model, predictor_for
 
         super().__init__(cfg, device)
-        model_cfg = cfg.model()
+        model_cfg = cfg.model_config()
         model_cfg.validate()
         torch.manual_seed(cfg.seed)  # the same CBAM init on every worker
         sam = add_cbam_lora(build_sam2_model(replace(model_cfg.sam2, device=str(self.device))), model_cfg.cbam_lora)
@@ -506,32 +521,39 @@ class CBAMLoRASegTrainer(SegTrainer):
     @torch.no_grad()
     def evaluate(self, items: list[dict]) -> dict[str, float]:
         """Sums of the Dice after the first prompt ("dice") and after the last corrective round
-        ("dice_interactive"), clicks at the error regions' centres; "n" items."""
+        ("dice_interactive", clicks at the error regions' centres), as inference runs SAM2 (eval mode); "dice_single":
+        the first prompt's single-mask output, which the loss trains (see ``single_mask_output``); "n" items."""
         self.set_train(False)
-        total, inter, n = 0.0, 0.0, 0
+        sums = {"dice": 0.0, "dice_interactive": 0.0, "dice_single": 0.0, "n": 0}
         for batch in self._batches(items):
             images, masks, true = self._tensors(batch)
-            outputs = self.model(images, masks, self._kinds(len(batch), None), self.cfg.interactive_rounds,
-                                 self.cfg.points_per_round, None)
+            kinds = self._kinds(len(batch), None)
+            outputs = self.model(images, masks, kinds, self.cfg.interactive_rounds, self.cfg.points_per_round, None)
+            with single_mask_output(self.model.sam):
+                single = self.model(images, masks, kinds, 0)[0]
             for i, mask in enumerate(true):
-                d, di = _dice_at(outputs[0][i, 0], mask), _dice_at(outputs[-1][i, 0], mask)
+                d = _dice_at(outputs[0][i, 0], mask)
                 if not math.isnan(d):
-                    total, inter, n = total + d, inter + di, n + 1
-        return {"dice": total, "dice_interactive": inter, "n": n}
+                    sums["dice"] += d
+                    sums["dice_interactive"] += _dice_at(outputs[-1][i, 0], mask)
+                    sums["dice_single"] += _dice_at(single[i, 0], mask)
+                    sums["n"] += 1
+        return sums
 
-    def state_files(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {CBAM_LORA_FILE: {n: p.detach().cpu().contiguous() for n, p in self.model.sam.named_parameters()
-                                 if p.requires_grad}}
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What trains: LoRA, CBAM (+ the mask decoder), named as in the SAM2 model."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.sam.named_parameters() if p.requires_grad}
 
-    def load_files(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        _check_keys(weights, self.weights())
+        self.model.sam.load_state_dict(weights, strict=False)
 
-        state = load_file(str(folder / CBAM_LORA_FILE))
-        expected = {n for n, p in self.model.sam.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            raise DataError(f"{folder / CBAM_LORA_FILE}: parameters do not match this model "
-                            f"({len(set(state) ^ expected)} differ); was it saved with another model config?")
-        self.model.sam.load_state_dict(state, strict=False)
+
+def _check_keys(weights: dict, expected: dict) -> None:
+    if set(weights) != set(expected):
+        differ = sorted(set(weights) ^ set(expected))
+        raise DataError(f"checkpoint weights do not match this model ({len(differ)} names differ, e.g. "
+                        f"{differ[0]!r}); was it saved with another mode or model config?")
 
 
 def build_seg_trainer(cfg: SegJobConfig, device="cpu") -> SegTrainer:
@@ -539,30 +561,21 @@ def build_seg_trainer(cfg: SegJobConfig, device="cpu") -> SegTrainer:
     return (RAUSegTrainer if cfg.mode == "rau" else CBAMLoRASegTrainer)(cfg, device)
 
 
-def save_checkpoint(trainer: SegTrainer, folder: Path, step: int, evals: list[dict]) -> None:
-    from safetensors.torch import save_file
+def seg_trainer_from_checkpoint(folder: str | Path, device="cpu") -> SegTrainer:
+    """The trainer (models included) a checkpoint was saved from, with its trained weights: its ``segmenter``
+    (mode rau) or ``model.sam`` (cbam-lora) is the trained model."""
+    from rau_ray.config import from_dict
+    from rau_ray.train.run import read_checkpoint
 
-    for name, state in trainer.state_files().items():
-        save_file(state, str(folder / name))
-    (folder / STATE_FILE).write_text(json.dumps({"step": step, "mode": trainer.cfg.mode, "evals": evals,
-                                                 "config": asdict(trainer.cfg)}, indent=1))
-
-
-def load_checkpoint(trainer: SegTrainer, folder: str | Path) -> dict:
-    """Load a checkpoint's trainable parameters into ``trainer``; returns its train_state ({step, evals, ...})."""
-    folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
-        raise DataError(f"{folder}: not a segmenter checkpoint (no {STATE_FILE})")
-    state = json.loads((folder / STATE_FILE).read_text())
-    if state.get("mode") != trainer.cfg.mode:
-        raise DataError(f"{folder}: a {state.get('mode')!r} checkpoint, this job trains {trainer.cfg.mode!r}")
-    trainer.load_files(folder)
-    return state
+    weights, state = read_checkpoint(folder)
+    trainer = build_seg_trainer(from_dict(SegJobConfig, state["config"], f"{folder}/train_state.json"), device)
+    trainer.load_weights(weights)
+    return trainer
 
 
 # -- Ray Train -------------------------------------------------------------------------------------------------------
-def _reduce(values: dict[str, float], device) -> dict[str, float]:
-    """Sum over workers (the process group Ray Train set up), or as is in a single process."""
+def _all_sum(values: dict[str, float], device) -> dict[str, float]:
+    """Sum over the ranks (the process group Ray Train set up), or as is in a single process."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -574,142 +587,94 @@ def _reduce(values: dict[str, float], device) -> dict[str, float]:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker; ``config``: "cfg" (SegJobConfig as a dict), "val_items" (validation items)."""
     import ray.train
     import ray.train.torch
 
     from rau_ray.config import from_dict
+    from rau_ray.train import run
 
-    cfg = from_dict(SegJobConfig, config, "seg config")
+    cfg = from_dict(SegJobConfig, config["cfg"], "seg config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    trainer = build_seg_trainer(cfg, device)
-    step, evals = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(trainer, folder)
-            step, evals = state["step"], state.get("evals", [])
+    device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
+    trainer = run.local_rank_zero_first(lambda: build_seg_trainer(cfg, device))  # tiny models built once per node
+    resumed = run.resume()
+    if resumed.weights is not None:
+        trainer.load_weights(resumed.weights)
+    step, history = resumed.step, resumed.history
+    # SAM2's decoder computes IoU / multimask / object-score heads that the mask loss never reaches
     trainer.distribute(lambda m: ray.train.torch.prepare_model(
-        m, parallel_strategy_kwargs={"find_unused_parameters": True}))  # SAM2's IoU/multimask heads get no loss
-    val_items = []
-    if cfg.val_split:
-        val_items = list(ray.train.get_dataset_shard("val").iter_rows())[rank::world]  # every worker: all rows
+        m, parallel_strategy_kwargs={"find_unused_parameters": True}))
+    val_items = config["val_items"][rank::world]
 
     def validate() -> dict:
-        sums = _reduce(trainer.evaluate(val_items), device)
-        n = max(sums.pop("n"), 1)
-        record = {"step": step, **{f"val_{k}": v / n for k, v in sums.items()}}
-        evals.append(record)
-        if rank == 0:
-            print(f"[seg {cfg.mode}] " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in record.items()), flush=True)
-        return record
+        sums = _all_sum(trainer.evaluate(val_items), device)
+        n = sums.pop("n")
+        out = {f"val_{k}": v / n if n else float("nan") for k, v in sums.items()}
+        start = next((row["val_dice"] for row in history if "val_dice" in row), out["val_dice"])
+        return {**out, "val_dice_start": start}
 
-    def val_metrics() -> dict:
-        if not evals:
-            return {}
-        out = {k: v for k, v in evals[-1].items() if k != "step"}
-        out.update(val_step=evals[-1]["step"], val_dice_start=evals[0]["val_dice"])
-        return out
+    def log(metrics: dict, save: bool) -> None:
+        row = {"step": step, "resumed_from": resumed.step, **metrics}
+        history.append(row)
+        run.report(row, weights=trainer.weights() if save else None, step=step, history=history,
+                   config=asdict(cfg))
 
-    if cfg.val_split and not evals:
-        validate()
-        ray.train.report({"step": step, **val_metrics()})
+    if step == 0 and config["val_items"]:
+        log(validate(), save=False)  # the untrained start
     shard = ray.train.get_dataset_shard("train")
-    rng = np.random.default_rng([cfg.seed, rank, step])  # clicks; a resumed run draws new ones
-    epoch = 0
+    rng = np.random.default_rng([cfg.seed, rank, step])  # corrective clicks; a resumed run draws new ones
+    sums: dict[str, float] = {}
+    seen, epoch, count, t0 = 0, 0, 0, time.perf_counter()
     while step < cfg.max_steps:
+        batches = 0
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas"):
-            items = batch.to_dict("records")
-            metrics = trainer.train_step(items, rng)
+            batches += 1
+            seen += 1
+            if seen <= resumed.step:
+                continue  # resumed: these batches were trained on before the restart
+            metrics = trainer.train_step(batch.to_dict("records"), rng)
             step += 1
+            count += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
             last = step >= cfg.max_steps
-            if cfg.val_split and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                validate()
-            metrics = {"step": step, "epoch": epoch, **metrics, **val_metrics()}
-            if step % cfg.checkpoint_every == 0 or last:
-                with tempfile.TemporaryDirectory() as tmp:
-                    if rank == 0:
-                        save_checkpoint(trainer, Path(tmp), step, evals)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0
-                                     else None)
-            else:
-                ray.train.report(metrics)
+            evaluate = bool(config["val_items"]) and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
+            save = step % cfg.checkpoint_every == 0 or last
+            if step % cfg.log_every == 0 or evaluate or save:
+                row = {"epoch": epoch, **{k: v / count for k, v in sums.items()},
+                       "samples_per_s": count * cfg.batch_size * world / (time.perf_counter() - t0)}
+                if evaluate:
+                    row.update(validate())
+                log(row, save=save)
+                sums, count, t0 = {}, 0, time.perf_counter()
             if last:
                 break
+        if not batches:
+            raise DataError(f"worker {rank} got no training items")
         epoch += 1
 
 
 def run_seg(cfg: SegJobConfig):
-    """Build the items, start the TorchTrainer, return Ray Train's Result (metrics with val_dice, checkpoint)."""
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from rau_ray import ray_session
+    """Build the items, run the TorchTrainer, return Ray Train's Result (last metrics with val_dice, checkpoint)."""
     from rau_ray.data.manifest import read_manifest
+    from rau_ray.train import run
 
     cfg.validate()
-    cfg.model().validate()  # a bad model config fails here, not in every worker
+    cfg.model_config()  # a bad model section fails here, not in every worker
     manifest = read_manifest(cfg.manifest)
     items = seg_items(manifest, cfg.train_split, cfg.mode, seed=cfg.seed)
-    if len(items) < cfg.num_workers:
-        raise ConfigError(f"{cfg.manifest}: {len(items)} training items in split {cfg.train_split!r}, fewer than "
-                          f"the {cfg.num_workers} workers")
-    val = seg_items(manifest, cfg.val_split, cfg.mode, seed=cfg.seed) if cfg.val_split else []
-    if cfg.val_split and not val:
-        raise ConfigError(f"{cfg.manifest}: no validation items in split {cfg.val_split!r} (set val_split: '' to "
-                          "train without validation)")
-    ray_session.connect()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the training metrics are the progress
-    # Materialised up front: the workers hold every CPU of a small cluster, so a lazy shuffle would never run.
-    datasets = {"train": ray.data.from_items(items).random_shuffle(seed=cfg.seed).materialize()}
-    if val:
-        datasets["val"] = ray.data.from_items(val).materialize()
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=asdict(cfg), datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # each worker sees all of val and takes its part
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path
-                             else cfg.storage_path, name=cfg.name,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    return trainer.fit()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rau_ray.train.seg CONFIG.yaml [field=value ...]``: run a job, print its final metrics."""
-    import sys
-
-    import yaml
-
-    from rau_ray.config import load_config
-    from rau_ray.errors import RauError
-
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m rau_ray.train.seg CONFIG.yaml [field=value ...]", file=sys.stderr)
-        return 2
-    try:
-        overrides = {}
-        for arg in args[1:]:
-            if "=" not in arg:
-                raise ConfigError(f"override {arg!r} is not field=value")
-            key, value = arg.split("=", 1)
-            overrides[key] = yaml.safe_load(value)
-        result = run_seg(load_config(args[0], SegJobConfig, overrides))
-    except RauError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
-        return 1
-    print(json.dumps({"path": result.path, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                      "metrics": result.metrics}, indent=1, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if len(items) < cfg.scale.num_workers:
+        raise ConfigError(f"{cfg.manifest}: {len(items)} training items in split {cfg.train_split!r} cannot feed "
+                          f"{cfg.scale.num_workers} workers")
+    val_items = []
+    if cfg.val_split:
+        val_items = seg_items(manifest, cfg.val_split, cfg.mode, seed=cfg.seed + 1)
+        if not val_items:
+            raise ConfigError(f"{cfg.manifest}: no validation items in split {cfg.val_split!r} (val_split: '' "
+                              "trains without validation)")
+        order = np.random.default_rng(cfg.seed).permutation(len(val_items))[:cfg.eval_items]
+        val_items = [val_items[i] for i in sorted(order)]
+    return run.fit(train_loop_per_worker, {"cfg": asdict(cfg), "val_items": val_items}, cfg.scale, cfg.name,
+                   datasets={"train": run.materialized(items, cfg.seed)})

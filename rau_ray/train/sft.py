@@ -12,6 +12,7 @@ Use: ``rau train sft --config jobs/configs/sft-tiny.yaml`` or ``run_sft(SFTConfi
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -84,14 +85,16 @@ def evaluate(policy, examples, items: list[dict], cfg: SFTConfig, rank: int, wor
     from rau_ray.eval.policy_eval import evaluate_policy, means
 
     per_rank = max(1, min(cfg.eval_items, len(items)) // world)
-    mine = items[rank * per_rank:(rank + 1) * per_rank]
-    totals = evaluate_policy(policy, examples, mine, cfg.max_new_tokens)
+    # equal counts on every rank (sharded generation must run in lockstep): with fewer items than ranks, some repeat
+    mine = [items[(rank * per_rank + i) % len(items)] for i in range(per_rank)]
+    totals = evaluate_policy(policy, examples, mine, cfg.max_new_tokens, synced_gpus=cfg.zero_stage == 3 and world > 1)
     keys = ["n", "format", "accuracy"] + [f"{t}_{k}" for t in cfg.tasks for k in ("n", "format", "accuracy")]
     return {f"val_{k}": v for k, v in means(_all_sum(totals, keys)).items()}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: ``config`` = {"cfg": SFTConfig as a dict, "val_items": held-out task items}."""
+    """One Ray Train worker; ``config``: "cfg" (SFTConfig as a dict), "val_items" (held-out task items),
+    "total_steps" (where the run ends: max_steps, or the epochs' worth of this worker's shard)."""
     import deepspeed
     import ray.train
     from transformers.integrations import HfDeepSpeedConfig
@@ -110,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same LoRA init on every worker
     # Loaded whole, then partitioned by deepspeed.initialize under ZeRO-3: peft's trainable <Seg> rows cannot be
     # set up on a model loaded partitioned except on CUDA (peft gathers them with a CUDA tensor).
-    policy = load_policy(model_config_from(cfg.model).policy)
+    policy = run.local_rank_zero_first(lambda: load_policy(model_config_from(cfg.model).policy))
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- kept alive: ZeRO-3 generation runs ranks in lockstep
     resumed = run.resume()
     if resumed.weights is not None:
@@ -123,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def log(metrics: dict, save: bool) -> None:
-        row = {"step": step, **metrics}
+        row = {"step": step, "resumed_from": resumed.step, **metrics}
         history.append(row)
         weights = run_state() if save else None
         run.report(row, weights=weights, step=step, history=history, config=asdict(cfg))
@@ -149,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(float(loss.detach()))
             rss.append(run.rss_mb())
             tokens += int((inputs["labels"] != -100).sum())
-            last = bool(cfg.max_steps) and step >= cfg.max_steps
+            last = step >= config["total_steps"]
             if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
                 elapsed = time.perf_counter() - t0
                 metrics = {"epoch": epoch, "loss": sum(losses) / len(losses),
@@ -164,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         if done:
             break
-    if not done:  # epochs ran out between reports: evaluate and save the end state
+    if history and history[-1]["step"] < step:  # the shard ran short of the planned steps: save the end state
         log({"epoch": cfg.epochs - 1, **evaluate(policy, examples, val_items, cfg, rank, world)}, save=True)
 
 
@@ -182,5 +185,11 @@ def run_sft(cfg: SFTConfig):
         raise ConfigError(f"{cfg.manifest}: no reference-target pairs in split {cfg.split!r}")
     if not val_items:
         raise ConfigError(f"{cfg.manifest}: no held-out pairs in split {cfg.val_split!r}")
-    return run.fit(train_loop_per_worker, {"cfg": asdict(cfg), "val_items": val_items}, cfg.scale, cfg.name,
+    per_worker = len(items) // cfg.scale.num_workers  # Ray Data's equal split of the shuffled items
+    if per_worker == 0:
+        raise ConfigError(f"{cfg.manifest}: {len(items)} training pairs cannot feed {cfg.scale.num_workers} workers")
+    total_steps = cfg.epochs * math.ceil(per_worker / cfg.batch_size)
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    loop_config = {"cfg": asdict(cfg), "val_items": val_items, "total_steps": total_steps}
+    return run.fit(train_loop_per_worker, loop_config, cfg.scale, cfg.name,
                    datasets={"train": run.materialized(items, cfg.seed)})

@@ -1,0 +1,112 @@
+"""Segmenter training pieces in one process (no Ray): items, both modes' losses falling on a fixed batch, weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from rau_ray.config import from_dict
+from rau_ray.data.make import MakeConfig, make_dataset
+from rau_ray.data.manifest import read_manifest
+from rau_ray.errors import ConfigError, DataError
+from rau_ray.train.seg import PromptedSAM2, SegJobConfig, build_seg_trainer, seg_items
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg_data") / "ct"
+    make_dataset(MakeConfig("ct-abdomen", n=5, out=str(out), size=64, slices_per_subject=2), backend="local",
+                 progress=False)
+    return str(out / "manifest.jsonl")
+
+
+def job(manifest, **fields) -> SegJobConfig:
+    return from_dict(SegJobConfig, {"manifest": manifest, "batch_size": 4, "lr": 1e-2, **fields}, "test")
+
+
+def test_bad_configs_are_clear_errors(manifest):
+    with pytest.raises(ConfigError, match="mode must be one of rau, cbam-lora"):
+        job(manifest, mode="unet")
+    with pytest.raises(ConfigError, match="train_policy_lora applies to mode 'rau' only"):
+        job(manifest, mode="cbam-lora", train_policy_lora=True)
+    with pytest.raises(ConfigError, match="first_prompt"):
+        job(manifest, first_prompt="scribble")
+    with pytest.raises(ConfigError, match="focal_weight and dice_weight"):
+        job(manifest, focal_weight=0.0, dice_weight=0.0)
+    with pytest.raises(ConfigError, match="unknown field"):
+        job(manifest, learning_rate=1.0)
+
+
+def test_items_pair_every_shared_structure(manifest):
+    m = read_manifest(manifest)
+    rows = {r.id: r for r in m.rows}
+    rau = seg_items(m, "train", "rau")
+    assert rau and {rows[it["target"]].split for it in rau} == {"train"}
+    for it in rau:
+        ref, tgt = rows[it["reference"]], rows[it["target"]]
+        assert ref.split == "train" and ref.subject != tgt.subject
+        for row in (ref, tgt):
+            label = m.load(row)[1]
+            value = {v: k for k, v in row.label_names.items()}[it["structure"]]
+            assert (label == value).any()
+    pairs = {(it["reference"], it["target"]) for it in rau}
+    assert len(rau) > len(pairs)  # several structures per pair
+    cbam = seg_items(manifest, "val", "cbam-lora")
+    val_rows = [r for r in m.rows if r.split == "val"]
+    expected = sum(len(set(np.unique(m.load(r)[1])) - {0}) for r in val_rows)
+    assert len(cbam) == expected and all(it["reference"] is None for it in cbam)
+    with pytest.raises(ConfigError, match="mode"):
+        seg_items(m, "train", "unet")
+
+
+@pytest.mark.parametrize("mode", ["rau", "cbam-lora"])
+def test_loss_falls_on_a_fixed_batch_and_weights_round_trip(manifest, mode):
+    cfg = job(manifest, mode=mode, interactive_rounds=1)
+    trainer = build_seg_trainer(cfg)
+    batch = seg_items(manifest, "train", mode)[:4]
+    before = trainer.fixed_losses(batch)
+    rng = np.random.default_rng(0)
+    for _ in range(16):
+        trainer.train_step(batch, rng)
+    after = trainer.fixed_losses(batch)
+    assert after["loss"] < 0.85 * before["loss"], (before, after)
+    assert after["dice"] < before["dice"]
+
+    val = seg_items(manifest, "val", mode)
+    scores = trainer.evaluate(val)
+    assert scores["n"] == len(val) and 0 <= scores["dice"] <= scores["n"]
+
+    weights = trainer.weights()
+    trainable = [p for p in trainer.parameters()]
+    assert len(weights) == len(trainable) and sum(v.numel() for v in weights.values()) == sum(
+        p.numel() for p in trainable)
+    torch.manual_seed(123)
+    fresh = build_seg_trainer(cfg)
+    assert fresh.fixed_losses(batch)["loss"] == pytest.approx(before["loss"], rel=1e-4)  # same seeded init
+    fresh.load_weights(weights)
+    assert fresh.fixed_losses(batch)["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    with pytest.raises(DataError, match="do not match this model"):
+        fresh.load_weights({k: v for k, v in list(weights.items())[1:]})
+
+
+def test_interactive_rounds_add_clicks_and_feed_the_previous_mask(manifest):
+    cfg = job(manifest, mode="cbam-lora")
+    trainer = build_seg_trainer(cfg)
+    model: PromptedSAM2 = trainer.model
+    items = seg_items(manifest, "train", "cbam-lora")[:3]
+    images, masks, _ = trainer._tensors(items)
+    calls = []
+    hook = model.sam.sam_prompt_encoder.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append((kwargs["points"][1].clone(), kwargs["masks"])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            outputs = model(images, masks, ["box", "point", "box"], rounds=2, points_per_round=2,
+                            rng=np.random.default_rng(0))
+    finally:
+        hook.remove()
+    s = model.sam.image_size
+    assert len(outputs) == 3 and all(o.shape == (3, 1, s, s) for o in outputs)
+    labels = [c[0] for c in calls]
+    assert [tuple(lab.shape) for lab in labels] == [(3, 2), (3, 4), (3, 6)]  # 2 prompt slots, +2 clicks a round
+    assert labels[0][0].tolist() == [2, 3] and labels[0][1].tolist() == [1, -1]  # box corners; one point + pad
+    assert calls[0][1] is None and all(c[1] is not None for c in calls[1:])  # previous logits as the mask prompt
+    assert set(labels[1][:, 2:].flatten().tolist()) <= {-1, 0, 1}
