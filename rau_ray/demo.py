@@ -1,8 +1,9 @@
 """The main job, ``rau demo`` / ``make demo``: the whole pipeline on an embedded local Ray cluster, tiny profile.
 
 Today: phantom datasets of every modality generated in parallel on Ray, a preview picture of them, a 3D volume
-round-tripped through NIfTI + dataset.json import, a reference bank built on Ray, retrieval recall, and one RAU
-``predict`` (tiny, untrained) drawn as a picture. Later stages (SFT, GRPO, seg, eval, serve) join as they land.
+round-tripped through NIfTI + dataset.json import, a reference bank built on Ray, retrieval recall, one RAU
+``predict`` (tiny, untrained) drawn as a picture, then short training runs on Ray Train (SFT -> GRPO, segmenter)
+with their learning curves. Later stages (eval, serve) join as they land.
 Use: ``rau demo --out runs/demo``.
 """
 
@@ -43,6 +44,39 @@ def run_models(out: Path) -> dict:
                         "score": round(prediction.score, 3), "format_error": prediction.format_error,
                         "timings_ms": {k: round(1000 * v, 1) for k, v in prediction.timings.items()},
                         "picture": str(out / "predict.png")}}
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+# demo-length runs: long enough to show learning on 2 cores, short enough for `make demo`
+DEMO_STEPS = {"sft": 200, "grpo": 30, "seg": 120}
+
+
+def run_training(out: Path) -> dict:
+    """The tiny training jobs on the demo's CT phantoms, shortened: SFT, then GRPO from the SFT adapter, then the
+    segmenter. Each writes its checkpoint and learning curves under ``out/train/<job>``."""
+    import yaml
+
+    from rau_ray.errors import ConfigError
+    from rau_ray.train.jobs import run_job
+
+    manifest = str(out / "data" / "ct-abdomen" / "manifest.jsonl")
+    results = {}
+    for job in ("sft", "grpo", "seg"):
+        path = CONFIGS / f"{job}-tiny.yaml"
+        if not path.is_file():
+            if job == "sft":
+                raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
+            continue
+        data = yaml.safe_load(path.read_text())
+        data.update(manifest=manifest, name=job, max_steps=DEMO_STEPS[job])
+        data["scale"] = {**data.get("scale", {}), "storage_path": str(out / "train")}
+        if job == "grpo":
+            data["sft_checkpoint"] = results["sft"]["checkpoint"]
+        tmp = out / "train" / f"{job}.yaml"
+        atomic_write_text(tmp, yaml.safe_dump(data))
+        print(f"training: {job} ({DEMO_STEPS[job]} steps)", flush=True)
+        results[job] = run_job(job, str(tmp))
+    return results
 
 
 def _draw_prediction(image, truth, prediction, path: Path) -> None:
@@ -86,6 +120,7 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
                                                      out=str(out / "data" / "ct-abdomen-3d-imported"), every=4))
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
     report["models"] = run_models(out)
+    report["train"] = run_training(out)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "

@@ -81,6 +81,9 @@ class RAUSegmenter(nn.Module):
         self.projector = SegProjector(cfg.llm_hidden_size, cfg.projector_dim)
         self.fusion = MemoryFusion(cfg.projector_dim, mem_dim, sam2_model.hidden_dim, cfg.num_heads, cfg.dropout)
         self.predictor = predictor_for(sam2_model)
+        # the fused token drives one mask, the one training teaches; SAM2.1's eval-time swap to one of its
+        # (untrained) multimask outputs when that mask looks unstable would throw it away
+        self.sam.sam_mask_decoder.dynamic_multimask_via_stability = False
         for name, p in self.sam.named_parameters():
             p.requires_grad = name.startswith("sam_mask_decoder.") or (
                 cfg.train_memory_encoder and name.startswith("memory_encoder."))

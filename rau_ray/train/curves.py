@@ -24,7 +24,14 @@ def curve_keys(history: list[dict]) -> list[str]:
         keys += [k for k, v in row.items() if k not in keys and k not in SKIP and isinstance(v, (int, float))
                  and not isinstance(v, bool)]
     changing = [k for k in keys if len({row[k] for row in history if k in row and not math.isnan(row[k])}) > 1]
-    return [k for k in PREFERRED if k in changing] + [k for k in changing if k not in PREFERRED]
+    ordered = [k for k in PREFERRED if k in changing] + [k for k in changing if k not in PREFERRED]
+    series, unique = set(), []
+    for k in ordered:  # one task only: val_label_accuracy repeats val_accuracy, draw it once
+        points = tuple((row["step"], row[k]) for row in history if k in row)
+        if points not in series:
+            series.add(points)
+            unique.append(k)
+    return unique
 
 
 def plot_history(history: list[dict], out: str | Path, title: str = "", keys: list[str] | None = None,

@@ -107,7 +107,7 @@ def format_score(text, task: str, image_size=None) -> float:
     return 1.0 if parsed else FORMAT_CREDIT.get(parsed.reason, 0.0)
 
 
-def format_reward(prompts, completions, task, image_size=None, **kwargs) -> list[float]:
+def format_reward(prompts, completions, task=None, image_size=None, **kwargs) -> list[float]:
     n = len(completions)
     tasks, sizes = _column(task, "task", n), _column(image_size, "image_size", n, optional=True)
     return [_safe(lambda c=c, t=t, s=s: format_score(completion_text(c), t, s))
@@ -154,7 +154,7 @@ def accuracy_score(text, task: str, solution, image_size=None) -> float:
     return matched_mean_iou(pred.boxes, truth.boxes, size)
 
 
-def accuracy_reward(prompts, completions, task, solution, image_size=None, **kwargs) -> list[float]:
+def accuracy_reward(prompts, completions, task=None, solution=None, image_size=None, **kwargs) -> list[float]:
     n = len(completions)
     tasks, solutions = _column(task, "task", n), _column(solution, "solution", n)
     sizes = _column(image_size, "image_size", n, optional=True)
@@ -257,8 +257,8 @@ class MaskDiceReward:
         logits, _, _ = self.segmenter.predict(self._embedding(manifest_path, target), hidden.float(), memory)
         return dice(logits.cpu().numpy() > 0, tgt_mask, ignore_empty=False)
 
-    def __call__(self, prompts, completions, task, manifest, reference, target, structure, image_size=None,
-                 **kwargs) -> list[float | None]:
+    def __call__(self, prompts, completions, task=None, manifest=None, reference=None, target=None, structure=None,
+                 image_size=None, **kwargs) -> list[float | None]:
         n = len(completions)
         cols = {k: _column(v, k, n) for k, v in (("task", task), ("manifest", manifest), ("reference", reference),
                                                   ("target", target), ("structure", structure))}

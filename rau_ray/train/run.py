@@ -130,6 +130,13 @@ def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict |
     return trainer.fit()
 
 
+def pin_threads(scale: ScaleConfig) -> int:
+    """Torch threads = the CPUs this worker reserved (at least 1), so workers on one node do not oversubscribe it."""
+    threads = max(1, int(scale.cpus_per_worker))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def local_rank_zero_first(build):
     """Call ``build()`` on each node's local rank 0 first, then on the other workers (after a barrier).
 

@@ -598,6 +598,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
+    run.pin_threads(cfg.scale)
     trainer = run.local_rank_zero_first(lambda: build_seg_trainer(cfg, device))  # tiny models built once per node
     resumed = run.resume()
     if resumed.weights is not None:

@@ -110,6 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ds_config = deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu)
+    run.pin_threads(cfg.scale)
     torch.manual_seed(cfg.seed)  # the same LoRA init on every worker
     # Loaded whole, then partitioned by deepspeed.initialize under ZeRO-3: peft's trainable <Seg> rows cannot be
     # set up on a model loaded partitioned except on CUDA (peft gathers them with a CUDA tensor).

@@ -96,14 +96,15 @@ def test_all_boxes_surplus_boxes_cost_as_much_as_missing_ones():
 HOSTILE = [None, 42, "", "<answer>{}</answer>", "<think>" * 5000, "<think>a</think><answer>[1, 2]</answer>",
            "<think>a</think><answer>{\"label\": NaN}</answer>", "<think>a</think><answer>{\"boxes\": [[1e400]]}</answer>",
            [{"role": "assistant", "content": None}], [{"role": "assistant"}], "\x00\ufffd" * 100,
-           "<think>a</think><answer>{\"label\": \"liver\", \"box\": [1, 2, 3, 10" + "0" * 500 + "]}</answer>"]
+           "<think>a</think><answer>{\"label\": 7, \"box\": [1, 2, 3, 10" + "0" * 500 + "]}</answer>"]
 
 
 @pytest.mark.parametrize("task", ["label", "ground", "all_boxes", "segment"])
 def test_garbage_scores_zero_and_never_raises(task):
-    for reward in (format_reward, accuracy_reward):
-        scores = call(reward, HOSTILE, task)
-        assert scores == [0.0] * len(HOSTILE), (reward.__name__, scores)
+    assert call(accuracy_reward, HOSTILE, task) == [0.0] * len(HOSTILE)
+    formats = call(format_reward, HOSTILE, task)
+    assert all(0.0 <= f < 1.0 for f in formats)  # the ones with both tags get partial credit, none full
+    assert formats[:4] == [0.0] * 4 and formats[8:11] == [0.0] * 3  # no tags, or not text: nothing
 
 
 def test_bad_truth_or_size_scores_zero_but_missing_columns_are_a_config_error():
@@ -140,3 +141,44 @@ def test_rewards_are_finite_and_in_unit_interval():
         for reward in (format_reward, accuracy_reward):
             for value in call(reward, texts, task):
                 assert math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+@pytest.fixture(scope="module")
+def seg_setup(tmp_path_factory):
+    """The tiny policy + SAM2 segmenter and one segment item of a small phantom set."""
+    from rau_ray.data.make import MakeConfig, make_dataset
+    from rau_ray.data.manifest import read_manifest
+    from rau_ray.data.tasks import make_pairs
+    from rau_ray.models.fusion import RAUSegmenter
+    from rau_ray.models.policy import load_policy
+    from rau_ray.models.profiles import get_profile
+    from rau_ray.models.sam2_builder import build_sam2_model
+    from rau_ray.train.grpo import Prompts
+
+    out = tmp_path_factory.mktemp("dice_data") / "ct"
+    make_dataset(MakeConfig("ct-abdomen", n=4, out=str(out), size=64, slices_per_subject=1), backend="local",
+                 progress=False)
+    cfg = get_profile("tiny")
+    policy = load_policy(cfg.policy)
+    segmenter = RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).eval()
+    item = make_pairs(read_manifest(out / "manifest.jsonl"), tasks=("segment", "label"))[:2]
+    return policy, segmenter, [Prompts(policy.processor).row(i) for i in item]
+
+
+def test_mask_dice_scores_segment_answers_through_sam2(seg_setup):
+    from rau_ray.train.rewards import MaskDiceReward
+
+    policy, segmenter, (seg_row, label_row) = seg_setup
+    reward = MaskDiceReward(policy, segmenter)
+    assert reward.__name__ == "mask_dice"
+    rows = [seg_row, seg_row, seg_row, label_row]
+    completions = [seg_row["solution"], "garbage", solution("ground"), label_row["solution"]]
+    columns = {k: [r[k] for r in rows] for k in ("task", "manifest", "reference", "target", "structure",
+                                                "image_size")}
+    scores = reward(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    assert 0.0 <= scores[0] <= 1.0 and math.isfinite(scores[0])
+    assert scores[1:] == [0.0, 0.0, None]  # garbage, a non-segment answer; another task is not scored
+    cached = len(reward._cache)
+    assert reward(prompts=[seg_row["prompt"]], completions=[seg_row["solution"]],
+                  **{k: v[:1] for k, v in columns.items()}) == [pytest.approx(scores[0])]
+    assert len(reward._cache) == cached  # same images: SAM2 embeddings and the reference memory are reused
