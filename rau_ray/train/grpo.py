@@ -3,7 +3,7 @@
 The driver builds reference-target task items from a manifest (as SFT does) and hands them to every worker; trl's
 sampler repeats each prompt ``num_generations`` times and accelerate splits every generation batch over the
 workers, so each worker samples the rollouts of its own shard of prompts (``batch_size`` completions a step, whole
-groups), the rewards are gathered for the group baselines, and DeepSpeed (ZeRO-2/3) synchronises the LoRA update.
+groups), the rewards are gathered for the group baselines, and DeepSpeed ZeRO-2 synchronises the LoRA update.
 Prompts are the SFT's chat messages (two images: reference + target) and go through the policy's processor and
 chat template inside trl. Rewards: ``rau_ray.train.rewards`` — format, accuracy, and optionally the mask Dice
 through SAM2 (segmenter built once per worker).
@@ -14,13 +14,16 @@ entropy) go to Ray Train (``ray.train.report``, every worker), into the run's hi
 with the trainable ``<Seg>`` rows as ``weights.safetensors``, ``train_state.json`` {step, config} and the history;
 a restarted run resumes from the latest one and its step continues (the KL reference stays the start adapter).
 
-Two adjustments to trl 1.16 / accelerate 1.15, both small and explained where they are made:
+Adjustments to trl 1.16 / accelerate 1.15 / peft 0.21, each small and explained where it is made:
 - DeepSpeed on CPU workers: accelerate takes its DeepSpeed path only with an accelerator device; on CPU its own
   setup finds no backend and runs each worker as a 1-process world (the first all-gather of rewards then fails on
   Ray's 2-process gloo group). ``_accelerate_state`` builds the state accelerate would build on a GPU, on gloo,
   and the trainer uses it (``use_configured_state``). ``deepspeed: false`` trains with DDP over gloo instead.
 - peft's trainable ``<Seg>`` row in the output head: ``_patch_output_head`` (trl's fused head reads its bias) and
-  ``_copy_to_reference`` (trl's copy of the start adapter into its KL reference misses those rows).
+  ``_copy_to_reference`` (trl's copy of the start adapter into its KL reference misses those rows). The same row
+  rules out ZeRO-3 (see ``GRPOJobConfig.validate``); LoRA GRPO replicates the frozen base under ZeRO-2 anyway.
+- trl decodes completions without special tokens, so ``<Seg>`` would vanish: the rewards re-decode the ids with
+  the policy's decoder (``rewards.with_decoder``).
 Use: ``run_grpo(GRPOJobConfig(manifest="data/ct/manifest.jsonl", sft_checkpoint="runs/train/sft/checkpoint_..."))``
 or ``rau train grpo --config jobs/configs/grpo-tiny.yaml``.
 """
@@ -39,8 +42,6 @@ import torch
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.train.run import ScaleConfig
 
-REWARD_NAMES = ("format", "accuracy", "mask_dice")  # trl's metric keys: rewards/<name>/mean, rewards/<name>/std
-
 
 @dataclass(frozen=True)
 class GRPOJobConfig:
@@ -51,8 +52,9 @@ class GRPOJobConfig:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     split: str = "train"
     tasks: tuple[str, ...] = ("label", "ground", "all_boxes", "segment")
+    structures: tuple[str, ...] | None = None  # ask only about these (a curriculum / a subset); None: all of them
     deepspeed: bool = True  # DeepSpeed syncs the LoRA update (on CPU too); false: DDP over gloo / nccl
-    zero_stage: int = 2  # DeepSpeed ZeRO: 2 shards optimizer state + gradients, 3 also the parameters
+    zero_stage: int = 2  # DeepSpeed ZeRO-2: optimizer state + gradients sharded (ZeRO-3: see validate)
     num_generations: int = 4  # completions per prompt: the group whose mean reward is each one's baseline
     batch_size: int = 4  # completions per worker and step; batch_size x workers must hold whole groups
     temperature: float = 1.0  # rollout sampling temperature: GRPO learns only from groups that differ
@@ -68,6 +70,7 @@ class GRPOJobConfig:
     accuracy_weight: float = 1.0
     mask_dice_weight: float = 0.0  # > 0 builds SAM2 + the RAU segmenter once per worker, scores segment masks
     segmenter_checkpoint: str | None = None  # trained segmenter weights (RAUSegmenter.save_trainable) for Dice
+    gradient_checkpointing: bool = False  # recompute activations in backward: off for tiny, on for the 7B's
     tensorboard: bool = True  # trl's logs also to TensorBoard (tensorboard or tensorboardX must be installed)
 
     def validate(self) -> None:
@@ -85,17 +88,20 @@ class GRPOJobConfig:
         if (self.batch_size * self.scale.num_workers) % self.num_generations:
             raise ConfigError(f"batch_size x num_workers ({self.batch_size} x {self.scale.num_workers}) must be a "
                               f"multiple of num_generations ({self.num_generations}): each step scores whole groups")
-        if self.zero_stage not in (2, 3):
-            raise ConfigError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3:
+            # trl 1.16's fused log-prob head gathers lm_head.weight as a ZeRO-3 parameter, but the trainable <Seg>
+            # row makes peft serve a merged tensor there (and peft sets up the KL reference's rows under ZeRO-3
+            # with CUDA tensors only). LoRA GRPO keeps the frozen base replicated either way: ZeRO-2 is the stage.
+            raise ConfigError("zero_stage 3 is not supported for GRPO (trl's fused head cannot gather the policy's "
+                              "trainable <Seg> output row); use zero_stage 2")
+        if self.zero_stage != 2:
+            raise ConfigError(f"zero_stage must be 2, got {self.zero_stage}")
         if not self.tasks or set(self.tasks) - set(TASKS):
             raise ConfigError(f"tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}")
         if self.temperature <= 0 or self.max_completion_length < 1 or self.lr <= 0 or self.beta < 0:
             raise ConfigError("temperature, max_completion_length and lr must be positive, beta non-negative")
         if min(self.format_weight, self.accuracy_weight, self.mask_dice_weight) < 0:
             raise ConfigError("reward weights must be non-negative")
-        if self.mask_dice_weight > 0 and self.deepspeed and self.zero_stage == 3:
-            raise ConfigError("the mask Dice reward runs the policy outside DeepSpeed's forward, which ZeRO-3 "
-                              "partitions: use zero_stage 2 with mask_dice_weight > 0")
 
     def model_section(self) -> dict:
         """The model config: given, else the SFT checkpoint's (its adapter only fits that), else tiny."""
@@ -119,15 +125,13 @@ def _read_state(folder: str | os.PathLike) -> dict:
     return json.loads((folder / STATE).read_text())
 
 
-def adapter_state(model, zero_stage: int = 2) -> dict[str, torch.Tensor]:
-    """The trained ``default`` adapter of a peft model (LoRA + trainable ``<Seg>`` rows); gathered under ZeRO-3."""
-    import deepspeed
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The trained ``default`` adapter of a peft model (LoRA + trainable ``<Seg>`` rows; ZeRO-2 and DDP keep them
+    whole on every rank), without trl's ``ref`` copy."""
     from peft import get_peft_model_state_dict
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):  # ZeRO-3 holds only a shard
-        state = get_peft_model_state_dict(model, adapter_name="default")
-        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    state = get_peft_model_state_dict(model, adapter_name="default")
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
 def load_adapter(model, weights: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
@@ -200,7 +204,7 @@ def _accelerate_state() -> None:
     PartialState(cpu=False, backend="gloo")
 
 
-def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict], zero_stage: int):
+def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict]):
     """A TrainerCallback: trl's logs -> ``run.report`` on every worker (Ray Train wants all of them); at checkpoint
     steps and the last one, rank 0 also saves the adapter, the step and the history."""
     from transformers import TrainerCallback
@@ -220,7 +224,7 @@ def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict], zero_sta
                                     if isinstance(v, (int, float)) and math.isfinite(float(v))}}
             history.append(row)
             save = step % cfg.checkpoint_every == 0 or state.global_step >= state.max_steps
-            weights = adapter_state(model, zero_stage) if save else None  # every rank: ZeRO-3 gathers together
+            weights = adapter_state(model) if save else None
             run.report(row, weights=weights, step=step, history=history, config=asdict(cfg))
 
     return ReportToRay()
@@ -238,7 +242,7 @@ def tensorboard_dir(cfg: GRPOJobConfig) -> str | None:
     return str(Path(cfg.scale.storage()) / cfg.name / "tensorboard")
 
 
-def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg) -> tuple[list, list[float]]:
+def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[list, list[float]]:
     """The reward callables (re-decoding with the policy's decoder, which keeps ``<Seg>``) and their weights."""
     from rau_ray.train import rewards
 
@@ -253,7 +257,7 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg) -> tuple[list, list[floa
         segmenter = RAUSegmenter(build_sam2_model(model_cfg.sam2), model_cfg.fusion)  # once per worker
         if cfg.segmenter_checkpoint:
             segmenter.load_trainable(cfg.segmenter_checkpoint)
-        segmenter.to(policy.device).eval()
+        segmenter.to(device).eval()
         funcs.append(rewards.with_decoder(rewards.MaskDiceReward(policy, segmenter), decode, name="mask_dice"))
         weights.append(cfg.mask_dice_weight)
     return funcs, weights
@@ -261,6 +265,7 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg) -> tuple[list, list[floa
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: ``config`` = {"cfg": GRPOJobConfig as a dict, "items": task items}."""
+    import ray.train.torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -289,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
     tb_dir = tensorboard_dir(cfg)
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir  # read by transformers' TensorBoardCallback (rank 0 only)
-    funcs, weights = reward_funcs(cfg, policy, model_cfg)
+    funcs, weights = reward_funcs(cfg, policy, model_cfg, ray.train.torch.get_device())
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="rau-grpo-"),  # nothing is saved there: Ray Train keeps checkpoints
         max_steps=cfg.max_steps - resumed.step, per_device_train_batch_size=cfg.batch_size,
@@ -301,12 +306,11 @@ def train_loop_per_worker(config: dict) -> None:
         logging_steps=cfg.log_every, save_strategy="no", report_to=["tensorboard"] if tb_dir else [],
         bf16=cfg.scale.use_gpu, use_cpu=not cfg.scale.use_gpu and not use_ds,
         deepspeed=ds_config, accelerator_config={"use_configured_state": True} if use_ds and not cfg.scale.use_gpu
-        else None, gradient_checkpointing=False,  # tiny activations; the 7B on GPU can turn it on via deepspeed
-        dataloader_num_workers=0, disable_tqdm=True)
+        else None, gradient_checkpointing=cfg.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True)
     dataset = Dataset.from_list(config["items"]).with_transform(Prompts(policy.processor))
     trainer = GRPOTrainer(model=policy.model, reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=policy.processor,
-                          callbacks=[_callback(cfg, resumed.step, resumed.history, cfg.zero_stage if use_ds else 0)])
+                          callbacks=[_callback(cfg, resumed.step, resumed.history)])
     _copy_to_reference(policy.model)
     if resumed.weights is not None:  # into `default` only: the KL reference stays the start adapter
         load_adapter(policy.model, resumed.weights, "resumed checkpoint")
@@ -326,6 +330,9 @@ def run_grpo(cfg: GRPOJobConfig):
     cfg = replace(cfg, model=cfg.model_section())  # resolved: checkpoints record the model they fit
     model_config_from(cfg.model)  # a bad model section fails here, not in every worker
     items = make_pairs(read_manifest(cfg.manifest), split=cfg.split, tasks=cfg.tasks, seed=cfg.seed)
+    if cfg.structures is not None:
+        items = [i for i in items if i["structure"] in cfg.structures]
     if not items:
-        raise ConfigError(f"{cfg.manifest}: no reference-target pairs in split {cfg.split!r}")
+        raise ConfigError(f"{cfg.manifest}: no reference-target pairs in split {cfg.split!r}"
+                          + (f" about {', '.join(cfg.structures)}" if cfg.structures is not None else ""))
     return run.fit(train_loop_per_worker, {"cfg": asdict(cfg), "items": items}, cfg.scale, cfg.name)

@@ -15,7 +15,7 @@ Rewards (each in [0, 1]; a completion that is garbage in any way scores 0, nothi
   inside the image is worth 1; partial credit on the way there (right tags 0.25, + valid JSON 0.5, + the task's
   fields 0.75) gives a random policy a slope to climb.
 - ``accuracy_reward``: label task: the named structure is right (1/0); ground/segment: graded box IoU with the
-  true box (a correct ``null`` for an absent structure is 1); all_boxes: mean IoU after optimal-transport matching
+  true box, if the answer names the asked structure (a correct ``null`` for an absent one is 1); all_boxes: mean IoU after optimal-transport matching
   of the predicted boxes to the true ones (``rau_ray.eval.matching``, the assignment eval uses), averaged over
   max(#predicted, #true) so missing and surplus boxes both cost.
 - ``MaskDiceReward`` (optional): for segment answers the ``<Seg>`` hidden state goes through the RAU segmenter

@@ -94,7 +94,8 @@ def test_all_boxes_surplus_boxes_cost_as_much_as_missing_ones():
 
 
 HOSTILE = [None, 42, "", "<answer>{}</answer>", "<think>" * 5000, "<think>a</think><answer>[1, 2]</answer>",
-           "<think>a</think><answer>{\"label\": NaN}</answer>", "<think>a</think><answer>{\"boxes\": [[1e400]]}</answer>",
+           "<think>a</think><answer>{\"label\": NaN}</answer>",
+           "<think>a</think><answer>{\"boxes\": [[1e400]]}</answer>",
            [{"role": "assistant", "content": None}], [{"role": "assistant"}], "\x00\ufffd" * 100,
            "<think>a</think><answer>{\"label\": 7, \"box\": [1, 2, 3, 10" + "0" * 500 + "]}</answer>"]
 
