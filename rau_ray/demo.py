@@ -35,7 +35,8 @@ def run_models(out: Path) -> dict:
     recall = recall_at_k(bank, Embedder(cfg.retrieval), manifest_path, split="test")
     model = RAUModel.build(cfg, bank_dir=str(out / "bank"))
     manifest = read_manifest(manifest_path)
-    row = max(manifest.select(split="test"), key=lambda r: r.slice or 0)  # the most superior slice: liver level
+    rows = manifest.select(split="test")
+    row = max(rows, key=lambda r: int((manifest.load(r)[1] == 1).sum()))  # the test slice showing most liver
     image, label = manifest.load(row)
     prediction = model.predict(image, "liver", modality=row.modality)
     _draw_prediction(image, label == 1, prediction, out / "predict.png")
@@ -51,7 +52,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 DEMO_STEPS = {"sft": 200, "grpo": 30, "seg": 120}
 
 
-def run_training(out: Path) -> dict:
+def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
     """The tiny training jobs on the demo's CT phantoms, shortened: SFT, then GRPO from the SFT adapter, then the
     segmenter. Each writes its checkpoint and learning curves under ``out/train/<job>``."""
     import yaml
@@ -68,13 +69,13 @@ def run_training(out: Path) -> dict:
                 raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
             continue
         data = yaml.safe_load(path.read_text())
-        data.update(manifest=manifest, name=job, max_steps=DEMO_STEPS[job])
+        data.update(manifest=manifest, name=job, max_steps=steps[job])
         data["scale"] = {**data.get("scale", {}), "storage_path": str(out / "train")}
         if job == "grpo":
             data["sft_checkpoint"] = results["sft"]["checkpoint"]
         tmp = out / "train" / f"{job}.yaml"
         atomic_write_text(tmp, yaml.safe_dump(data))
-        print(f"training: {job} ({DEMO_STEPS[job]} steps)", flush=True)
+        print(f"training: {job} ({steps[job]} steps)", flush=True)
         results[job] = run_job(job, str(tmp))
     return results
 
@@ -104,7 +105,8 @@ def _draw_prediction(image, truth, prediction, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192) -> dict:
+def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192,
+             train_steps: dict[str, int] = DEMO_STEPS) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     ray = ray_session.connect()
@@ -120,7 +122,7 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
                                                      out=str(out / "data" / "ct-abdomen-3d-imported"), every=4))
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
     report["models"] = run_models(out)
-    report["train"] = run_training(out)
+    report["train"] = run_training(out, train_steps)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "

@@ -91,20 +91,27 @@ class RAUModel:
             self._embeddings.popitem(last=False)
         return emb
 
-    def retrieve(self, target: np.ndarray, modality: str, exclude_subject: str | None = None) -> Reference:
+    def retrieve(self, target: np.ndarray, modality: str, exclude_subject: str | None = None,
+                 structure: str | None = None, k: int = 8) -> Reference:
+        """The most similar bank entry; with ``structure``, the most similar of the ``k`` nearest that shows it
+        (a reference after resection, or at another level, may lack the organ asked about)."""
         if self.bank is None:
             raise DataError("no reference given and no reference bank loaded (build one with `rau index build`)")
         query = self.embedder.embed([target], [modality])[0]
-        result = self.bank.search(query, k=1, modality=modality, exclude_subject=exclude_subject,
+        result = self.bank.search(query, k=k if structure else 1, modality=modality, exclude_subject=exclude_subject,
                                   min_similarity=self.cfg.retrieval.min_similarity)
         if not result.hits:
             raise DataError(result.reason)
-        row = result.hits[0].row
-        manifest = self._manifests.get(row["manifest"]) or read_manifest(row["manifest"])
-        self._manifests[row["manifest"]] = manifest
-        mrow = ManifestRow(**{k: v for k, v in row.items() if k in ManifestRow.__dataclass_fields__})
-        image, label = manifest.load(mrow)
-        return Reference(image, label, mrow.label_names, mrow.modality, row, result.hits[0].similarity)
+        for hit in result.hits:
+            row = hit.row
+            manifest = self._manifests.get(row["manifest"]) or read_manifest(row["manifest"])
+            self._manifests[row["manifest"]] = manifest
+            mrow = ManifestRow(**{k: v for k, v in row.items() if k in ManifestRow.__dataclass_fields__})
+            image, label = manifest.load(mrow)
+            values = [v for v, name in mrow.label_names.items() if name == structure]
+            if structure is None or (values and (label == values[0]).any()):
+                return Reference(image, label, mrow.label_names, mrow.modality, row, hit.similarity)
+        raise DataError(f"none of the {len(result.hits)} most similar references shows {structure!r}")
 
     # -- inference ------------------------------------------------------------------------------------------------
     def predict(self, target: np.ndarray, structure: str, reference: Reference | None = None,
@@ -112,7 +119,7 @@ class RAUModel:
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         if reference is None:
-            reference = self.retrieve(target, modality)
+            reference = self.retrieve(target, modality, structure=structure)
         t["retrieval"] = time.perf_counter() - t0
         by_name = {v: k for k, v in reference.names.items()}
         if structure not in by_name:

@@ -130,6 +130,23 @@ def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict |
     return trainer.fit()
 
 
+def shard_batches(shard, batch_size: int, seed: int):
+    """``(epoch, items)`` without end: this worker's Ray Data shard is streamed once (task items are small dicts,
+    images load later), then reshuffled every epoch by a seeded generator. Streaming the shard again every epoch
+    stalled on a cluster whose CPUs the training workers hold. The caller stops at its last step."""
+    import numpy as np
+
+    items = [dict(row) for row in shard.iter_rows()]
+    if not items:
+        raise DataError("this worker's data shard is empty: fewer training items than workers")
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(items)) if epoch else np.arange(len(items))
+        for i in range(0, len(items), batch_size):
+            yield epoch, [items[j] for j in order[i:i + batch_size]]
+        epoch += 1
+
+
 def pin_threads(scale: ScaleConfig) -> int:
     """Torch threads = the CPUs this worker reserved (at least 1), so workers on one node do not oversubscribe it."""
     threads = max(1, int(scale.cpus_per_worker))

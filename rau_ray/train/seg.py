@@ -627,15 +627,13 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     rng = np.random.default_rng([cfg.seed, rank, step])  # corrective clicks; a resumed run draws new ones
     sums: dict[str, float] = {}
-    seen, epoch, count, t0 = 0, 0, 0, time.perf_counter()
-    while step < cfg.max_steps:
-        batches = 0
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas"):
-            batches += 1
+    seen, count, t0 = 0, 0, time.perf_counter()
+    if step < cfg.max_steps:
+        for epoch, batch in run.shard_batches(shard, cfg.batch_size, cfg.seed):
             seen += 1
             if seen <= resumed.step:
                 continue  # resumed: these batches were trained on before the restart
-            metrics = trainer.train_step(batch.to_dict("records"), rng)
+            metrics = trainer.train_step(batch, rng)
             step += 1
             count += 1
             for k, v in metrics.items():
@@ -652,9 +650,6 @@ def train_loop_per_worker(config: dict) -> None:
                 sums, count, t0 = {}, 0, time.perf_counter()
             if last:
                 break
-        if not batches:
-            raise DataError(f"worker {rank} got no training items")
-        epoch += 1
 
 
 def run_seg(cfg: SegJobConfig):

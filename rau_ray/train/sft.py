@@ -138,38 +138,31 @@ def train_loop_per_worker(config: dict) -> None:
     if step == 0 and cfg.eval_every:
         log(evaluate(policy, examples, val_items, cfg, rank, world), save=False)
     seen, losses, rss, tokens, t0 = 0, [], [], 0, time.perf_counter()
-    done = False
-    for epoch in range(cfg.epochs):
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas"):
-            seen += 1
-            if seen <= resumed.step:
-                continue  # resumed: these batches were trained on before the restart
-            pairs = [examples.example(item) for item in batch.to_dict("records")]
-            inputs = policy.inputs_for([m for m, _ in pairs], [c for _, c in pairs])
-            loss = engine(**inputs).loss
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            rss.append(run.rss_mb())
-            tokens += int((inputs["labels"] != -100).sum())
-            last = step >= config["total_steps"]
-            if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
-                elapsed = time.perf_counter() - t0
-                metrics = {"epoch": epoch, "loss": sum(losses) / len(losses),
-                           "samples_per_s": len(losses) * cfg.batch_size * world / elapsed,
-                           "tokens_per_s": tokens * world / elapsed, "rss_mb": max(rss), "peak_rss_mb": run.peak_rss_mb()}
-                if cfg.eval_every and step % cfg.eval_every == 0 or last:
-                    metrics.update(evaluate(policy, examples, val_items, cfg, rank, world))
-                log(metrics, save=step % cfg.checkpoint_every == 0 or last)
-                losses, rss, tokens, t0 = [], [], 0, time.perf_counter()
-            if last:
-                done = True
-                break
-        if done:
+    for epoch, items in run.shard_batches(shard, cfg.batch_size, cfg.seed):
+        seen += 1
+        if seen <= resumed.step:
+            continue  # resumed: these batches were trained on before the restart
+        pairs = [examples.example(item) for item in items]
+        inputs = policy.inputs_for([m for m, _ in pairs], [c for _, c in pairs])
+        loss = engine(**inputs).loss
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        rss.append(run.rss_mb())
+        tokens += int((inputs["labels"] != -100).sum())
+        last = step >= config["total_steps"]
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+            elapsed = time.perf_counter() - t0
+            metrics = {"epoch": epoch, "loss": sum(losses) / len(losses),
+                       "samples_per_s": len(losses) * cfg.batch_size * world / elapsed,
+                       "tokens_per_s": tokens * world / elapsed, "rss_mb": max(rss), "peak_rss_mb": run.peak_rss_mb()}
+            if cfg.eval_every and step % cfg.eval_every == 0 or last:
+                metrics.update(evaluate(policy, examples, val_items, cfg, rank, world))
+            log(metrics, save=step % cfg.checkpoint_every == 0 or last)
+            losses, rss, tokens, t0 = [], [], 0, time.perf_counter()
+        if last:
             break
-    if history and history[-1]["step"] < step:  # the shard ran short of the planned steps: save the end state
-        log({"epoch": cfg.epochs - 1, **evaluate(policy, examples, val_items, cfg, rank, world)}, save=True)
 
 
 def run_sft(cfg: SFTConfig):

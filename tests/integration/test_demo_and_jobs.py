@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
-    report = run_demo(tmp_path / "demo", subjects=3, size=64)
+    report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps={"sft": 4, "grpo": 2, "seg": 4})
     assert set(report["datasets"]) == {"ct-abdomen", "xray-angio", "ultrasound", "xray-msk"}
-    assert report["datasets"]["ct-abdomen"]["samples"] == 12
+    assert report["datasets"]["ct-abdomen"]["samples"] == 24
     assert read_manifest(tmp_path / "demo" / "data" / "ct-abdomen-3d-imported").rows
     assert (tmp_path / "demo" / "preview.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["volumes"]["samples"] == 4
@@ -23,6 +23,13 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert models["bank"]["entries"] > 0 and models["recall"]["modality@1"] == 1.0
     assert models["predict"]["reference"]["id"].startswith("ct-abdomen-")
     assert (tmp_path / "demo" / "predict.png").stat().st_size > 5_000
+    train = report["train"]
+    assert set(train) == {"sft", "grpo", "seg"}
+    for job, steps in (("sft", 4), ("grpo", 2), ("seg", 4)):
+        assert train[job]["metrics"]["step"] == steps and Path(train[job]["checkpoint"]).is_dir()
+    for job in ("sft", "seg"):  # 2 GRPO steps of an untrained policy may change no metric: no curve to draw
+        assert Path(train[job]["curves"]).stat().st_size > 5_000
+    assert {"rewards/format/mean", "rewards/accuracy/mean", "kl"} <= set(train["grpo"]["metrics"])
 
 
 def test_make_data_job_with_config(ray_cluster, tmp_path):
