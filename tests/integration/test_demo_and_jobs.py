@@ -8,6 +8,8 @@ from pathlib import Path
 
 from rau_ray.data.manifest import read_manifest
 from rau_ray.demo import run_demo
+from rau_ray.train.curves import curve_keys
+from rau_ray.train.run import read_history
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,8 +29,12 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert set(train) == {"sft", "grpo", "seg"}
     for job, steps in (("sft", 4), ("grpo", 2), ("seg", 4)):
         assert train[job]["metrics"]["step"] == steps and Path(train[job]["checkpoint"]).is_dir()
-    for job in ("sft", "seg"):  # 2 GRPO steps of an untrained policy may change no metric: no curve to draw
-        assert Path(train[job]["curves"]).stat().st_size > 5_000
+    drawn = 0
+    for job in train:  # a few steps may change no metric (one logged row): then there is no curve to draw
+        if curve_keys(read_history(train[job]["checkpoint"])):
+            assert Path(train[job]["curves"]).stat().st_size > 5_000
+            drawn += 1
+    assert drawn >= 1
     assert {"rewards/format/mean", "rewards/accuracy/mean", "kl"} <= set(train["grpo"]["metrics"])
 
 
