@@ -1,5 +1,5 @@
-"""Training throughput and memory on Ray Train: SFT samples/s with 1 vs 2 workers (1 thread each), and per-worker
-memory with DeepSpeed ZeRO-2 vs ZeRO-3 on a larger policy.
+"""Training throughput and memory on Ray Train: SFT samples/s and GRPO rollout tokens/s with 1 vs 2 workers (1 thread
+each), and per-worker memory with DeepSpeed ZeRO-2 vs ZeRO-3 on a larger policy.
 
 Runs are side by side in one process on one embedded Ray cluster; figures are medians over the logged intervals
 after the first (start-up). Targets (issue 5): 2 workers >= 1.6x the samples/s of 1; ZeRO-3 memory clearly below ZeRO-2.
@@ -19,6 +19,7 @@ from rau_ray.atomic import atomic_write_text
 from rau_ray.config import from_dict
 from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.train.run import read_history
+from rau_ray.train.grpo import GRPOJobConfig, run_grpo
 from rau_ray.train.sft import SFTConfig, run_sft
 
 TINY_LEARNING = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64, "lora_targets": [
@@ -37,6 +38,20 @@ def sft(manifest: str, storage: str, name: str, workers: int, model: dict, steps
         "scale": {"num_workers": workers, "cpus_per_worker": 1, "storage_path": storage}}, "bench")
     result = run_sft(cfg)
     return [row for row in read_history(result.checkpoint.path) if "samples_per_s" in row]
+
+
+def grpo(manifest: str, storage: str, name: str, workers: int, steps: int) -> list[dict]:
+    """GRPO from a fresh adapter: the untrained policy's rollouts run to the length limit, a fixed rollout load."""
+    cfg = from_dict(GRPOJobConfig, {
+        "manifest": manifest, "name": name, "model": TINY_LEARNING, "tasks": ["label"], "num_generations": 4,
+        "batch_size": 4, "temperature": 1.0, "max_completion_length": 64, "max_steps": steps, "log_every": 1,
+        "checkpoint_every": steps, "tensorboard": False,
+        "scale": {"num_workers": workers, "cpus_per_worker": 1, "storage_path": storage}}, "bench")
+    result = run_grpo(cfg)
+    rows = [r for r in read_history(result.checkpoint.path) if "step_time" in r]
+    for r in rows:  # completions per step = batch_size per worker x workers
+        r["rollout_tokens_per_s"] = r["completions/mean_length"] * 4 * workers / r["step_time"]
+    return rows
 
 
 def median_after_first(rows: list[dict], key: str) -> float:
@@ -58,6 +73,11 @@ def main() -> None:
         report[f"sft_{n}w_samples_per_s"] = median_after_first(r, "samples_per_s")
         report[f"sft_{n}w_tokens_per_s"] = median_after_first(r, "tokens_per_s")
     report["sft_2w_over_1w"] = report["sft_2w_samples_per_s"] / report["sft_1w_samples_per_s"]
+
+    rows = {n: grpo(manifest, str(tmp / "runs"), f"g{n}", n, 8) for n in (1, 2)}
+    for n, r in rows.items():
+        report[f"grpo_{n}w_rollout_tokens_per_s"] = median_after_first(r, "rollout_tokens_per_s")
+    report["grpo_2w_over_1w"] = report["grpo_2w_rollout_tokens_per_s"] / report["grpo_1w_rollout_tokens_per_s"]
 
     for zero in (2, 3):
         r = sft(manifest, str(tmp / "runs"), f"zero{zero}", 2, LARGER, 10, zero=zero, batch=1)
