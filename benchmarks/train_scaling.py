@@ -26,7 +26,8 @@ TINY_LEARNING = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}
 # big enough that the frozen base weights dominate a worker's memory: ~150M parameters (600 MB in fp32)
 LARGER = {"profile": "tiny", "policy": {"hidden_size": 1024, "num_layers": 10, "num_heads": 8, "num_kv_heads": 8,
-                                        "intermediate_size": 4096, "init_std": 0.02}}
+                                        "intermediate_size": 4096, "init_std": 0.02},
+          "fusion": {"llm_hidden_size": 1024}}
 
 
 def sft(manifest: str, storage: str, name: str, workers: int, model: dict, steps: int, zero: int = 2,

@@ -45,3 +45,21 @@ def run_cli(ray_cluster):
                               text=True, env=env, timeout=timeout, cwd=REPO)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ct_manifest(tmp_path_factory):
+    """``ct_manifest(n, size, slices)`` -> path of a ct-abdomen phantom manifest, made once per session per shape."""
+    from rau_ray.data.make import MakeConfig, make_dataset
+
+    made: dict[tuple, str] = {}
+
+    def make(n: int, size: int, slices: int) -> str:
+        if (n, size, slices) not in made:
+            out = tmp_path_factory.mktemp(f"ct_{n}x{slices}_{size}px") / "ct"
+            make_dataset(MakeConfig("ct-abdomen", n=n, out=str(out), size=size, slices_per_subject=slices),
+                         backend="local", progress=False)
+            made[n, size, slices] = str(out / "manifest.jsonl")
+        return made[n, size, slices]
+
+    return make

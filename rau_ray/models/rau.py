@@ -29,7 +29,7 @@ from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.retrieval import Embedder, ReferenceBank
 from rau_ray.models.sam2_builder import ImageEmbedding, build_sam2_model
-from rau_ray.train.losses import dice_loss, focal_dice_loss  # noqa: F401  (dice_loss: re-exported)
+from rau_ray.models.losses import dice_loss, focal_dice_loss  # noqa: F401  (dice_loss: re-exported)
 
 
 @dataclass

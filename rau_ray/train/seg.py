@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.train.losses import focal_dice_loss, sample_corrective_points
+from rau_ray.models.losses import focal_dice_loss, sample_corrective_points
 from rau_ray.train.run import ScaleConfig
 
 MODES = ("rau", "cbam-lora")

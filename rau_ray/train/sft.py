@@ -169,9 +169,11 @@ def run_sft(cfg: SFTConfig):
     """Build task pairs, run the TorchTrainer, return Ray Train's Result (last metrics, checkpoint, path)."""
     from rau_ray.data.manifest import read_manifest
     from rau_ray.data.tasks import make_pairs
+    from rau_ray.models.profiles import model_config_from
     from rau_ray.train import run
 
     cfg.validate()
+    model_config_from(cfg.model, "sft config: model")  # a bad model section fails here, not in every worker
     manifest = read_manifest(cfg.manifest)
     items = make_pairs(manifest, split=cfg.split, tasks=cfg.tasks, seed=cfg.seed)
     val_items = make_pairs(manifest, split=cfg.val_split, tasks=cfg.tasks, seed=cfg.seed + 1)[:cfg.eval_items]

@@ -69,6 +69,8 @@ def test_zero2_and_zero3_learn_a_fixed_batch_identically_and_checkpoints_load(ra
 def test_bad_config_is_a_clear_error(manifest, tmp_path):
     with pytest.raises(ConfigError, match="zero_stage"):
         sft_config(manifest, tmp_path, zero_stage=1)
+    with pytest.raises(ConfigError, match="hidden size"):  # caught on the driver, before any worker starts
+        run_sft(sft_config(manifest, tmp_path, model={"profile": "tiny", "policy": {"hidden_size": 128}}))
     with pytest.raises(ConfigError, match="no held-out pairs"):
         run_sft(sft_config(manifest, tmp_path, val_split="nonexistent"))
 

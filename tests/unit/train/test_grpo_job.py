@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rau_ray.config import from_dict
-from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError, DataError
@@ -20,11 +19,8 @@ from rau_ray.train.run import STATE, WEIGHTS
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_unit") / "ct"
-    make_dataset(MakeConfig("ct-abdomen", n=4, out=str(out), size=64, slices_per_subject=1), backend="local",
-                 progress=False)
-    return str(out / "manifest.jsonl")
+def manifest(ct_manifest):
+    return ct_manifest(n=4, size=64, slices=1)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,14 @@ import pytest
 import torch
 
 from rau_ray.config import from_dict
-from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.manifest import read_manifest
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.train.seg import PromptedSAM2, SegJobConfig, build_seg_trainer, seg_items
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seg_data") / "ct"
-    make_dataset(MakeConfig("ct-abdomen", n=5, out=str(out), size=64, slices_per_subject=2), backend="local",
-                 progress=False)
-    return str(out / "manifest.jsonl")
+def manifest(ct_manifest):
+    return ct_manifest(n=5, size=64, slices=2)
 
 
 def job(manifest, **fields) -> SegJobConfig:

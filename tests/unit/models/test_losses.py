@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from rau_ray.errors import DataError
-from rau_ray.train.losses import dice_loss, focal_dice_loss, sample_corrective_points
+from rau_ray.models.losses import dice_loss, focal_dice_loss, sample_corrective_points
 
 
 def _square(size=32, y0=8, y1=24, x0=8, x1=24):
