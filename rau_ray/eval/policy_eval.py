@@ -1,34 +1,15 @@
-"""Score the policy's generated answers against the truth of task items: format validity and task accuracy.
+"""Evaluate the policy's generated answers on task items: format validity and task accuracy, per task.
 
-Accuracy is the field's: labeling -> the label is right; grounding / segmentation -> IoU of the answered box with
-the true one; all boxes -> mean IoU over the true structures, each answered label's box compared with its truth.
-Use: ``score_answer(text, truth)`` -> {"format": 0|1, "accuracy": float};
-``evaluate_policy(policy, examples, items)`` -> {"format": rate, "accuracy": mean, "label_accuracy": ...}.
+Scoring is ``rau_ray.eval.scoring`` (the one definition, shared with the GRPO rewards); ``score_answer`` is
+re-exported here. Use: ``evaluate_policy(policy, examples, items)`` -> sums per task, ``means(totals)`` -> rates
+{"format", "accuracy", "<task>_format", "<task>_accuracy"}.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from rau_ray.eval.scoring import score_answer
 
-from rau_ray.eval.metrics import box_iou
-from rau_ray.models import prompts
-
-
-def score_answer(text: str, truth: dict) -> dict[str, float]:
-    """``truth`` as ``PolicyExamples.truth`` gives it. Malformed answers score 0 on both."""
-    parsed = prompts.parse_answer(text, truth["task"], image_size=truth.get("image_size"))
-    if not parsed:
-        return {"format": 0.0, "accuracy": 0.0}
-    task = truth["task"]
-    if task == "label":
-        accuracy = float(parsed.label == truth["label"])
-    elif task in ("ground", "segment"):
-        accuracy = float(box_iou(parsed.box, truth["box"])) if parsed.box and truth["box"] else 0.0
-    else:  # all_boxes
-        answered = dict(parsed.boxes)
-        accuracy = float(np.mean([box_iou(answered[name], box) if name in answered else 0.0
-                                  for name, box in truth["boxes"].items()])) if truth["boxes"] else 0.0
-    return {"format": 1.0, "accuracy": accuracy}
+__all__ = ["evaluate_policy", "means", "score_answer"]
 
 
 def evaluate_policy(policy, examples, items: list[dict], max_new_tokens: int = 128,

@@ -9,15 +9,15 @@ other dataset columns arrive as keyword lists, one value per completion:
 - ``image_size``: ``[width, height]`` of that resized target (valid coordinates lie inside it);
 - for ``MaskDiceReward`` also ``manifest``, ``reference``, ``target`` (manifest row ids) and ``structure``.
 
-Rewards (each in [0, 1]; a completion that is garbage in any way scores 0, nothing here raises on model output):
+Rewards (each in [0, 1]; a completion that is garbage in any way scores 0, nothing here raises on model output).
+Format and accuracy are ``rau_ray.eval.scoring``'s, the same definitions eval reports:
 
-- ``format_reward``: strict ``<think>...</think><answer>{JSON}</answer>`` with the task's fields and coordinates
-  inside the image is worth 1; partial credit on the way there (right tags 0.25, + valid JSON 0.5, + the task's
-  fields 0.75) gives a random policy a slope to climb.
-- ``accuracy_reward``: label task: the named structure is right (1/0); ground/segment: graded box IoU with the
-  true box, if the answer names the asked structure (a correct ``null`` for an absent one is 1); all_boxes: mean IoU after optimal-transport matching
-  of the predicted boxes to the true ones (``rau_ray.eval.matching``, the assignment eval uses), averaged over
-  max(#predicted, #true) so missing and surplus boxes both cost.
+- ``format_reward``: ``scoring.format_credit``: strict ``<think>...</think><answer>{JSON}</answer>`` with the task's
+  fields and coordinates inside the image is worth 1; partial credit on the way there (right tags 0.25, + valid
+  JSON 0.5, + the task's fields 0.75) gives a random policy a slope to climb.
+- ``accuracy_reward``: ``scoring.answer_accuracy`` against the parsed ``solution``: label right (1/0); ground /
+  segment: box IoU if the answer names the asked structure (a correct ``null`` for an absent one is 1); all_boxes:
+  IoU after optimal-transport matching of predicted to true boxes, over max(#predicted, #true).
 - ``MaskDiceReward`` (optional): for segment answers the ``<Seg>`` hidden state goes through the RAU segmenter
   (SAM2 built once, by whoever constructs the object) and the mask's Dice with the true mask is the reward;
   ``None`` (left out of trl's means) for other tasks.
@@ -37,13 +37,10 @@ from typing import Any, Callable
 import numpy as np
 
 from rau_ray.errors import ConfigError
-from rau_ray.eval.matching import MatchConfig, assign
-from rau_ray.eval.metrics import box_iou, dice
-from rau_ray.models.prompts import Answer, parse_answer
-
-# credit for a completion that got this far before the parser stopped it (``FormatError.reason``)
-FORMAT_CREDIT = {"structure": 0.0, "too_long": 0.0, "task": 0.0, "json": 0.25, "field": 0.5, "box": 0.75}
-MATCH = MatchConfig(method="emd")  # exact transport, as eval assigns labels to an all_boxes answer
+from rau_ray.eval import scoring
+from rau_ray.eval.metrics import dice
+from rau_ray.eval.scoring import FORMAT_CREDIT, MATCH, matched_mean_iou  # noqa: F401  (re-exported)
+from rau_ray.models.prompts import parse_answer
 
 
 def completion_text(completion: Any) -> str | None:
@@ -76,16 +73,7 @@ def _column(values, name: str, n: int, optional: bool = False) -> list:
     return list(values)
 
 
-def _size(value) -> tuple[float, float] | None:
-    try:
-        w, h = (float(v) for v in value)
-        return (w, h) if w > 0 and h > 0 else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _norm(label) -> str:
-    return label.strip().casefold() if isinstance(label, str) else ""
+_size = scoring.image_size
 
 
 def _safe(fn: Callable[[], float]) -> float:
@@ -96,15 +84,9 @@ def _safe(fn: Callable[[], float]) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def _truth(solution, task: str) -> Answer | None:
-    truth = parse_answer(solution, task)
-    return truth if truth else None
-
-
 def format_score(text, task: str, image_size=None) -> float:
-    """Format credit of one completion (see module doc)."""
-    parsed = parse_answer(text, task, image_size=_size(image_size))
-    return 1.0 if parsed else FORMAT_CREDIT.get(parsed.reason, 0.0)
+    """Format credit of one completion (``scoring.format_credit``)."""
+    return scoring.format_credit(text, task, image_size)
 
 
 def format_reward(prompts, completions, task=None, image_size=None, **kwargs) -> list[float]:
@@ -114,44 +96,12 @@ def format_reward(prompts, completions, task=None, image_size=None, **kwargs) ->
             for c, t, s in zip(completions, tasks, sizes)]
 
 
-def _box_score(pred: Answer, truth: Answer) -> float:
-    if _norm(pred.label) != _norm(truth.label):
-        return 0.0
-    if truth.box is None or pred.box is None:
-        return float(truth.box is None and pred.box is None)  # a right "absent" is full marks
-    return float(box_iou(pred.box, truth.box))
-
-
-def matched_mean_iou(pred: list[tuple[str, list[float]]], truth: list[tuple[str, list[float]]],
-                     image_size: tuple[float, float], cfg: MatchConfig = MATCH) -> float:
-    """Mean IoU of predicted boxes with the true boxes that optimal transport assigns them (the true boxes are the
-    prototypes, the predicted labels earn the label bonus), over max(#pred, #true): a miss or a surplus box is 0."""
-    if not truth:
-        return float(not pred)
-    if not pred:
-        return 0.0
-    truth_boxes = dict(truth)
-    result = assign([b for _, b in pred], image_size, truth_boxes, image_size, cfg,
-                    predicted_labels=[label for label, _ in pred])
-    total = sum(float(box_iou(box, truth_boxes[name])) for (_, box), name in zip(pred, result.labels)
-                if name is not None)
-    return total / max(len(pred), len(truth_boxes))
-
-
 def accuracy_score(text, task: str, solution, image_size=None) -> float:
-    """Accuracy of one completion against the reference answer ``solution`` (see module doc)."""
-    size = _size(image_size)
-    pred = parse_answer(text, task, image_size=size)
-    truth = _truth(solution, task)
-    if not pred or truth is None:
+    """Accuracy of one completion against the reference completion ``solution`` (``scoring.score_answer``)."""
+    truth = parse_answer(solution, task)
+    if not truth:
         return 0.0
-    if task == "label":
-        return float(_norm(pred.label) == _norm(truth.label))
-    if task in ("ground", "segment"):
-        return _box_score(pred, truth)
-    if size is None:  # all_boxes: the transport cost is in fractions of the image
-        return 0.0
-    return matched_mean_iou(pred.boxes, truth.boxes, size)
+    return scoring.score_answer(text, truth, image_size)["accuracy"]
 
 
 def accuracy_reward(prompts, completions, task=None, solution=None, image_size=None, **kwargs) -> list[float]:
