@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from rau_ray.errors import RauError
@@ -86,6 +87,12 @@ def _train(a: argparse.Namespace) -> dict:
     from rau_ray.train.jobs import overrides, run_job
 
     return run_job(a.job, a.config, overrides(a))
+
+
+def _eval(a: argparse.Namespace) -> dict:
+    from rau_ray.eval.evaluate import config_from_args, run_eval
+
+    return run_eval(config_from_args(a), command=" ".join(["rau", *map(shlex.quote, sys.argv[1:])]))
 
 
 def _demo(a: argparse.Namespace) -> dict:
@@ -173,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("job", choices=("sft", "grpo", "seg"), help="which training job")
     add_arguments(train)
     train.set_defaults(func=_train)
+
+    from rau_ray.eval.evaluate import add_arguments as eval_arguments
+
+    ev = sub.add_parser("eval", help="evaluation report on held-out targets: labeling, segmentation, retrieval, "
+                                     "latency, 3D (Ray actors)")
+    eval_arguments(ev)
+    ev.set_defaults(func=_eval)
     return p
 
 

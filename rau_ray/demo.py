@@ -3,7 +3,8 @@
 Today: phantom datasets of every modality generated in parallel on Ray, a preview picture of them, a 3D volume
 round-tripped through NIfTI + dataset.json import, a reference bank built on Ray, retrieval recall, one RAU
 ``predict`` (tiny, untrained) drawn as a picture, then short training runs on Ray Train (SFT -> GRPO, segmenter)
-with their learning curves. Later stages (eval, serve) join as they land.
+with their learning curves, and last the evaluation report of those checkpoints on the held-out subjects of every
+dataset and the held-out 3D volumes (``runs/demo/eval/report.md``). Serving joins when it lands.
 Use: ``rau demo --out runs/demo``.
 """
 
@@ -80,6 +81,25 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
     return results
 
 
+def run_evaluation(out: Path, train: dict, seed: int = 0, targets: int = 8) -> dict:
+    """``rau eval`` of the demo's checkpoints on the held-out subjects of every phantom dataset and the held-out 3D
+    volumes; the report lands in ``out/eval/report.md``."""
+    from rau_ray.eval.evaluate import EvalConfig, run_eval
+
+    manifests = [str(out / "data" / name / "manifest.jsonl") for name in PHANTOMS]
+    checkpoints = [r["checkpoint"] for r in train.values() if r.get("checkpoint")]
+    volumes, structures = str(out / "data" / "ct-abdomen-3d" / "dataset.json"), "liver,spleen,right kidney,left kidney"
+    cfg = EvalConfig(manifests=tuple(manifests), out=str(out / "eval"), checkpoints=tuple(checkpoints),
+                     volumes=(volumes,), volume_structures=tuple(structures.split(",")), max_targets=targets,
+                     seg_structures=3, seed=seed)
+    command = " ".join(["rau eval", *[f"--manifest {m}" for m in manifests],
+                        *[f"--checkpoint {c}" for c in checkpoints], f"--volumes {volumes}",
+                        f"--volume-structures '{structures}'", f"--max-targets {targets}",
+                        f"--seg-structures 3 --seed {seed} --out {out / 'eval'}"])
+    print(f"evaluation: {len(checkpoints)} checkpoints on {len(manifests)} datasets", flush=True)
+    return run_eval(cfg, command=f"{command}   (run by rau demo)")
+
+
 def _draw_prediction(image, truth, prediction, path: Path) -> None:
     import io
 
@@ -106,7 +126,7 @@ def _draw_prediction(image, truth, prediction, path: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192,
-             train_steps: dict[str, int] = DEMO_STEPS) -> dict:
+             train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 8) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     ray = ray_session.connect()
@@ -123,8 +143,10 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
     report["models"] = run_models(out)
     report["train"] = run_training(out, train_steps)
+    report["eval"] = run_evaluation(out, report["train"], seed, eval_targets)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
-          f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}", flush=True)
+          f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}\n"
+          f"Evaluation report (held-out subjects): {report['eval']['report']}", flush=True)
     return report

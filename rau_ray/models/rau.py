@@ -5,13 +5,15 @@ with the reference's labelled boxes in the prompt, take the hidden state of its 
 is malformed — a tiny random policy's always is — the canonical answer is teacher-forced so a mask still comes out,
 and the format error is reported), encode the reference mask into SAM2 memory, decode the target's mask.
 SAM2 image embeddings are cached by image hash, so prompts on the same image skip the encoder.
-Use: ``model = RAUModel.build(get_profile("tiny"), bank_dir="banks/ct")``;
+Use: ``model = RAUModel.build(get_profile("tiny"), bank_dir="banks/ct")`` (random/base weights) or
+``RAUModel.from_checkpoint(policy="runs/train/grpo", segmenter="runs/train/seg", bank_dir="banks/ct")``;
 ``p = model.predict(image, "liver", modality="CT")`` -> label, box, mask, score, reference, reasoning, timings.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from rau_ray.data.manifest import ManifestRow, read_manifest
 from rau_ray.data.tasks import label_boxes
-from rau_ray.errors import DataError
+from rau_ray.errors import ConfigError, DataError
 from rau_ray.models import prompts
 from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.policy import load_policy
@@ -67,6 +69,7 @@ class RAUModel:
         self.cfg, self.policy, self.segmenter, self.embedder, self.bank = cfg, policy, segmenter, embedder, bank
         self._embeddings: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._manifests: dict[str, object] = {}
+        self.checkpoints: list[dict] = []  # provenance of the loaded checkpoints (from_checkpoint)
 
     @classmethod
     def build(cls, cfg: ModelConfig, bank_dir: str | None = None) -> "RAUModel":
@@ -77,6 +80,39 @@ class RAUModel:
             bank = ReferenceBank.load(bank_dir, embedder)
         segmenter = RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion)
         return cls(cfg, load_policy(cfg.policy), segmenter, embedder, bank)
+
+    @classmethod
+    def from_checkpoint(cls, policy=None, segmenter=None, bank_dir: str | None = None, profile: str = "tiny",
+                        device: str = "cpu") -> "RAUModel":
+        """The model training produced: ``policy`` an sft/grpo checkpoint (or run folder), ``segmenter`` a seg
+        (mode rau) one; each rebuilt from the config it was trained with and loaded strictly (``models.checkpoint``).
+
+        Without ``policy`` the policy is the one the segmenter trained with (its own adapter if it trained one);
+        without ``segmenter`` the segmenter's projector and fusion are untrained. Either may be a path or a
+        ``Checkpoint`` already read."""
+        from dataclasses import replace
+
+        from rau_ray.models import checkpoint as ckpt
+
+        p = ckpt.read_checkpoint(policy) if isinstance(policy, (str, os.PathLike)) else policy
+        s = ckpt.read_checkpoint(segmenter, kind="seg") if isinstance(segmenter, (str, os.PathLike)) else segmenter
+        if p is not None and p.kind not in ("sft", "grpo"):
+            raise ConfigError(f"{p.source}: a {p.kind} checkpoint, not a policy (sft or grpo) one")
+        cfg = ckpt.combined_config(p, s, profile)
+        cfg = replace(cfg, sam2=replace(cfg.sam2, device=str(device)))
+        cfg.validate()
+        the_policy = ckpt.load_policy_checkpoint(p or s, device, cfg) if (p or s) else load_policy(cfg.policy)
+        if s is not None:
+            seg = ckpt.load_segmenter_checkpoint(s, device)
+        else:
+            seg = RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).to(device).eval()
+        embedder = bank = None
+        if bank_dir is not None:
+            embedder = Embedder(cfg.retrieval)
+            bank = ReferenceBank.load(bank_dir, embedder)
+        model = cls(cfg, the_policy, seg, embedder, bank)
+        model.checkpoints = [c.describe() for c in (p, s) if c is not None]
+        return model
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def image_embedding(self, image_u8: np.ndarray) -> ImageEmbedding:

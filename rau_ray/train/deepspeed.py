@@ -1,22 +1,46 @@
-"""DeepSpeed configuration for the policy's LoRA training: ZeRO-2 by default, ZeRO-3 as an option, bf16 on GPU.
+"""DeepSpeed for the policy's LoRA training: the config (ZeRO-2 by default, ZeRO-3 as an option, bf16 on GPU) and
+the accelerate state that lets transformers' Trainer / trl's trainers run DeepSpeed on CPU workers too.
 
-Use: ``engine, *_ = deepspeed.initialize(model=m, model_parameters=params, config=deepspeed_config(2, 4, 1e-4))``.
+Use: ``args = TrainingArguments(..., deepspeed=deepspeed_config(2, 4, 1e-4))``; on CPU workers call
+``use_deepspeed_on_cpu()`` first and pass ``accelerator_config={"use_configured_state": True}``.
 """
 
 from __future__ import annotations
 
+import os
+
 
 def deepspeed_config(zero_stage: int, micro_batch: int, lr: float, bf16: bool = False,
-                     grad_clip: float = 1.0) -> dict:
+                     grad_clip: float = 1.0, grad_accumulation: int = 1) -> dict:
+    """Concrete values (no "auto"): the Trainer checks them against its arguments, which must say the same."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
+    zero = {"stage": zero_stage, "overlap_comm": False}
+    if zero_stage == 3:
+        # ZeRO-3 gathers each layer's weights for its forward/backward and frees them after. DeepSpeed's defaults
+        # keep up to 1e9 gathered parameters alive for reuse (the whole of a 7B's shard and more), which gives
+        # back the memory ZeRO-3 saves; these bounds keep a few layers' worth.
+        zero.update(stage3_max_live_parameters=int(5e7), stage3_max_reuse_distance=0,
+                    stage3_prefetch_bucket_size=int(1e7), stage3_param_persistence_threshold=int(1e4))
     return {
         "train_micro_batch_size_per_gpu": micro_batch,  # per worker, GPU or not (DeepSpeed's name)
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": grad_accumulation,
         "gradient_clipping": grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": False},  # ZeRO-3 also shards the parameters
+        "zero_optimization": zero,  # ZeRO-2: optimizer state + gradients sharded; ZeRO-3: the parameters too
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # progress goes to Ray Train metrics, not DeepSpeed's log
         "wall_clock_breakdown": False,
     }
+
+
+def use_deepspeed_on_cpu() -> None:
+    """DeepSpeed on CPU workers. accelerate's ``PartialState(cpu=False)`` looks for CUDA/XPU/NPU... to choose a
+    backend and, finding none, reports a 1-process world even inside Ray's gloo group; with ``cpu=True`` it skips
+    DeepSpeed. Built here with ``backend="gloo"`` and DeepSpeed's flag it joins Ray's group as a DeepSpeed world
+    (DeepSpeed's own CPU accelerator does the rest); ``TrainingArguments(accelerator_config={
+    "use_configured_state": True})`` then uses it instead of building its own."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(cpu=False, backend="gloo")

@@ -17,8 +17,8 @@ a restarted run resumes from the latest one and its step continues (the KL refer
 Adjustments to trl 1.16 / accelerate 1.15 / peft 0.21, each small and explained where it is made:
 - DeepSpeed on CPU workers: accelerate takes its DeepSpeed path only with an accelerator device; on CPU its own
   setup finds no backend and runs each worker as a 1-process world (the first all-gather of rewards then fails on
-  Ray's 2-process gloo group). ``_accelerate_state`` builds the state accelerate would build on a GPU, on gloo,
-  and the trainer uses it (``use_configured_state``). ``deepspeed: false`` trains with DDP over gloo instead.
+  Ray's 2-process gloo group). ``deepspeed.use_deepspeed_on_cpu`` builds the state accelerate would build on a
+  GPU, on gloo, and the trainer uses it (``use_configured_state``). ``deepspeed: false`` trains with DDP over gloo instead.
 - peft's trainable ``<Seg>`` row in the output head: ``_patch_output_head`` (trl's fused head reads its bias) and
   ``_copy_to_reference`` (trl's copy of the start adapter into its KL reference misses those rows). The same row
   rules out ZeRO-3 (see ``GRPOJobConfig.validate``); LoRA GRPO replicates the frozen base under ZeRO-2 anyway.
@@ -192,18 +192,6 @@ class Prompts:
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-def _accelerate_state() -> None:
-    """DeepSpeed on CPU workers. accelerate's ``PartialState(cpu=False)`` looks for CUDA/XPU/NPU... to choose a
-    backend and, finding none, reports a 1-process world even inside Ray's gloo group; with ``cpu=True`` it skips
-    DeepSpeed. Built here with ``backend="gloo"`` and DeepSpeed's flag it joins Ray's group as a DeepSpeed world
-    (DeepSpeed's own CPU accelerator does the rest); ``TrainingArguments(accelerator_config={
-    "use_configured_state": True})`` then uses it instead of building its own."""
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(cpu=False, backend="gloo")
-
-
 def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict]):
     """A TrainerCallback: trl's logs -> ``run.report`` on every worker (Ray Train wants all of them); at checkpoint
     steps and the last one, rank 0 also saves the adapter, the step and the history."""
@@ -273,10 +261,11 @@ def train_loop_per_worker(config: dict) -> None:
     from rau_ray.models.policy import load_policy
     from rau_ray.models.profiles import model_config_from
     from rau_ray.train import run
-    from rau_ray.train.deepspeed import deepspeed_config
+    from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
 
     cfg = from_dict(GRPOJobConfig, config["cfg"], "grpo config")
     model_cfg = model_config_from(cfg.model)
+    run.prepare_worker(cfg.scale)
     torch.manual_seed(cfg.seed)  # the same adapter init on every worker
     policy = load_policy(model_cfg.policy)
     if cfg.sft_checkpoint:
@@ -290,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
     use_ds = cfg.deepspeed
     ds_config = deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu) if use_ds else None
     if use_ds and not cfg.scale.use_gpu:
-        _accelerate_state()
+        use_deepspeed_on_cpu()
     tb_dir = tensorboard_dir(cfg)
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir  # read by transformers' TensorBoardCallback (rank 0 only)

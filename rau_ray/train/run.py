@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,25 +111,46 @@ def materialized(items: list[dict], seed: int):
     return ray.data.from_items(items).random_shuffle(seed=seed).materialize()
 
 
-def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None):
-    """Run ``loop(loop_config)`` on ``scale.num_workers`` Ray Train workers; returns Ray Train's Result.
+_RUN_CALLBACKS: ContextVar[tuple] = ContextVar("rau_run_callbacks", default=())
 
-    A failed run (after ``max_failures`` restarts) raises ``ray.train.TrainingFailedError``."""
+
+@contextmanager
+def run_callbacks(*callbacks):
+    """Within the block, every ``fit`` in this thread also hands ``callbacks`` (Ray Train ``UserCallback``s) to the
+    trainer's RunConfig: how a Ray Tune trial forwards a job's reports to Tune (``rau_ray.tune``) while the job itself
+    stays unaware that it runs inside a sweep."""
+    token = _RUN_CALLBACKS.set(_RUN_CALLBACKS.get() + tuple(callbacks))
+    try:
+        yield
+    finally:
+        _RUN_CALLBACKS.reset(token)
+
+
+def build_trainer(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None,
+                  callbacks: tuple | list = ()):
+    """The ``TorchTrainer`` that runs ``loop(loop_config)`` on ``scale.num_workers`` workers (not started)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rau_ray import ray_session
-
-    ray_session.connect()
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets or {},
         scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(storage_path=scale.storage(), name=name,
                              failure_config=FailureConfig(max_failures=scale.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints)))
-    return trainer.fit()
+                             checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints),
+                             callbacks=list(callbacks) or None))
+
+
+def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None):
+    """Run ``loop(loop_config)`` on ``scale.num_workers`` Ray Train workers; returns Ray Train's Result.
+
+    A failed run (after ``max_failures`` restarts) raises ``ray.train.TrainingFailedError``."""
+    from rau_ray import ray_session
+
+    ray_session.connect()
+    return build_trainer(loop, loop_config, scale, name, datasets, _RUN_CALLBACKS.get()).fit()
 
 
 def shard_batches(shard, batch_size: int, seed: int):
@@ -147,11 +170,28 @@ def shard_batches(shard, batch_size: int, seed: int):
         epoch += 1
 
 
-def pin_threads(scale: ScaleConfig) -> int:
-    """Torch threads = the CPUs this worker reserved (at least 1), so workers on one node do not oversubscribe it."""
+def prepare_worker(scale: ScaleConfig) -> int:
+    """Start of every worker loop: torch threads = the CPUs this worker reserved (at least 1), so workers on one
+    node do not oversubscribe it; freed large tensors go back to the OS (``return_freed_memory``). Returns threads."""
     threads = max(1, int(scale.cpus_per_worker))
     torch.set_num_threads(threads)
+    return_freed_memory()
     return threads
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes: every larger allocation (a gathered ZeRO-3 layer, an
+    activation) is its own mapping and goes back to the OS when freed. glibc otherwise raises the threshold after
+    each such free, later ones come from the heap, and the process keeps every peak it ever had: a worker's memory
+    would show its worst step, not what its ZeRO stage holds. False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def local_rank_zero_first(build):

@@ -245,8 +245,8 @@ class PromptedSAM2(nn.Module):
         labels = np.full((len(masks), 2), -1, np.int64)
         for i, (m, kind) in enumerate(zip(masks, kinds)):
             box = mask_to_box(m)
-            if box is None:
-                raise DataError("a training mask is empty at SAM2's input size: nothing to prompt for")
+            if box is None:  # a small structure vanished at SAM2's input size: no prompt, and nothing to find
+                continue
             if kind == "box":
                 coords[i], labels[i] = [[box[0], box[1]], [box[2], box[3]]], [2, 3]
             else:  # a click inside the structure: the corrective click for an empty prediction
@@ -598,7 +598,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
-    run.pin_threads(cfg.scale)
+    run.prepare_worker(cfg.scale)
     trainer = run.local_rank_zero_first(lambda: build_seg_trainer(cfg, device))  # tiny models built once per node
     resumed = run.resume()
     if resumed.weights is not None:

@@ -1,18 +1,21 @@
-"""Supervised fine-tuning of the policy on Ray Train + DeepSpeed: LoRA (and the ``<Seg>`` rows) on task pairs.
+"""Supervised fine-tuning of the policy on Ray Train: transformers' ``Trainer`` with DeepSpeed in every worker.
 
 The driver builds reference-target task items from a manifest (``rau_ray.data.tasks.make_pairs``) and hands them to
-Ray Data; each ``TorchTrainer`` worker streams its shard, builds the chat inputs with two images per sample (loss on
-the answer only), and steps a DeepSpeed engine around the peft model (ZeRO-2 by default; ZeRO-3 also shards the
-frozen base weights, loaded partitioned through transformers' DeepSpeed integration). Every ``eval_every`` steps
-all ranks answer their slice of the held-out items greedily and the scores are summed across ranks. Checkpoints
-(adapter + step + history) go to Ray Train; a restarted run resumes from the latest, so the global step continues.
-Scale by changing ``scale.num_workers`` / ``scale.use_gpu``.
+Ray Data; each ``TorchTrainer`` worker reads its shard, builds the chat inputs with two images per sample (loss on
+the answer only: ``Policy.inputs_for``) and trains the peft policy (LoRA + the ``<Seg>`` rows) with a
+``transformers.Trainer`` over DeepSpeed (ZeRO-2 by default, ZeRO-3 also shards the frozen base weights; on CPU
+workers through ``deepspeed.use_deepspeed_on_cpu``). As Ray Train's ``prepare_trainer`` does for Ray Data, the
+Trainer's dataloader is the worker's own shard, never split over the ranks again. Every ``eval_every`` steps all
+ranks answer their slice of the held-out items greedily and the scores are summed across ranks. A callback sends
+the Trainer's logs to Ray Train with checkpoints (adapter + step + history); a restarted run resumes from the
+latest, so the global step continues. Scale by changing ``scale.num_workers`` / ``scale.use_gpu``.
 Use: ``rau train sft --config jobs/configs/sft-tiny.yaml`` or ``run_sft(SFTConfig(manifest=...))``.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -32,10 +35,12 @@ class SFTConfig:
     val_split: str = "val"  # other subjects than training: accuracy there is what generalises
     tasks: tuple[str, ...] = ("label", "ground", "all_boxes", "segment")
     zero_stage: int = 2  # DeepSpeed ZeRO: 2 shards optimizer state + gradients, 3 also the parameters
-    batch_size: int = 4  # per worker and step
+    batch_size: int = 4  # per worker and forward pass
+    grad_accumulation: int = 1  # forward passes per optimizer step: a larger batch without its activations
+    gradient_checkpointing: bool = False  # recompute activations in backward: off for tiny, on for the 7B
     lr: float = 2e-4  # LoRA's usual rate on a pretrained 7B; the tiny config raises it (random base, few steps)
     epochs: int = 1
-    max_steps: int = 0  # 0: run the epochs out
+    max_steps: int = 0  # optimizer steps; 0: run the epochs out
     log_every: int = 10  # steps between metric reports (each is a sync of all workers)
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
     eval_items: int = 24  # held-out items evaluated (split over the ranks); generation is the slow part
@@ -44,8 +49,8 @@ class SFTConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ConfigError("batch_size and epochs must be at least 1")
+        if self.batch_size < 1 or self.epochs < 1 or self.grad_accumulation < 1:
+            raise ConfigError("batch_size, grad_accumulation and epochs must be at least 1")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
         if self.log_every < 1 or self.checkpoint_every < 1:
@@ -92,77 +97,149 @@ def evaluate(policy, examples, items: list[dict], cfg: SFTConfig, rank: int, wor
     return {f"val_{k}": v for k, v in means(_all_sum(totals, keys)).items()}
 
 
+class ShardBatches(torch.utils.data.IterableDataset):
+    """This worker's Ray Data shard as collated policy inputs, one forward pass each, endless (the Trainer stops
+    at ``max_steps``); a resumed run skips the batches it trained on before. Counts the answer tokens it yields."""
+
+    def __init__(self, shard, policy, batch_size: int, seed: int, skip: int):
+        from rau_ray.train.policy_examples import PolicyExamples
+
+        super().__init__()
+        self.shard, self.policy, self.batch_size, self.seed, self.skip = shard, policy, batch_size, seed, skip
+        self.examples = PolicyExamples(policy.processor)
+        self.epoch, self.tokens = 0, 0
+
+    def __iter__(self):
+        from rau_ray.train import run
+
+        for seen, (epoch, items) in enumerate(run.shard_batches(self.shard, self.batch_size, self.seed), 1):
+            if seen <= self.skip:
+                continue
+            pairs = [self.examples.example(item) for item in items]
+            inputs = self.policy.inputs_for([m for m, _ in pairs], [c for _, c in pairs])
+            self.epoch = epoch
+            self.tokens += int((inputs["labels"] != -100).sum())
+            yield dict(inputs)
+
+
+def _trainer(**kwargs):
+    """A ``transformers.Trainer`` whose dataloader is the worker's own shard (Ray Train's ``prepare_trainer`` does
+    the same for Ray Data iterables): accelerate must not split it over the ranks a second time."""
+    from torch.utils.data import DataLoader
+    from transformers import PrinterCallback, Trainer
+
+    class ShardTrainer(Trainer):
+        def get_train_dataloader(self):
+            return DataLoader(self.train_dataset, batch_size=None)  # batches come collated
+
+    trainer = ShardTrainer(**kwargs)
+    trainer.remove_callback(PrinterCallback)  # the logs go to Ray Train (and the run's history) instead
+    return trainer
+
+
+def _callback(cfg: SFTConfig, policy, batches: ShardBatches, config: dict, resumed, rank: int, world: int):
+    """Trainer logs -> ``run.report`` on every worker, with throughput, memory and (every ``eval_every`` steps and
+    at the end) held-out scores; at checkpoint steps and the last one, rank 0 also saves adapter, step, history."""
+    from transformers import TrainerCallback
+
+    from rau_ray.train import run
+
+    history, start = resumed.history, resumed.step
+    samples_per_step = cfg.batch_size * cfg.grad_accumulation * world
+
+    class ReportToRay(TrainerCallback):
+        def __init__(self):
+            self.scores: dict[str, float] = {}
+            self.rss: list[float] = []
+            self.t0, self.eval_s, self.last_step = time.perf_counter(), 0.0, 0
+
+        def report(self, metrics: dict, step: int, model=None) -> None:
+            row = {"step": step, "resumed_from": start, **metrics}
+            history.append(row)
+            save = model is not None
+            weights = trainable_state(model, cfg.zero_stage) if save else None
+            run.report(row, weights=weights, step=step, history=history, config=config["cfg"])
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if start == 0 and cfg.eval_every:
+                self.report(evaluate(policy, batches.examples, config["val_items"], cfg, rank, world), step=0)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step, last = start + state.global_step, state.global_step >= state.max_steps
+            self.rss.append(run.rss_mb())
+            if step % cfg.checkpoint_every == 0 or last:
+                control.should_log = True
+            if cfg.eval_every and step % cfg.eval_every == 0 or last:
+                t = time.perf_counter()
+                self.scores = evaluate(policy, batches.examples, config["val_items"], cfg, rank, world)
+                self.eval_s += time.perf_counter() - t
+                control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if not logs or "train_runtime" in logs:  # the end-of-training summary is not a step
+                return
+            step = start + state.global_step
+            elapsed = time.perf_counter() - self.t0 - self.eval_s
+            steps = state.global_step - self.last_step
+            metrics = {"epoch": batches.epoch, "loss": float(logs["loss"]),
+                       "grad_norm": float(logs.get("grad_norm", float("nan"))),
+                       "samples_per_s": steps * samples_per_step / elapsed, "tokens_per_s": batches.tokens * world
+                       / elapsed, "rss_mb": max(self.rss, default=run.rss_mb()), "peak_rss_mb": run.peak_rss_mb(),
+                       **self.scores}
+            metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            save = step % cfg.checkpoint_every == 0 or state.global_step >= state.max_steps
+            self.report(metrics, step, model if save else None)
+            self.scores, self.rss, self.eval_s, self.last_step = {}, [], 0.0, state.global_step
+            batches.tokens, self.t0 = 0, time.perf_counter()
+
+    return ReportToRay()
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker; ``config``: "cfg" (SFTConfig as a dict), "val_items" (held-out task items),
     "total_steps" (where the run ends: max_steps, or the epochs' worth of this worker's shard)."""
-    import deepspeed
     import ray.train
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers import TrainingArguments
 
     from rau_ray.config import from_dict
     from rau_ray.models.policy import load_policy
     from rau_ray.models.profiles import model_config_from
     from rau_ray.train import run
-    from rau_ray.train.deepspeed import deepspeed_config
-    from rau_ray.train.policy_examples import PolicyExamples
+    from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
 
     cfg = from_dict(SFTConfig, config["cfg"], "sft config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    ds_config = deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu)
-    run.pin_threads(cfg.scale)
-    torch.manual_seed(cfg.seed)  # the same LoRA init on every worker
-    # Loaded whole, then partitioned by deepspeed.initialize under ZeRO-3: peft's trainable <Seg> rows cannot be
-    # set up on a model loaded partitioned except on CUDA (peft gathers them with a CUDA tensor).
-    policy = run.local_rank_zero_first(lambda: load_policy(model_config_from(cfg.model).policy))
-    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- kept alive: ZeRO-3 generation runs ranks in lockstep
+    run.prepare_worker(cfg.scale)
     resumed = run.resume()
+    if config["total_steps"] - resumed.step <= 0:
+        return  # a finished run restarted: nothing left to do
+    torch.manual_seed(cfg.seed)  # the same LoRA init on every worker
+    # Loaded whole, then partitioned when DeepSpeed starts under ZeRO-3: peft sets up its trainable <Seg> rows on a
+    # model loaded partitioned (zero.Init) only on CUDA. On CPU that costs nothing after the start (measured).
+    policy = run.local_rank_zero_first(lambda: load_policy(model_config_from(cfg.model).policy))
     if resumed.weights is not None:
-        load_trainable(policy.model, resumed.weights, cfg.zero_stage)
-    step, history = resumed.step, resumed.history
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=policy.model, model_parameters=params, config=ds_config)
-    examples = PolicyExamples(policy.processor)
-    val_items = config["val_items"]
-    shard = ray.train.get_dataset_shard("train")
-
-    def log(metrics: dict, save: bool) -> None:
-        row = {"step": step, "resumed_from": resumed.step, **metrics}
-        history.append(row)
-        weights = run_state() if save else None
-        run.report(row, weights=weights, step=step, history=history, config=asdict(cfg))
-
-    def run_state():
-        return trainable_state(engine.module, cfg.zero_stage)
-
-    if step == 0 and cfg.eval_every:
-        log(evaluate(policy, examples, val_items, cfg, rank, world), save=False)
-    seen, losses, rss, tokens, t0 = 0, [], [], 0, time.perf_counter()
-    for epoch, items in run.shard_batches(shard, cfg.batch_size, cfg.seed):
-        seen += 1
-        if seen <= resumed.step:
-            continue  # resumed: these batches were trained on before the restart
-        pairs = [examples.example(item) for item in items]
-        inputs = policy.inputs_for([m for m, _ in pairs], [c for _, c in pairs])
-        loss = engine(**inputs).loss
-        engine.backward(loss)
-        engine.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        rss.append(run.rss_mb())
-        tokens += int((inputs["labels"] != -100).sum())
-        last = step >= config["total_steps"]
-        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
-            elapsed = time.perf_counter() - t0
-            metrics = {"epoch": epoch, "loss": sum(losses) / len(losses),
-                       "samples_per_s": len(losses) * cfg.batch_size * world / elapsed,
-                       "tokens_per_s": tokens * world / elapsed, "rss_mb": max(rss), "peak_rss_mb": run.peak_rss_mb()}
-            if cfg.eval_every and step % cfg.eval_every == 0 or last:
-                metrics.update(evaluate(policy, examples, val_items, cfg, rank, world))
-            log(metrics, save=step % cfg.checkpoint_every == 0 or last)
-            losses, rss, tokens, t0 = [], [], 0, time.perf_counter()
-        if last:
-            break
+        load_trainable(policy.model, resumed.weights)
+    if not cfg.scale.use_gpu:
+        use_deepspeed_on_cpu()
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="rau-sft-"),  # nothing is saved there: Ray Train keeps checkpoints
+        max_steps=config["total_steps"] - resumed.step, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accumulation, learning_rate=cfg.lr, weight_decay=0.0,
+        lr_scheduler_type="constant",  # a resumed run continues at the same rate
+        max_grad_norm=1.0, logging_steps=cfg.log_every, save_strategy="no", report_to=[], label_names=["labels"],
+        seed=cfg.seed, bf16=cfg.scale.use_gpu, gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # LoRA: the frozen inputs need no grad
+        deepspeed=deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu,
+                                   grad_accumulation=cfg.grad_accumulation),
+        accelerator_config={"use_configured_state": True} if not cfg.scale.use_gpu else None,
+        dataloader_num_workers=0, disable_tqdm=True)
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), policy, cfg.batch_size, cfg.seed,
+                           skip=resumed.step * cfg.grad_accumulation)
+    trainer = _trainer(model=policy.model, args=args, train_dataset=batches,
+                       callbacks=[_callback(cfg, policy, batches, config, resumed, rank, world)])
+    trainer.train()
 
 
 def run_sft(cfg: SFTConfig):
@@ -184,7 +261,7 @@ def run_sft(cfg: SFTConfig):
     per_worker = len(items) // cfg.scale.num_workers  # Ray Data's equal split of the shuffled items
     if per_worker == 0:
         raise ConfigError(f"{cfg.manifest}: {len(items)} training pairs cannot feed {cfg.scale.num_workers} workers")
-    total_steps = cfg.epochs * math.ceil(per_worker / cfg.batch_size)
+    total_steps = cfg.epochs * math.ceil(per_worker / (cfg.batch_size * cfg.grad_accumulation))
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     loop_config = {"cfg": asdict(cfg), "val_items": val_items, "total_steps": total_steps}
     return run.fit(train_loop_per_worker, loop_config, cfg.scale, cfg.name,

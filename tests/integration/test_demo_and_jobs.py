@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
-    report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps={"sft": 4, "grpo": 2, "seg": 4})
+    report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps={"sft": 4, "grpo": 2, "seg": 4},
+                      eval_targets=2)
     assert set(report["datasets"]) == {"ct-abdomen", "xray-angio", "ultrasound", "xray-msk"}
     assert report["datasets"]["ct-abdomen"]["samples"] == 24
     assert read_manifest(tmp_path / "demo" / "data" / "ct-abdomen-3d-imported").rows
@@ -36,6 +37,12 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
             drawn += 1
     assert drawn >= 1
     assert {"rewards/format/mean", "rewards/accuracy/mean", "kl"} <= set(train["grpo"]["metrics"])
+    ev = report["eval"]  # the demo ends with the evaluation report of its checkpoints
+    assert Path(ev["report"]).name == "report.md" and "| seed | 0 |" in Path(ev["report"]).read_text()
+    assert set(ev["labeling"]) == set(ev["segmentation_dice"]) == set(report["datasets"])
+    assert all(0 <= ev["labeling"][ds][row] <= 1 for ds in ev["labeling"] for row in ("SFT", "GRPO", "GRPO+OT"))
+    assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["VLM+SAM2"] <= 1 and ev["volumes_dice"]
+    assert Path(ev["pictures"]["gallery"]).stat().st_size > 5_000
 
 
 def test_make_data_job_with_config(ray_cluster, tmp_path):

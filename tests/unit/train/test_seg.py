@@ -106,3 +106,12 @@ def test_interactive_rounds_add_clicks_and_feed_the_previous_mask(manifest):
     assert labels[0][0].tolist() == [2, 3] and labels[0][1].tolist() == [1, -1]  # box corners; one point + pad
     assert calls[0][1] is None and all(c[1] is not None for c in calls[1:])  # previous logits as the mask prompt
     assert set(labels[1][:, 2:].flatten().tolist()) <= {-1, 0, 1}
+
+
+def test_a_structure_that_vanished_at_sam2_size_gets_no_prompt():
+    # a small organ can disappear when a 192 px slice is resized to the tiny SAM2's 128 px: train on "nothing here"
+    masks = np.zeros((2, 16, 16), bool)
+    masks[1, 4:9, 6:12] = True
+    coords, labels = PromptedSAM2.first_prompts(masks, ["box", "box"], np.random.default_rng(0))
+    assert (labels[0] == -1).all()  # padding only: no prompt for the empty mask
+    assert labels[1].tolist() == [2, 3] and coords[1].tolist() == [[6, 4], [12, 9]]  # mask_to_box: end-exclusive

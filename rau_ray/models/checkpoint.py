@@ -1,0 +1,244 @@
+"""The one checkpoint loader: a training run's checkpoint folder -> the model it trained, weights loaded exactly.
+
+A checkpoint folder (written by ``rau train sft|grpo|seg``) holds ``weights.safetensors`` (only what the job trained),
+``train_state.json`` ({"step", "config": the job's config, whose ``model`` section rebuilds the model}) and
+``history.jsonl`` (the metric rows). Its kind follows from the config: ``sft`` / ``grpo`` (a policy adapter: LoRA +
+the ``<Seg>`` rows, named as peft's ``get_peft_model_state_dict``), ``seg`` (RAU's projector + memory fusion + SAM2
+mask decoder, named as ``RAUSegmenter.trainable_state_dict``, plus ``policy.``-prefixed adapter keys when the
+policy's LoRA trained too) or ``cbam`` (SAM2's CBAM + LoRA (+ decoder) parameters, named as in the SAM2 model).
+Loading is strict: a missing or unexpected tensor name is a DataError, a shape that does not fit the rebuilt model a
+ConfigError. Safetensors only, never pickle. A run folder (``checkpoint_*/`` inside, or its ``summary.json``) means
+its latest checkpoint; ``s3://``, ``gs://`` and ``file://`` URIs are copied to a local temp folder first (pyarrow).
+Use: ``ck = read_checkpoint("runs/train/sft")``; ``policy = load_policy_checkpoint(ck)``;
+``RAUModel.from_checkpoint(policy="runs/train/grpo", segmenter="runs/train/seg", bank_dir="banks/ct")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from rau_ray.errors import ConfigError, DataError
+
+# the names rau_ray.train.run writes (models never import train)
+WEIGHTS = "weights.safetensors"
+STATE = "train_state.json"
+HISTORY = "history.jsonl"
+KINDS = ("sft", "grpo", "seg", "cbam")
+POLICY_PREFIX = "policy."  # a seg checkpoint that trained the policy's LoRA too keeps the adapter under this prefix
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the local checkpoint folder
+    kind: str  # sft | grpo | seg | cbam
+    step: int
+    config: dict  # the training job's config (train_state.json)
+    weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    source: str = ""  # what was asked for (a run folder, a URI), for reports
+
+    @property
+    def model_section(self) -> dict:
+        section = self.config.get("model")
+        return section if isinstance(section, dict) else {"profile": "tiny"}
+
+    def model_config(self):
+        """The ModelConfig the job trained (profile + its overrides; cbam's decoder flag as the job set it)."""
+        from rau_ray.models.profiles import model_config_from
+
+        cfg = model_config_from(self.model_section, f"{self.path / STATE}: model")
+        if self.kind == "cbam":
+            cfg = replace(cfg, cbam_lora=replace(cfg.cbam_lora, train_mask_decoder=bool(
+                self.config.get("train_mask_decoder", True))))
+        return cfg
+
+    def history(self) -> list[dict]:
+        path = self.path / HISTORY
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def describe(self) -> dict:
+        """Provenance for reports: where, what kind, which step, trained on which manifest."""
+        return {"kind": self.kind, "path": str(self.path), "source": self.source, "step": self.step,
+                "run": self.config.get("name"), "manifest": self.config.get("manifest"),
+                "train_split": self.config.get("split", self.config.get("train_split")),
+                "seed": self.config.get("seed")}
+
+
+def checkpoint_kind(config: dict, where: str = "checkpoint") -> str:
+    """sft / grpo / seg / cbam from the job config a checkpoint recorded."""
+    if not isinstance(config, dict):
+        raise DataError(f"{where}: train_state.json has no job config")
+    if "mode" in config:
+        if config["mode"] == "rau":
+            return "seg"
+        if config["mode"] == "cbam-lora":
+            return "cbam"
+        raise DataError(f"{where}: unknown segmenter mode {config['mode']!r}")
+    if "num_generations" in config:
+        return "grpo"
+    if "zero_stage" in config and "tasks" in config:
+        return "sft"
+    raise DataError(f"{where}: cannot tell which training job wrote this checkpoint (its config names no mode, "
+                    "num_generations or zero_stage)")
+
+
+def _localise(source: str) -> Path:
+    """A local folder for ``source``; a URI's folder is copied into a temp folder (pyarrow filesystems)."""
+    if "://" not in source:
+        return Path(source).expanduser()
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(source)
+        local = Path(tempfile.mkdtemp(prefix="rau-checkpoint-"))
+        fs.copy_files(path, str(local), source_filesystem=filesystem)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{source}: cannot read ({e})") from None
+    return local
+
+
+def _step(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / STATE).read_text()).get("step", -1))
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """The checkpoint folder ``source`` means: itself, or the latest (highest step) ``checkpoint_*`` of a run."""
+    folder = _localise(str(source))
+    if not folder.is_dir():
+        raise DataError(f"{source}: no such checkpoint folder")
+    if (folder / WEIGHTS).is_file() and (folder / STATE).is_file():
+        return folder.resolve()
+    candidates = [p for p in folder.glob("checkpoint_*") if (p / WEIGHTS).is_file() and (p / STATE).is_file()]
+    if not candidates and (folder / "summary.json").is_file():
+        try:
+            named = json.loads((folder / "summary.json").read_text()).get("checkpoint")
+        except (ValueError, AttributeError):
+            named = None
+        if named and (Path(named) / WEIGHTS).is_file():
+            return Path(named).resolve()
+    if not candidates:
+        raise DataError(f"{source}: not a training checkpoint (expected {WEIGHTS} and {STATE}) nor a run folder "
+                        f"with checkpoint_*/ folders")
+    return max(candidates, key=lambda p: (_step(p), p.name)).resolve()
+
+
+def read_checkpoint(source: str | os.PathLike, kind: str | None = None) -> Checkpoint:
+    """Read a checkpoint (or a run's latest); ``kind`` given: a ConfigError when the folder holds another kind."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint(source)
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{folder / STATE}: unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise DataError(f"{folder / STATE}: expected {{\"step\": N, \"config\": {{...}}}}")
+    found = checkpoint_kind(state["config"], str(folder))
+    if kind is not None and found != kind:
+        raise ConfigError(f"{source}: a {found} checkpoint, not a {kind} one")
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{folder / WEIGHTS}: unreadable safetensors ({e})") from None
+    return Checkpoint(folder, found, int(state.get("step", 0)), state["config"], weights, str(source))
+
+
+def _check_names(weights: dict, expected: dict, where: str) -> None:
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = ([f"{len(missing)} missing (e.g. {missing[0]!r})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else [])
+        raise DataError(f"{where}: the checkpoint's tensors do not match the model its config builds: "
+                        f"{', '.join(parts)}")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConfigError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, the model "
+                              f"{tuple(expected[name].shape)}; was it trained with another model config?")
+
+
+def load_adapter_weights(policy, weights: dict[str, torch.Tensor], where: str) -> None:
+    """A saved adapter (LoRA + trainable <Seg> rows) into the policy's ``default`` adapter, every name checked."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    _check_names(weights, get_peft_model_state_dict(policy.model), where)
+    set_peft_model_state_dict(policy.model, weights)
+
+
+def load_policy_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu", model_cfg=None):
+    """The policy (Qwen2.5-VL + LoRA) of an sft / grpo checkpoint, or the one a seg checkpoint trained with."""
+    from rau_ray.models.policy import load_policy
+
+    if ck.kind == "cbam":
+        raise ConfigError(f"{ck.source}: a cbam checkpoint holds no policy")
+    cfg = model_cfg or ck.model_config()
+    torch.manual_seed(int(ck.config.get("seed", 0)))  # a seg checkpoint's untrained adapter as the job built it
+    policy = load_policy(cfg.policy)
+    weights = ck.weights if ck.kind in ("sft", "grpo") else {
+        k[len(POLICY_PREFIX):]: v for k, v in ck.weights.items() if k.startswith(POLICY_PREFIX)}
+    if weights or ck.kind in ("sft", "grpo"):
+        load_adapter_weights(policy, weights, str(ck.path))
+    policy.model.to(device).eval()
+    return policy
+
+
+def load_segmenter_checkpoint(ck: Checkpoint, device: str = "cpu"):
+    """RAU's segmenter (SAM2 + projector + memory fusion) of a seg checkpoint, trained parts loaded."""
+    from rau_ray.models.fusion import RAUSegmenter
+    from rau_ray.models.sam2_builder import build_sam2_model
+
+    if ck.kind != "seg":
+        raise ConfigError(f"{ck.source}: a {ck.kind} checkpoint, not a segmenter (seg, mode rau) one")
+    cfg = ck.model_config()
+    torch.manual_seed(int(ck.config.get("seed", 0)))
+    segmenter = RAUSegmenter(build_sam2_model(replace(cfg.sam2, device=str(device))), cfg.fusion)
+    weights = {k: v for k, v in ck.weights.items() if not k.startswith(POLICY_PREFIX)}
+    _check_names(weights, segmenter.trainable_state_dict(), str(ck.path))
+    segmenter.load_state_dict(weights, strict=False)
+    return segmenter.to(device).eval()
+
+
+def load_cbam_checkpoint(ck: Checkpoint, device: str = "cpu"):
+    """SpinalSAM-R1's SAM2 with CBAM + LoRA (mode cbam-lora), trained parts loaded; prompt it with
+    ``predictor_for(model)`` as any SAM2."""
+    from rau_ray.models.cbam_lora import add_cbam_lora
+    from rau_ray.models.sam2_builder import build_sam2_model
+
+    if ck.kind != "cbam":
+        raise ConfigError(f"{ck.source}: a {ck.kind} checkpoint, not a cbam-lora segmenter one")
+    cfg = ck.model_config()
+    torch.manual_seed(int(ck.config.get("seed", 0)))
+    sam = add_cbam_lora(build_sam2_model(replace(cfg.sam2, device=str(device))), cfg.cbam_lora)
+    expected = {n: p for n, p in sam.named_parameters() if p.requires_grad}
+    _check_names(ck.weights, expected, str(ck.path))
+    sam.load_state_dict(ck.weights, strict=False)
+    return sam.to(device).eval()
+
+
+def combined_config(policy: Checkpoint | None = None, segmenter: Checkpoint | None = None, profile: str = "tiny"):
+    """One ModelConfig for a policy checkpoint and a segmenter checkpoint used together: the segmenter's (its SAM2 and
+    fusion), with the policy checkpoint's policy section; either alone: its own; neither: ``profile``."""
+    from rau_ray.models.profiles import get_profile
+
+    if segmenter is not None:
+        cfg = segmenter.model_config()
+        if policy is not None:
+            cfg = replace(cfg, policy=policy.model_config().policy)
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                raise ConfigError(f"{policy.source} and {segmenter.source} do not fit together: {e}") from None
+        return cfg
+    if policy is not None:
+        return policy.model_config()
+    return get_profile(profile)

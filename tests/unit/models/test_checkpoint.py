@@ -1,0 +1,104 @@
+"""The one checkpoint loader: kinds, run folders, exact (strict) loading of policy and segmenter weights, errors."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from rau_ray.errors import ConfigError, DataError
+from rau_ray.models import checkpoint as ck
+from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import get_profile, model_config_from
+from rau_ray.models.rau import RAUModel
+from rau_ray.models.sam2_builder import build_sam2_model
+
+SFT = {"manifest": "m.jsonl", "name": "sft", "model": {"profile": "tiny", "policy": {"lora_rank": 4}},
+       "split": "train", "zero_stage": 2, "tasks": ["label"], "seed": 0}
+SEG = {"manifest": "m.jsonl", "name": "seg", "mode": "rau", "model": {"profile": "tiny"}, "train_split": "train",
+       "seed": 0}
+
+
+def write(folder, weights, config, step=5):
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / ck.WEIGHTS))
+    (folder / ck.STATE).write_text(json.dumps({"step": step, "config": config}))
+    (folder / ck.HISTORY).write_text(json.dumps({"step": step, "loss": 1.0}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_adapter():
+    """A tiny policy's adapter with every tensor changed, as training would leave it."""
+    torch.manual_seed(1)
+    policy = load_policy(model_config_from(SFT["model"]).policy)
+    return {k: v + torch.randn_like(v) for k, v in get_peft_model_state_dict(policy.model).items()}
+
+
+def test_policy_round_trip_is_exact(tmp_path, trained_adapter):
+    write(tmp_path / "run" / "checkpoint_a", trained_adapter, SFT, step=5)
+    write(tmp_path / "run" / "checkpoint_b", trained_adapter, SFT, step=9)
+    c = ck.read_checkpoint(tmp_path / "run")  # a run folder: its latest checkpoint
+    assert c.kind == "sft" and c.step == 9 and c.path.name == "checkpoint_b" and c.history()[0]["loss"] == 1.0
+    policy = ck.load_policy_checkpoint(c)
+    loaded = get_peft_model_state_dict(policy.model)
+    assert set(loaded) == set(trained_adapter)
+    assert all(torch.equal(loaded[k], trained_adapter[k]) for k in loaded)
+    assert not policy.model.training
+    assert c.describe()["train_split"] == "train" and c.describe()["step"] == 9
+
+
+def test_strict_names_and_shapes(tmp_path, trained_adapter):
+    name = sorted(trained_adapter)[0]
+    missing = {k: v for k, v in trained_adapter.items() if k != name}
+    with pytest.raises(DataError, match=r"1 missing \(e\.g\. '"):
+        ck.load_policy_checkpoint(ck.read_checkpoint(write(tmp_path / "a", missing, SFT)))
+    extra = {**trained_adapter, "stray.weight": torch.zeros(2)}
+    with pytest.raises(DataError, match="1 unexpected"):
+        ck.load_policy_checkpoint(ck.read_checkpoint(write(tmp_path / "b", extra, SFT)))
+    other_rank = {**SFT, "model": {"profile": "tiny", "policy": {"lora_rank": 2}}}
+    with pytest.raises(ConfigError, match="has shape"):
+        ck.load_policy_checkpoint(ck.read_checkpoint(write(tmp_path / "c", trained_adapter, other_rank)))
+
+
+def test_kinds_and_not_a_checkpoint(tmp_path, trained_adapter):
+    assert ck.checkpoint_kind({"num_generations": 4}) == "grpo"
+    assert ck.checkpoint_kind({"mode": "cbam-lora"}) == "cbam" and ck.checkpoint_kind(SEG) == "seg"
+    with pytest.raises(DataError, match="cannot tell which training job"):
+        ck.checkpoint_kind({"lr": 1})
+    with pytest.raises(DataError, match="not a training checkpoint"):
+        ck.read_checkpoint(tmp_path)
+    with pytest.raises(DataError, match="no such checkpoint folder"):
+        ck.read_checkpoint(tmp_path / "nope")
+    folder = write(tmp_path / "s", trained_adapter, SFT)
+    with pytest.raises(ConfigError, match="a sft checkpoint, not a seg one"):
+        ck.read_checkpoint(folder, kind="seg")
+    (folder / ck.STATE).write_text("{not json")
+    with pytest.raises(DataError, match="unreadable"):
+        ck.read_checkpoint(folder)
+    uri = ck.read_checkpoint(write(tmp_path / "u", trained_adapter, SFT).as_uri())  # file:// like s3:// / gs://
+    assert uri.kind == "sft" and set(uri.weights) == set(trained_adapter)
+
+
+def test_segmenter_and_rau_model_from_checkpoints(tmp_path, trained_adapter):
+    cfg = get_profile("tiny")
+    torch.manual_seed(3)
+    seg = RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion)
+    weights = {k: v + 0.5 for k, v in seg.trainable_state_dict().items()}
+    seg_dir = write(tmp_path / "seg", weights, SEG)
+    loaded = ck.load_segmenter_checkpoint(ck.read_checkpoint(seg_dir))
+    assert all(torch.equal(loaded.trainable_state_dict()[k], weights[k]) for k in weights)
+    sft_dir = write(tmp_path / "sft", trained_adapter, {**SFT, "model": {"profile": "tiny",
+                                                                          "policy": {"lora_rank": 4}}})
+    model = RAUModel.from_checkpoint(policy=str(sft_dir), segmenter=str(seg_dir))
+    assert model.cfg.policy.lora_rank == 4 and [c["kind"] for c in model.checkpoints] == ["sft", "seg"]
+    policy_weights = get_peft_model_state_dict(model.policy.model)
+    assert all(torch.equal(policy_weights[k], trained_adapter[k]) for k in trained_adapter)
+    with pytest.raises(ConfigError, match="not a policy"):
+        RAUModel.from_checkpoint(policy=ck.read_checkpoint(seg_dir))
+    with pytest.raises(ConfigError, match="not a cbam-lora"):
+        ck.load_cbam_checkpoint(ck.read_checkpoint(seg_dir))
+    assert asdict(ck.combined_config(None, None, "tiny")) == asdict(cfg)
