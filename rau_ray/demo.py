@@ -50,12 +50,13 @@ def run_models(out: Path) -> dict:
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 # demo-length runs: long enough to show learning on 2 cores, short enough for `make demo`
-DEMO_STEPS = {"sft": 200, "grpo": 30, "seg": 120}
+DEMO_STEPS = {"sft": 200, "grpo": 30, "seg": 120, "seg-cbam": 60}
 
 
 def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
     """The tiny training jobs on the demo's CT phantoms, shortened: SFT, then GRPO from the SFT adapter, then the
-    segmenter. Each writes its checkpoint and learning curves under ``out/train/<job>``."""
+    segmenters (RAU fusion, CBAM-LoRA SAM2). Each writes its checkpoint and learning curves under
+    ``out/train/<run>``; a run left out of ``steps`` is skipped."""
     import yaml
 
     from rau_ray.errors import ConfigError
@@ -63,21 +64,19 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
 
     manifest = str(out / "data" / "ct-abdomen" / "manifest.jsonl")
     results = {}
-    for job in ("sft", "grpo", "seg"):
-        path = CONFIGS / f"{job}-tiny.yaml"
+    for run in [r for r in ("sft", "grpo", "seg", "seg-cbam") if r in steps]:
+        path = CONFIGS / f"{run}-tiny.yaml"
         if not path.is_file():
-            if job == "sft":
-                raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
-            continue
+            raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
         data = yaml.safe_load(path.read_text())
-        data.update(manifest=manifest, name=job, max_steps=steps[job])
+        data.update(manifest=manifest, name=run, max_steps=steps[run])
         data["scale"] = {**data.get("scale", {}), "storage_path": str(out / "train")}
-        if job == "grpo":
+        if run == "grpo":
             data["sft_checkpoint"] = results["sft"]["checkpoint"]
-        tmp = out / "train" / f"{job}.yaml"
+        tmp = out / "train" / f"{run}.yaml"
         atomic_write_text(tmp, yaml.safe_dump(data))
-        print(f"training: {job} ({steps[job]} steps)", flush=True)
-        results[job] = run_job(job, str(tmp))
+        print(f"training: {run} ({steps[run]} steps)", flush=True)
+        results[run] = run_job(run.split("-")[0], str(tmp))
     return results
 
 

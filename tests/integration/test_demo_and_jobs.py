@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
-    report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps={"sft": 4, "grpo": 2, "seg": 4},
-                      eval_targets=2)
+    steps = {"sft": 4, "grpo": 2, "seg": 4, "seg-cbam": 2}
+    report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps=steps, eval_targets=2)
     assert set(report["datasets"]) == {"ct-abdomen", "xray-angio", "ultrasound", "xray-msk"}
     assert report["datasets"]["ct-abdomen"]["samples"] == 24
     assert read_manifest(tmp_path / "demo" / "data" / "ct-abdomen-3d-imported").rows
@@ -27,9 +27,9 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert models["predict"]["reference"]["id"].startswith("ct-abdomen-")
     assert (tmp_path / "demo" / "predict.png").stat().st_size > 5_000
     train = report["train"]
-    assert set(train) == {"sft", "grpo", "seg"}
-    for job, steps in (("sft", 4), ("grpo", 2), ("seg", 4)):
-        assert train[job]["metrics"]["step"] == steps and Path(train[job]["checkpoint"]).is_dir()
+    assert set(train) == {"sft", "grpo", "seg", "seg-cbam"}
+    for job, n in steps.items():
+        assert train[job]["metrics"]["step"] == n and Path(train[job]["checkpoint"]).is_dir()
     drawn = 0
     for job in train:  # a few steps may change no metric (one logged row): then there is no curve to draw
         if curve_keys(read_history(train[job]["checkpoint"])):
@@ -42,6 +42,7 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert set(ev["labeling"]) == set(ev["segmentation_dice"]) == set(report["datasets"])
     assert all(0 <= ev["labeling"][ds][row] <= 1 for ds in ev["labeling"] for row in ("SFT", "GRPO", "GRPO+OT"))
     assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["VLM+SAM2"] <= 1 and ev["volumes_dice"]
+    assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["CBAM-LoRA SAM2 (box)"] <= 1  # the CBAM run is evaluated too
     assert Path(ev["pictures"]["gallery"]).stat().st_size > 5_000
 
 
