@@ -162,6 +162,28 @@ class Manifest:
                 and (modality is None or r.modality == modality)]
 
 
+class Manifests:
+    """Manifests read once per process and their rows by id, for code that meets samples by (manifest, row id):
+    ``Manifests().sample(path, row_id)`` -> (row, image as stored (CT in HU), label map)."""
+
+    def __init__(self):
+        self._read: dict[str, tuple[Manifest, dict[str, ManifestRow]]] = {}
+
+    def row(self, path: str | os.PathLike, row_id: str) -> ManifestRow:
+        path = str(path)
+        if path not in self._read:
+            m = read_manifest(path)
+            self._read[path] = (m, {r.id: r for r in m.rows})
+        rows = self._read[path][1]
+        if row_id not in rows:
+            raise DataError(f"{path}: no row {row_id!r}")
+        return rows[row_id]
+
+    def sample(self, path: str | os.PathLike, row_id: str) -> tuple[ManifestRow, np.ndarray, np.ndarray]:
+        row = self.row(path, row_id)
+        return (row, *self._read[str(path)][0].load(row))
+
+
 def load_image(path: Path, modality: str) -> np.ndarray:
     if path.suffix.lower() != ".png":
         raise DataError(f"{path}: unsupported image format '{path.suffix}' in a manifest; manifest images are PNG "

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rau_ray.data.manifest import Manifests
 from rau_ray.errors import ConfigError, DataError, RauError
 
 KINDS = ("sft", "grpo", "seg", "cbam")
@@ -156,7 +157,7 @@ class EvalWorker:
         torch.set_num_threads(max(1, int(spec.get("threads", 1))))
         self.spec = spec
         self._built: dict = {}
-        self._samples: dict = {}
+        self._samples = Manifests()  # manifests read once per actor
 
     # -- lazily built models ---------------------------------------------------------------------------------------
     def _once(self, key: str, build):
@@ -223,15 +224,7 @@ class EvalWorker:
             load_cbam_checkpoint(ck, self.spec["device"])))
 
     def sample(self, manifest_path: str, row_id: str):
-        from rau_ray.data.manifest import read_manifest
-
-        if manifest_path not in self._samples:
-            m = read_manifest(manifest_path)
-            self._samples[manifest_path] = (m, {r.id: r for r in m.rows})
-        m, rows = self._samples[manifest_path]
-        row = rows[row_id]
-        image, label = m.load(row)
-        return row, image, label
+        return self._samples.sample(manifest_path, row_id)
 
     # -- Ray Data entry ----------------------------------------------------------------------------------------------
     def __call__(self, batch: dict) -> dict:

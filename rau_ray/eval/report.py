@@ -233,18 +233,14 @@ class _Images:
     """Manifest images by id, as the models see them (CT windowed)."""
 
     def __init__(self):
-        self._m: dict = {}
+        from rau_ray.data.manifest import Manifests
+
+        self._manifests = Manifests()
 
     def get(self, manifest: str, row_id: str):
-        from rau_ray.data.manifest import read_manifest
         from rau_ray.models.prompts import to_pil
 
-        if manifest not in self._m:
-            m = read_manifest(manifest)
-            self._m[manifest] = (m, {r.id: r for r in m.rows})
-        m, rows = self._m[manifest]
-        row = rows[row_id]
-        image, label = m.load(row)
+        row, image, label = self._manifests.sample(manifest, row_id)
         return np.asarray(to_pil(image, row.modality)), label, row
 
 

@@ -7,7 +7,7 @@ read once per process. Use: ``messages, completion = PolicyExamples(processor).e
 
 from __future__ import annotations
 
-from rau_ray.data.manifest import read_manifest
+from rau_ray.data.manifest import Manifests
 from rau_ray.data.tasks import label_boxes
 from rau_ray.models import prompts
 
@@ -15,16 +15,10 @@ from rau_ray.models import prompts
 class PolicyExamples:
     def __init__(self, processor):
         self.processor = processor
-        self._manifests: dict = {}
-        self._rows: dict = {}
+        self.manifests = Manifests()
 
     def _sample(self, manifest_path: str, row_id: str):
-        if manifest_path not in self._manifests:
-            m = read_manifest(manifest_path)
-            self._manifests[manifest_path] = m
-            self._rows[manifest_path] = {r.id: r for r in m.rows}
-        row = self._rows[manifest_path][row_id]
-        image, label = self._manifests[manifest_path].load(row)
+        row, image, label = self.manifests.sample(manifest_path, row_id)
         pil = prompts.to_pil(image, row.modality)
         hw = (pil.height, pil.width)
         resized = prompts.resized_size(*hw, self.processor)

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rau_ray.data.manifest import Manifests
 from rau_ray.errors import ConfigError
 from rau_ray.eval import scoring
 from rau_ray.eval.metrics import dice
@@ -146,7 +147,7 @@ class MaskDiceReward:
 
     def __init__(self, policy, segmenter, cache_size: int = 16):
         self.policy, self.segmenter, self.cache_size = policy, segmenter, cache_size
-        self._manifests: dict = {}
+        self._manifests = Manifests()
         self._cache: OrderedDict = OrderedDict()
 
     def _remember(self, key, make):
@@ -159,16 +160,10 @@ class MaskDiceReward:
         return value
 
     def _sample(self, manifest_path: str, row_id: str):
-        from rau_ray.data.manifest import read_manifest
         from rau_ray.models.prompts import to_pil
 
         def load():
-            if manifest_path not in self._manifests:
-                m = read_manifest(manifest_path)
-                self._manifests[manifest_path] = (m, {r.id: r for r in m.rows})
-            m, rows = self._manifests[manifest_path]
-            row = rows[row_id]
-            image, label = m.load(row)
+            row, image, label = self._manifests.sample(manifest_path, row_id)
             return row, np.asarray(to_pil(image, row.modality)), label
 
         return self._remember(("sample", manifest_path, row_id), load)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rau_ray.data.manifest import Manifests
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.models.losses import focal_dice_loss, sample_corrective_points
 from rau_ray.train.run import ScaleConfig
@@ -137,26 +138,18 @@ class Samples:
     """Reads manifest rows once per process: (row, (H, W, 3) uint8 image as SAM2 and the policy see it, label)."""
 
     def __init__(self, capacity: int = 512):
-        self._manifests: dict = {}
+        self._manifests = Manifests()
         self._cache: OrderedDict = OrderedDict()
         self.capacity = capacity
 
     def get(self, manifest_path: str, row_id: str):
-        from rau_ray.data.manifest import read_manifest
         from rau_ray.models.prompts import to_pil
 
         key = (manifest_path, row_id)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if manifest_path not in self._manifests:
-            m = read_manifest(manifest_path)
-            self._manifests[manifest_path] = (m, {r.id: r for r in m.rows})
-        m, rows = self._manifests[manifest_path]
-        if row_id not in rows:
-            raise DataError(f"{manifest_path}: no row {row_id!r}")
-        row = rows[row_id]
-        image, label = m.load(row)
+        row, image, label = self._manifests.sample(manifest_path, row_id)
         value = np.asarray(to_pil(image, row.modality))
         self._cache[key] = (row, value, label)
         while len(self._cache) > self.capacity:

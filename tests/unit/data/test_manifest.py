@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rau_ray.data import formats
-from rau_ray.data.manifest import ManifestRow, assign_splits, read_manifest, write_manifest
+from rau_ray.data.manifest import ManifestRow, Manifests, assign_splits, read_manifest, write_manifest
 from rau_ray.errors import DataError
 
 ROW = {"id": "a", "image": "images/a.png", "label": "labels/a.png", "labels": {"1": "liver", "2": "spleen"},
@@ -117,3 +117,15 @@ def test_unsupported_image_format_is_named(tmp_path):
     m = read_manifest(write_rows(tmp_path, {**ROW, "image": "images/a.jpg"}))
     with pytest.raises(DataError, match=r"a.jpg: unsupported image format '.jpg'"):
         m.load(m.rows[0])
+
+
+def test_manifests_reads_each_manifest_once_and_names_a_missing_row(tmp_path):
+    make_sample(tmp_path)
+    write_manifest(tmp_path / "manifest.jsonl", [ManifestRow(**{**ROW, "spacing": (0.5, 0.5)})])
+    manifests = Manifests()
+    row, image, label = manifests.sample(tmp_path / "manifest.jsonl", "a")
+    assert row.id == "a" and image.shape == label.shape == (8, 8)
+    (tmp_path / "manifest.jsonl").unlink()  # read once: later rows come from memory
+    assert manifests.row(tmp_path / "manifest.jsonl", "a") is row
+    with pytest.raises(DataError, match="no row 'b'"):
+        manifests.row(tmp_path / "manifest.jsonl", "b")
