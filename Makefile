@@ -6,9 +6,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Debian chromium for the web page's browser test (Playwright drives /usr/bin/chromium; no browser download).
+# Where apt-get is missing or not allowed this only warns, and tests/integration/test_web_page.py fails saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "warning: could not install chromium (apt-get failed); the browser test will fail"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/rau demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)

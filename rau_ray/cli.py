@@ -75,10 +75,11 @@ def _index_recall(a: argparse.Namespace) -> dict:
 
 
 def _command_parse(a: argparse.Namespace) -> list:
-    from rau_ray.commands import CommandError, parse_command
+    from rau_ray.commands import CommandError, OpenAICompatibleFallback, parse_command
 
     try:
-        return parse_command(a.text)
+        fallback = OpenAICompatibleFallback(a.llm_url, a.llm_model, timeout=a.llm_timeout) if a.llm_url else None
+        return parse_command(a.text, fallback=fallback, structures=a.structure or ())
     except CommandError as e:
         raise RauCommandError(str(e)) from None
 
@@ -89,10 +90,30 @@ def _train(a: argparse.Namespace) -> dict:
     return run_job(a.job, a.config, overrides(a))
 
 
+def _tune(a: argparse.Namespace) -> dict:
+    from rau_ray.tune.sweep import load_sweep_config, run_sweep
+
+    summary = run_sweep(load_sweep_config(a.config), resume=a.resume)
+    if summary.get("interrupted"):  # what finished is saved; --resume continues
+        print(json.dumps(summary, indent=2))
+        raise KeyboardInterrupt
+    return summary
+
+
 def _eval(a: argparse.Namespace) -> dict:
     from rau_ray.eval.evaluate import config_from_args, run_eval
 
     return run_eval(config_from_args(a), command=" ".join(["rau", *map(shlex.quote, sys.argv[1:])]))
+
+
+def _submit(a: argparse.Namespace) -> dict:
+    from rau_ray.cluster.submit import run_from_args
+
+    result = run_from_args(a)
+    if result["status"] in ("FAILED", "STOPPED"):  # like `ray job submit`: exit 1 when the job did not succeed
+        print(json.dumps(result, indent=2))
+        sys.exit(1)
+    return result
 
 
 def _demo(a: argparse.Namespace) -> dict:
@@ -172,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     csub = command.add_subparsers(dest="command_command", required=True, metavar="COMMAND_COMMAND")
     parse = csub.add_parser("parse", help="print the operations a command text maps to (JSON)")
     parse.add_argument("text")
+    parse.add_argument("--structure", action="append", metavar="NAME",
+                       help="a structure name to accept as a target besides the built-in anatomy (repeatable)")
+    parse.add_argument("--llm-url", help="LLM fallback (off by default): an OpenAI-compatible endpoint, e.g. "
+                                         "http://127.0.0.1:8001 (POST /v1/chat/completions); asked only when the "
+                                         "deterministic parser refuses the text, its answer validated")
+    parse.add_argument("--llm-model", default="default", help="model name sent to the fallback endpoint")
+    parse.add_argument("--llm-timeout", type=float, default=10.0, help="seconds to wait for the fallback")
     parse.set_defaults(func=_command_parse)
 
     from rau_ray.train.jobs import add_arguments
@@ -181,12 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_train)
 
+    from rau_ray.tune.sweep import add_arguments as tune_arguments
+
+    tune = sub.add_parser("tune", help="Ray Tune sweep over a training job (projector width, LoRA rank, lr...): "
+                                       "ASHA, results table, heatmap, best checkpoint exported")
+    tune_arguments(tune)
+    tune.set_defaults(func=_tune)
+
     from rau_ray.eval.evaluate import add_arguments as eval_arguments
 
     ev = sub.add_parser("eval", help="evaluation report on held-out targets: labeling, segmentation, retrieval, "
                                      "latency, 3D (Ray actors)")
     eval_arguments(ev)
     ev.set_defaults(func=_eval)
+
+    from rau_ray.cluster.submit import add_arguments as submit_arguments
+
+    submit = sub.add_parser("submit", help="submit a jobs/ entrypoint to a Ray cluster (Ray Jobs API, runtime_env "
+                                           "with this repo), stream its logs, exit with its final status")
+    submit_arguments(submit)
+    submit.set_defaults(func=_submit)
     return p
 
 

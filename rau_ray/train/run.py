@@ -80,6 +80,9 @@ def report(metrics: dict, weights: dict[str, torch.Tensor] | None = None, step: 
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass(frozen=True)
 class ScaleConfig:
     """How a job runs on the cluster; every job config embeds these fields (``scale:`` in the YAML)."""
@@ -88,18 +91,28 @@ class ScaleConfig:
     use_gpu: bool = False  # never assumed: the GPU configs turn it on
     cpus_per_worker: float = 1  # 1 x 2 workers fills this 2-core machine; data loading runs in the workers
     gpus_per_worker: float = 1  # used only with use_gpu
-    storage_path: str = "runs/train"  # Ray Train storage: a local folder, or an s3:// / gs:// URI
+    storage_path: str = "runs/train"  # Ray Train storage: a local folder, or an s3:// / gs:// / file:// URI
     max_failures: int = 1  # worker failures survived: the run restarts from its latest checkpoint
     keep_checkpoints: int = 2  # older checkpoints are deleted
+    placement_strategy: str = "PACK"  # of the workers' placement group: PACK fills nodes, SPREAD one per node
 
     def validate(self) -> None:
+        from rau_ray.storage import check_scheme
+
         if self.num_workers < 1:
             raise ConfigError(f"scale.num_workers must be at least 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scale.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"scale.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                              f"got {self.placement_strategy!r}")
+        check_scheme(self.storage_path, "scale.storage_path")  # no I/O here; storage() opens the filesystem
 
     def storage(self) -> str:
-        return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).resolve())
+        """The absolute folder, or the URI once its pyarrow filesystem opened (ConfigError: scheme, credentials)."""
+        from rau_ray.storage import resolve_storage
+
+        return resolve_storage(self.storage_path, "scale.storage_path")
 
 
 def materialized(items: list[dict], seed: int):
@@ -136,7 +149,7 @@ def build_trainer(loop, loop_config: dict, scale: ScaleConfig, name: str, datase
     return TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets or {},
         scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=scale.placement_strategy),
         run_config=RunConfig(storage_path=scale.storage(), name=name,
                              failure_config=FailureConfig(max_failures=scale.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints),

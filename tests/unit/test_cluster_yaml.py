@@ -1,20 +1,69 @@
-"""cluster.yaml is a valid Ray cluster-launcher config (Ray's own schema) that installs this project."""
+"""cluster.yaml is a valid Ray cluster-launcher config (Ray's own schema and config preparation) sized for the
+paper profile, and it installs this project."""
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
+import pytest
 import ray
 import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_cluster_yaml_matches_rays_schema():
+@pytest.fixture(scope="module")
+def cfg():
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_matches_rays_schema(cfg):
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
     jsonschema.validate(cfg, schema)
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types and "GPU" not in types[cfg["head_node_type"]]["resources"]
     assert any(t["resources"].get("GPU", 0) >= 8 for t in types.values())  # a node type sized for GRPO
-    assert any("constraints.txt" in cmd for cmd in cfg["setup_commands"])  # installs the pinned stack
+    commands = cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"]
+    assert any("constraints.txt" in cmd for cmd in commands)  # installs the pinned stack
+
+
+def test_ray_up_would_accept_it(cfg):
+    """What `ray up` does before launching: merge the provider's defaults, then validate (schema + node types)."""
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "aws" and prepared["head_node_type"] == "head-cpu"
+    # our setup commands replace the defaults' (which would pip install a nightly Ray)
+    assert all("ray-wheels" not in c for c in prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+
+
+def test_node_types_fit_the_paper_jobs(cfg):
+    types = cfg["available_node_types"]
+    workers = {n: t for n, t in types.items() if n != cfg["head_node_type"]}
+    assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
+    assert all(0 <= t["min_workers"] <= t["max_workers"] for t in workers.values())
+    gpus_per_node = max(t["resources"].get("GPU", 0) for t in workers.values())
+    for job in ("sft", "grpo", "seg"):  # a paper job's workers fit on one training node, one GPU each
+        scale = yaml.safe_load((REPO / f"jobs/configs/{job}-paper.yaml").read_text())["scale"]
+        assert scale["use_gpu"] and scale["num_workers"] * scale["gpus_per_worker"] <= gpus_per_node
+        assert scale["cpus_per_worker"] * scale["num_workers"] <= max(
+            t["resources"]["CPU"] for t in workers.values() if t["resources"].get("GPU", 0) >= 8)
+    serve = [t for t in workers.values() if t["resources"].get("GPU") == 1]
+    assert serve and serve[0]["max_workers"] >= 2  # smaller GPUs for Serve replicas, scaled out
+
+
+def test_image_and_install_match_the_pinned_stack(cfg):
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
+    for image in (cfg["docker"]["head_image"], cfg["docker"]["worker_image"]):
+        assert image.startswith(f"rayproject/ray:{pins['ray']}-py311")  # the driver's Ray == the cluster's
+    setup = " ".join(cfg["head_setup_commands"] + cfg["worker_setup_commands"])
+    assert f"torch=={pins['torch']}" in setup and f"torchvision=={pins['torchvision']}" in setup
+    assert "'.[gpu]'" in " ".join(cfg["worker_setup_commands"])  # GPU nodes get faiss-gpu
+    # the repository is uploaded to every node, without the venv and outputs
+    assert list(cfg["file_mounts"].values()) == ["."] and "~/rau-ray" in cfg["file_mounts"]
+    assert {".git", ".venv", "runs"} <= set(cfg["rsync_exclude"])
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--head" in head_start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    assert "$RAY_HEAD_IP" in " ".join(cfg["worker_start_ray_commands"])

@@ -1,0 +1,19 @@
+"""Online serving on Ray Serve: Retriever -> Policy -> Segmenter (+ Commander) behind a FastAPI Ingress.
+
+Start it: ``serve run serve_configs/local.yaml`` (tiny, CPU) or ``serve deploy serve_configs/gpu.yaml`` (paper).
+From Python (tests, the web page's browser test), on the Ray cluster this process is connected to:
+
+    from rau_ray.serve.app import start, stop
+    base_url = start(profile="tiny", route_prefix="/", port=8000, **options)  # -> "http://127.0.0.1:8000"
+    ...                                                                        # GET base_url + "/" is the web page
+    stop()                                                                     # serve.shutdown()
+
+``start(profile="tiny", route_prefix="/", port=8000, host="127.0.0.1", bank_dir=None, session_ttl_s=900.0,
+max_sessions=64, max_image_bytes=..., max_pixels=..., policy_checkpoint=None, segmenter_checkpoint=None,
+policy_batch_size=8, name="rau", timeout_s=300) -> str`` blocks until every deployment is healthy and returns the
+base URL (no trailing slash, route_prefix included). ``stop()`` shuts Serve down.
+
+Modules: ``deployments`` (Retriever, Policy, Segmenter, Commander), ``app`` (the Ingress, ``build_app`` for serve
+configs, ``start``/``stop``), ``sessions`` (per-user interactive state, undo/redo, expiry, limit), ``codecs`` (image
+decode with limits, mask PNG / COCO RLE).
+"""

@@ -1,0 +1,293 @@
+"""The model deployments of the serving graph: Retriever, Policy, Segmenter, Commander. Each loads its models once
+per replica (in ``__init__``), answers Serve's health check, and is composed by the Ingress through
+``DeploymentHandle``s (``rau_ray.serve.app``).
+
+- ``Retriever``: DINOv2 + faiss reference bank (a bank folder, or for the tiny profile a small CT phantom bank built
+  at start-up) -> the reference image, its label map and names.
+- ``Policy``: Qwen2.5-VL + LoRA; ``answer`` is dynamically batched with ``@serve.batch`` (``max_batch_size`` set per
+  deployment, 1 = unbatched); a malformed answer is teacher-forced so ``<Seg>`` still yields a hidden state.
+- ``Segmenter``: SAM2 + projector + memory fusion; SAM2 image embeddings in an LRU cache keyed by the image's hash,
+  so point/box prompts on an image already seen skip the encoder.
+- ``Commander``: natural-language command -> operations (``rau_ray.commands``).
+Use: ``rau_ray.serve.app.build_app({...})`` wires them; each class is also usable in-process via ``.func_or_class``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+from ray import serve
+
+from rau_ray.errors import DataError
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _model_config(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None, device: str):
+    """The ModelConfig the checkpoints were trained with (or the profile's), as RAUModel.from_checkpoint does."""
+    from rau_ray.models import checkpoint as ckpt
+
+    p = ckpt.read_checkpoint(policy_checkpoint) if policy_checkpoint else None
+    s = ckpt.read_checkpoint(segmenter_checkpoint, kind="seg") if segmenter_checkpoint else None
+    cfg = ckpt.combined_config(p, s, profile)
+    cfg = replace(cfg, sam2=replace(cfg.sam2, device=str(device)))
+    cfg.validate()
+    return cfg, p, s
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_phantom_bank(out: str, subjects: int = 6, size: int = 128, seed: int = 0) -> str:
+    """A small CT phantom dataset + reference bank under ``out`` (in-process, no Ray tasks); returns the bank dir."""
+    from rau_ray.data.make import MakeConfig, make_dataset
+    from rau_ray.models.profiles import get_profile
+    from rau_ray.models.retrieval import ReferenceBank
+
+    data = os.path.join(out, "ct")
+    make_dataset(MakeConfig("ct-abdomen", n=subjects, out=data, size=size, seed=seed, slices_per_subject=4),
+                 backend="local", progress=False)
+    bank = ReferenceBank.build(os.path.join(data, "manifest.jsonl"), get_profile("tiny").retrieval, split=None,
+                               backend="local", progress=False)
+    bank.save(os.path.join(out, "bank"))
+    return os.path.join(out, "bank")
+
+
+@serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
+                  health_check_period_s=10)
+class Retriever:
+    def __init__(self, profile: str = "tiny", bank_dir: str | None = None, policy_checkpoint: str | None = None,
+                 segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
+                 phantom_subjects: int = 6, phantom_size: int = 128):
+        from rau_ray.models.rau import RAUModel
+        from rau_ray.models.retrieval import Embedder, ReferenceBank
+
+        _threads(threads)
+        cfg, _, _ = _model_config(profile, policy_checkpoint, segmenter_checkpoint, _device(device))
+        if bank_dir is None:
+            bank_dir = build_phantom_bank(tempfile.mkdtemp(prefix="rau-serve-bank-"), phantom_subjects, phantom_size)
+        embedder = Embedder(replace(cfg.retrieval, device=_device(device)))
+        bank = ReferenceBank.load(bank_dir, embedder)
+        self._model = RAUModel(cfg, None, None, embedder, bank)  # retrieval only: retrieve() is the shared code
+        self._rows = {r["id"]: r for r in bank.rows}
+        self._names = sorted({n for r in bank.rows for n in r["labels"].values()})
+        self._modalities = sorted({r["modality"] for r in bank.rows})
+
+    def structures(self) -> dict:
+        return {"structures": self._names, "modalities": self._modalities, "entries": len(self._rows)}
+
+    def retrieve(self, target: np.ndarray, modality: str, structure: str | None = None,
+                 reference_id: str | None = None):
+        """The reference for ``target`` (a Reference): the bank entry ``reference_id``, else the most similar one
+        showing ``structure``. A DataError (no such id, nothing similar enough) is returned, not raised, so the
+        Ingress can tell the user's problem from a replica failure."""
+        from rau_ray.data.manifest import ManifestRow, read_manifest
+        from rau_ray.models.rau import Reference
+
+        t0 = time.perf_counter()
+        try:
+            if reference_id is not None:
+                row = self._rows.get(reference_id)
+                if row is None:
+                    return DataError(f"no reference {reference_id!r} in the bank ({len(self._rows)} entries)")
+                manifest = self._model._manifests.get(row["manifest"]) or read_manifest(row["manifest"])
+                self._model._manifests[row["manifest"]] = manifest
+                mrow = ManifestRow(**{k: v for k, v in row.items() if k in ManifestRow.__dataclass_fields__})
+                image, label = manifest.load(mrow)
+                ref = Reference(image, label, mrow.label_names, mrow.modality, row, 1.0)
+            else:
+                ref = self._model.retrieve(target, modality, structure=structure)
+        except DataError as e:
+            return e
+        ref.row = {"id": ref.row["id"], "subject": ref.row.get("subject")} if ref.row else None
+        return {"reference": ref, "seconds": time.perf_counter() - t0}
+
+    def check_health(self) -> None:
+        if self._model.bank is None or len(self._rows) == 0:
+            raise RuntimeError("no reference bank loaded")
+
+
+@serve.deployment(name="Policy", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32,
+                  health_check_period_s=10)
+class Policy:
+    """One ``answer(request)`` per question; Serve collects concurrent ones into a batch (``_answer_batch``)."""
+
+    def __init__(self, profile: str = "tiny", policy_checkpoint: str | None = None,
+                 segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02, max_new_tokens: int | None = None):
+        from rau_ray.models import checkpoint as ckpt
+        from rau_ray.models.policy import load_policy
+
+        _threads(threads)
+        device = _device(device)
+        cfg, p, s = _model_config(profile, policy_checkpoint, segmenter_checkpoint, device)
+        self.policy = ckpt.load_policy_checkpoint(p or s, device, cfg) if (p or s) else load_policy(cfg.policy)
+        self.policy.model.to(device).eval()
+        self.max_new_tokens = int(max_new_tokens or cfg.max_new_tokens)
+        self._answer_batch.set_max_batch_size(int(max_batch_size))
+        self._answer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self.batches: list[int] = []  # sizes of the last batches (benchmarks read them)
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float | None = None) -> dict:
+        """Change the dynamic batching of this replica (benchmarks compare batched and unbatched)."""
+        self._answer_batch.set_max_batch_size(int(max_batch_size))
+        if batch_wait_timeout_s is not None:
+            self._answer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self.batches.clear()
+        return {"max_batch_size": int(max_batch_size)}
+
+    def batch_sizes(self) -> list[int]:
+        return list(self.batches[-1000:])
+
+    async def answer(self, request: dict) -> dict:
+        return await self._answer_batch(request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
+        return self.answer_many(requests)
+
+    def answer_many(self, requests: list[dict]) -> list[dict]:
+        """Questions -> answers, one generate() call for all: ``{task: segment|label, ref_image (H,W,3) uint8,
+        ref_boxes {name: box in reference pixels}, target (H,W,3) uint8, structure | region, modality}``."""
+        import torch
+        from PIL import Image
+
+        from rau_ray.models import prompts
+
+        self.batches.append(len(requests))
+        proc = self.policy.processor
+        built = []
+        for r in requests:
+            ref, tgt = Image.fromarray(r["ref_image"]), Image.fromarray(r["target"])
+            ref_hw = prompts.resized_size(ref.height, ref.width, proc)
+            tgt_hw = prompts.resized_size(tgt.height, tgt.width, proc)
+            boxes = {k: prompts.scale_box(b, (ref.height, ref.width), ref_hw) for k, b in r["ref_boxes"].items()}
+            region = r.get("region")
+            if region is not None:
+                region = prompts.scale_box(region, (tgt.height, tgt.width), tgt_hw)
+            messages = prompts.build_messages(r["task"], ref, boxes, tgt, structure=r.get("structure"),
+                                              region=region, modality=r.get("modality") or "CT")
+            built.append((messages, tgt_hw, (tgt.height, tgt.width)))
+        t0 = time.perf_counter()
+        completions = self.policy.generate([m for m, _, _ in built], max_new_tokens=self.max_new_tokens)
+        gen = (time.perf_counter() - t0) / len(requests)
+        out = []
+        for r, (messages, tgt_hw, orig_hw), completion in zip(requests, built, completions):
+            parsed = prompts.parse_answer(completion, r["task"], image_size=(tgt_hw[1], tgt_hw[0]))
+            res = {"completion": completion, "label": parsed.label if parsed else None,
+                   "format_error": None if parsed else parsed.message, "box": None,
+                   "timings": {"generate": gen, "batch": len(requests)}}
+            if parsed and parsed.box is not None:
+                res["box"] = prompts.scale_box(parsed.box, tgt_hw, orig_hw)
+            if parsed and parsed.boxes:
+                res["boxes"] = [(lab, prompts.scale_box(b, tgt_hw, orig_hw)) for lab, b in parsed.boxes]
+            if r["task"] == "segment":
+                forced = completion if parsed else prompts.build_answer("segment", label=r["structure"])
+                t1 = time.perf_counter()
+                with torch.no_grad():
+                    hidden = self.policy.seg_hidden_states(messages, forced)[:1]
+                res["seg_hidden"] = hidden.float().cpu().numpy()
+                res["timings"]["seg_hidden"] = time.perf_counter() - t1
+            out.append(res)
+        return out
+
+    def check_health(self) -> None:
+        if self.policy is None:
+            raise RuntimeError("policy not loaded")
+
+
+@serve.deployment(name="Segmenter", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
+                  health_check_period_s=5)
+class Segmenter:
+    def __init__(self, profile: str = "tiny", policy_checkpoint: str | None = None,
+                 segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
+                 embedding_cache: int | None = None):
+        from rau_ray.models import checkpoint as ckpt
+        from rau_ray.models.fusion import RAUSegmenter
+        from rau_ray.models.rau import RAUModel
+        from rau_ray.models.sam2_builder import build_sam2_model
+
+        _threads(threads)
+        device = _device(device)
+        cfg, _, s = _model_config(profile, policy_checkpoint, segmenter_checkpoint, device)
+        if embedding_cache:
+            cfg = replace(cfg, embedding_cache=int(embedding_cache))
+        seg = (ckpt.load_segmenter_checkpoint(s, device) if s is not None
+               else RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).to(device).eval())
+        self._model = RAUModel(cfg, None, seg)  # image_embedding(): the LRU cache keyed by image hash
+        self.seg = seg
+
+    def _embedding(self, image: np.ndarray):
+        from rau_ray.models.rau import _digest
+
+        cached = _digest(image) in self._model._embeddings
+        t0 = time.perf_counter()
+        emb = self._model.image_embedding(image)
+        return emb, cached, time.perf_counter() - t0
+
+    def segment(self, target: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray,
+                seg_hidden: np.ndarray) -> dict:
+        """RAU's route: reference memory + the <Seg> query -> the target's mask (bool (H, W)) and score."""
+        import torch
+
+        tgt, cached, t_embed = self._embedding(target)
+        ref, _, t_ref = self._embedding(ref_image)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            memory = self.seg.encode_reference(ref, np.asarray(ref_mask, dtype=bool))
+            logits, score, _ = self.seg.predict(tgt, torch.as_tensor(seg_hidden), memory)
+        mask = (logits > 0).cpu().numpy()
+        return {"mask": mask, "score": float(score), "cached": cached,
+                "timings": {"embed": t_embed + t_ref, "decode": time.perf_counter() - t0}}
+
+    def prompt(self, image: np.ndarray, points: list | None = None, labels: list | None = None,
+               box: list | None = None) -> dict:
+        """SAM2 with point / box prompts on the image's cached embedding (the encoder runs on a cache miss only)."""
+        from rau_ray.models.sam2_builder import predict_with_prompts
+
+        emb, cached, t_embed = self._embedding(image)
+        t0 = time.perf_counter()
+        pts = np.asarray(points, dtype=np.float32) if points else None
+        lab = np.asarray(labels, dtype=np.int32) if points else None
+        bx = np.asarray(box, dtype=np.float32) if box is not None else None
+        masks, scores, _ = predict_with_prompts(self.seg.predictor, emb, pts, lab, bx, multimask=False)
+        return {"mask": np.asarray(masks[0]) > 0, "score": float(scores[0]), "cached": cached,
+                "timings": {"embed": t_embed, "decode": time.perf_counter() - t0}}
+
+    def cache_info(self) -> dict:
+        return {"entries": len(self._model._embeddings), "pid": os.getpid()}
+
+    def check_health(self) -> None:
+        if self.seg is None:
+            raise RuntimeError("segmenter not loaded")
+
+
+@serve.deployment(name="Commander", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64,
+                  health_check_period_s=10)
+class Commander:
+    """Natural-language command -> the operations of ``rau_ray.commands`` (a CommandError comes back as a value)."""
+
+    def parse(self, text: str) -> list[dict] | dict:
+        from rau_ray.commands import CommandError, parse_command
+
+        try:
+            return parse_command(text)
+        except CommandError as e:
+            return {"error": str(e)}
+
+    def check_health(self) -> None:
+        return None

@@ -1,0 +1,142 @@
+"""Ray Tune sweeps of the segmenter on the session's 2-CPU Ray cluster: a tiny 2 x 2 grid (+ a random lr) with ASHA
+in-process, then a sweep run by ``rau tune`` in a subprocess, interrupted (SIGINT) after a trial finished and resumed
+with ``--resume``: finished trials are not rerun, the others finish, and the best checkpoint loads."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rau_ray.tune import janitor
+from rau_ray.tune.results import records_from_experiment
+from rau_ray.tune.sweep import load_sweep_config, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+PATHS = ["model.fusion.projector_dim", "model.policy.lora_rank", "lr"]
+
+
+@pytest.fixture(scope="module")
+def manifest(ct_manifest):
+    return ct_manifest(n=5, size=64, slices=2)
+
+
+def write_configs(tmp_path, manifest, search, **sweep) -> Path:
+    """A tiny seg job (2 steps, validation every step on 4 items) and a sweep over it; returns the sweep YAML."""
+    base = tmp_path / "seg.yaml"
+    base.write_text(yaml.safe_dump({"manifest": manifest, "mode": "rau", "batch_size": 2, "lr": 0.01,
+                                    "max_steps": 2, "log_every": 1, "eval_every": 1, "checkpoint_every": 2,
+                                    "eval_items": 4, "train_policy_lora": True}))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"job": "seg", "base": str(base), "search": search, "max_concurrent_trials": 2,
+                                    "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
+                                    "storage_path": str(tmp_path / "tune"), **sweep}, sort_keys=False))
+    return path
+
+
+def check_best_export(sweep_dir: Path, summary: dict) -> None:
+    """best/ is the best trial's final checkpoint, and the one checkpoint loader rebuilds its models from it."""
+    from rau_ray.models.checkpoint import load_policy_checkpoint, load_segmenter_checkpoint, read_checkpoint
+
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best == summary["best"] and best["metric"] == "val_dice" and 0 <= best["value"] <= 1
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    ranked = [r for r in rows if r["val_dice"]]
+    assert best["trial_id"] == max(ranked, key=lambda r: float(r["val_dice"]))["trial_id"]
+    ck = read_checkpoint(sweep_dir / "best")
+    assert ck.kind == "seg" and ck.step == best["checkpoint_step"] == 2
+    assert ck.config["name"] == best["trial_id"]
+    assert ck.config["lr"] == pytest.approx(best["config"].get("lr", 0.01))  # the trial's own lr (or the base's)
+    segmenter = load_segmenter_checkpoint(ck)
+    assert segmenter.projector[0].out_features == best["config"]["model.fusion.projector_dim"]
+    policy = load_policy_checkpoint(ck)  # train_policy_lora: the adapter is in the checkpoint too
+    assert policy.model.peft_config["default"].r == best["config"]["model.policy.lora_rank"]
+
+
+def test_tiny_sweep_with_asha_writes_table_heatmap_and_loadable_best(ray_cluster, manifest, tmp_path):
+    config = write_configs(tmp_path, manifest, {"model.fusion.projector_dim": [128, 256],
+                                                "model.policy.lora_rank": [4, 8],
+                                                "lr": {"loguniform": [1.0e-3, 3.0e-2]}},
+                           name="grid", asha={"grace_period": 1, "reduction_factor": 2})
+    summary = run_sweep(load_sweep_config(config))
+    sweep_dir = tmp_path / "tune" / "grid"
+    # trials ASHA stopped left no worker placement group behind (their CPUs are free for the next test)
+    assert janitor._groups_of_this_job() == []
+    assert summary["trials"] == 4 and summary["finished"] + summary["stopped_early"] == 4
+    assert summary["error"] == summary["unfinished"] == 0 and not summary["interrupted"]
+    assert summary["scheduler"] == {"enabled": True, "time_attr": "step", "grace_period": 1, "reduction_factor": 2.0,
+                                    "max_t": 2}
+    records = records_from_experiment(sweep_dir)
+    assert sorted((r["config"]["model.fusion.projector_dim"], r["config"]["model.policy.lora_rank"])
+                  for r in records) == [(128, 4), (128, 8), (256, 4), (256, 8)]
+    for rec in records:
+        assert rec["status"] == "finished" and rec["history"]
+        assert all(0 <= h["val_dice"] <= 1 for h in rec["history"])  # only validation rows reach Tune
+        assert rec["history"][0]["step"] == 0 and 1e-3 <= rec["config"]["lr"] <= 3e-2
+    rows = list(csv.DictReader(open(summary["table_csv"])))
+    assert len(rows) == 4 and all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+    assert {r["status"] for r in rows} <= {"finished", "stopped early"}
+    assert [r["trial_id"] for r in rows if r["status"] == "finished"] and \
+        all(int(r["step"]) == 2 for r in rows if r["status"] == "finished")
+    assert "| rank | trial | status | projector_dim | lora_rank | lr |" in Path(summary["table_md"]).read_text()
+    assert Path(summary["heatmap"]).read_bytes()[:4] == b"\x89PNG"
+    check_best_export(sweep_dir, summary)
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, run_cli, manifest, tmp_path):
+    config = write_configs(tmp_path, manifest, {"model.policy.lora_rank": [4, 8, 16], "model.fusion.projector_dim":
+                                                [128]}, name="resumable", asha={"enabled": False})
+    sweep_dir = tmp_path / "tune" / "resumable"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    log = open(tmp_path / "first.log", "w")  # a file, not a pipe: Tune's progress must never block on a full pipe
+    proc = subprocess.Popen([sys.executable, "-m", "rau_ray.cli", "tune", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    deadline = time.time() + 300
+    # stop once a trial has finished (its trial.json) and the third has started (two at a time)
+    while time.time() < deadline and proc.poll() is None:
+        done = list((sweep_dir / "runs").glob("*/trial.json"))
+        if done and len(list(sweep_dir.glob("trial_*"))) == 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    log.close()
+    assert proc.returncode == 130, (tmp_path / "first.log").read_text()[-3000:]
+    assert json.loads((sweep_dir / "summary.json").read_text())["interrupted"] is True
+
+    before = {r["trial_id"]: r for r in records_from_experiment(sweep_dir)}
+    finished = {t for t, r in before.items() if r["status"] == "finished"}
+    assert len(before) == 3 and finished and len(finished) < 3
+    kept = {t: ((sweep_dir / f"trial_{t}" / "result.json").read_bytes(),
+                sorted(p.name for p in (sweep_dir / "runs" / t).iterdir()),
+                (sweep_dir / "runs" / t / "trial.json").stat().st_mtime_ns) for t in finished}
+
+    resumed = run_cli("tune", "--config", config, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    after = {r["trial_id"]: r for r in records_from_experiment(sweep_dir)}
+    assert after.keys() == before.keys() and all(r["status"] == "finished" for r in after.values())
+    for t in finished:  # not rerun: the same results, checkpoints and end marker
+        assert ((sweep_dir / f"trial_{t}" / "result.json").read_bytes(),
+                sorted(p.name for p in (sweep_dir / "runs" / t).iterdir()),
+                (sweep_dir / "runs" / t / "trial.json").stat().st_mtime_ns) == kept[t]
+        assert [(h["step"], h["val_dice"]) for h in after[t]["history"]] == \
+            [(h["step"], h["val_dice"]) for h in before[t]["history"]]
+    for t in before.keys() - finished:  # the interrupted ones ran to their last step
+        assert after[t]["history"][-1]["step"] == 2
+    assert summary["trials"] == 3 and summary["finished"] == 3 and not summary["interrupted"]
+    assert len(list(csv.DictReader(open(sweep_dir / "results.csv")))) == 3
+    assert (sweep_dir / "heatmap.png").is_file()
+    check_best_export(sweep_dir, summary)
+
+    again = run_cli("tune", "--config", config)  # a second fresh start of the same sweep is refused
+    assert again.returncode == 2 and "already holds a sweep: continue it with --resume" in again.stderr

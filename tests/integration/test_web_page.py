@@ -1,0 +1,189 @@
+"""The web page at GET / in a real headless Chromium (Debian ``chromium``, driven by Playwright; never a downloaded
+browser) against the real Serve app on the session's Ray cluster: upload a CT phantom, pick a structure, click and
+drag on the canvas, type commands, undo; the overlay, reasoning and operations must update in the DOM with no page
+error, and a refused command must show its error in the page. Screenshot: docs/web_page.png (and the tmp dir)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path is None:
+        pytest.fail("Debian chromium is not installed: `make install` installs it with apt-get "
+                    "(apt-get install chromium); this test needs it and does not skip")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster):
+    from rau_ray.serve.app import start, stop
+
+    try:
+        url = start(profile="tiny", port=_free_port(), timeout_s=420)
+    except TimeoutError as e:
+        from ray import serve
+
+        status = serve.status()
+        stop()
+        pytest.fail(f"{e}; Serve status: {status}")
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="module")
+def phantom_png(ct_manifest):
+    """The CT phantom slice (16-bit PNG, HU + 1024, 128 x 128) with the most liver, from the same phantom set as the
+    tiny app's reference bank (6 subjects x 4 slices, seed 0), so retrieval finds references showing the liver."""
+    import numpy as np
+    from PIL import Image
+
+    manifest = Path(ct_manifest(6, 128, 4))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+
+    def liver(row):
+        value = next(int(k) for k, v in row["labels"].items() if v == "liver")
+        return int((np.asarray(Image.open(manifest.parent / row["label"])) == value).sum())
+
+    return manifest.parent / max(rows, key=liver)["image"]
+
+
+def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_path):
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `make install` installs the dev extras (pip install -e '.[dev]')")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
+                                                       headless=True, args=CHROMIUM_FLAGS,
+                                                       viewport={"width": 1280, "height": 900})
+        page = browser.new_page()
+        page_errors, console_errors, failed = [], [], []
+        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.on("requestfailed", lambda r: failed.append(f"{r.method} {r.url}: {r.failure}"))
+        page.set_default_timeout(120_000)
+
+        def settle(action):
+            """Run a page action and wait until the requests it started have finished."""
+            before = int(page.get_attribute("body", "data-requests"))
+            action()
+            page.wait_for_function(f"document.body.dataset.requests > {before} && document.body.dataset.state == 'idle'")
+
+        def no_error_banner():
+            assert not page.is_visible("#error"), page.text_content("#error-msg")
+
+        page.goto(app_url + "/")
+        assert page.title().startswith("RAU-Ray")
+        page.wait_for_function("document.getElementById('health').textContent == 'server ready'")
+
+        # upload: a session opens, the image is drawn, the structure picker fills from the reference bank
+        settle(lambda: page.set_input_files("#file", str(phantom_png)))
+        no_error_banner()
+        assert not page.is_visible("#empty")
+        assert "128×128" in page.text_content("#file-name") and "CT" in page.text_content("#file-name")
+        structures = page.eval_on_selector_all("#structure-pick option", "os => os.map(o => o.value).filter(Boolean)")
+        assert "liver" in structures
+        blank = page.evaluate("document.getElementById('view').toDataURL()")
+
+        # pick a structure and segment it: the reasoning panel and the operations log update
+        page.select_option("#structure-pick", "liver")
+        settle(lambda: page.click("#segment"))
+        no_error_banner()
+        assert page.input_value("#structure") == "liver"
+        assert page.locator("#ops li [data-op=segment]").count() == 1
+        reasoning = page.text_content("#reasoning")
+        assert reasoning and "Segment a structure" not in reasoning
+        assert "liver" in page.text_content("#facts")
+        assert page.get_attribute("#view", "data-mask-pixels") is not None
+        assert not page.is_disabled("#undo")
+
+        # a click = positive point, shift+click = negative point, a drag = box; each redraws the canvas
+        box = page.locator("#view").bounding_box()
+        cx, cy = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.4
+        settle(lambda: page.mouse.click(cx, cy))
+        no_error_banner()
+        after_click = page.evaluate("document.getElementById('view').toDataURL()")
+        assert after_click != blank
+        page.keyboard.down("Shift")
+        settle(lambda: page.mouse.click(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.8))
+        page.keyboard.up("Shift")
+        no_error_banner()
+        points = page.locator("#ops li [data-op=add_point]")
+        assert points.count() == 2
+        assert "negative point" in points.nth(0).text_content() and "positive point" in points.nth(1).text_content()
+
+        def drag():
+            page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.25)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.45, steps=8)
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=8)
+            page.mouse.up()
+
+        settle(drag)
+        no_error_banner()
+        assert page.locator("#ops li [data-op=add_box]").count() == 1
+        mask_pixels = int(page.get_attribute("#view", "data-mask-pixels"))
+
+        # typed commands: "bone window" changes the window, "undo" takes it back
+        assert page.get_attribute("#window-label", "data-preset") == "abdomen"
+        page.fill("#command", "bone window")
+        settle(lambda: page.press("#command", "Enter"))
+        no_error_banner()
+        assert page.get_attribute("#window-label", "data-preset") == "bone"
+        assert "L400 / W1800" in page.text_content("#window-label")
+        assert page.locator("#ops li").first.get_attribute("data-ops") == "set_window"
+        assert page.input_value("#command") == ""
+        page.fill("#command", "undo")
+        settle(lambda: page.press("#command", "Enter"))
+        no_error_banner()
+        assert page.get_attribute("#window-label", "data-preset") == "abdomen"
+        assert "1 undone" in page.locator("#ops li").first.text_content()
+        assert int(page.get_attribute("#view", "data-mask-pixels")) == mask_pixels  # the box's mask is still there
+        assert not page.is_disabled("#redo")
+
+        page.fill("#command", "show metrics")
+        settle(lambda: page.press("#command", "Enter"))
+        no_error_banner()
+        assert page.is_visible("#metrics") and "area px" in page.text_content("#metrics")
+
+        screenshot = page.screenshot(full_page=True)
+        (tmp_path / "web_page.png").write_bytes(screenshot)
+        (REPO / "docs" / "web_page.png").write_bytes(screenshot)
+
+        # the undo button, then a command that is no command: the error is shown in the page
+        settle(lambda: page.click("#undo"))
+        no_error_banner()
+        page.fill("#command", "rm -rf /")
+        settle(lambda: page.press("#command", "Enter"))
+        assert page.is_visible("#error")
+        assert "not understood" in page.text_content("#error-msg")
+        assert page.locator("#ops li.failed").count() == 1
+        page.click("#error-close")
+        assert not page.is_visible("#error")
+
+        assert page_errors == [], page_errors
+        # a refused command is a 422 the page shows; the browser also logs it to the console, and nothing else
+        assert all("422" in m for m in console_errors), console_errors
+        assert failed == [], failed
+        browser.close()

@@ -1,0 +1,44 @@
+"""serve_configs/*.yaml are valid Serve configs naming every deployment with its own scaling, resources and health
+check, and their args build the application graph."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[3] / "serve_configs"
+DEPLOYMENTS = {"Ingress", "Retriever", "Policy", "Segmenter", "Commander"}
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+def test_serve_config(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    conf = yaml.safe_load((CONFIGS / name).read_text())
+    ServeDeploySchema.model_validate(conf) if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(conf)
+    app = conf["applications"][0]
+    assert app["import_path"] == "rau_ray.serve.app:build_app"
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert set(deps) == DEPLOYMENTS
+    for d in deps.values():
+        a = d["autoscaling_config"]
+        assert 1 <= a["min_replicas"] <= a["max_replicas"] and a["target_ongoing_requests"] > 0
+        assert d["max_ongoing_requests"] >= 1 and d["ray_actor_options"]["num_cpus"] > 0
+        assert d["health_check_period_s"] > 0
+    assert deps["Ingress"]["autoscaling_config"]["max_replicas"] == 1  # sessions live in the Ingress
+    if name == "gpu.yaml":
+        assert deps["Policy"]["ray_actor_options"]["num_gpus"] == 1
+        assert 0 < deps["Segmenter"]["ray_actor_options"]["num_gpus"] < 1
+    else:
+        assert all("num_gpus" not in d["ray_actor_options"] for d in deps.values())
+
+
+def test_build_app_args():
+    from rau_ray.errors import ConfigError
+    from rau_ray.serve.app import build_app, local_options
+
+    args, options = local_options(CONFIGS / "local.yaml")
+    assert build_app(args, options) is not None
+    with pytest.raises(ConfigError, match="unknown field"):
+        build_app({"profile": "tiny", "nope": 1})

@@ -1,0 +1,132 @@
+"""Sessions without Ray: the eleven operations on a fake model backend, undo/redo, expiry (410), the limit (429)."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from rau_ray.commands import parse_command
+from rau_ray.serve.sessions import (Session, SessionError, SessionGone, SessionLimit, SessionNotFound,
+                                    SessionStore)
+
+
+class FakeBackend:
+    """Prompts paint a disc around each positive point (or fill the box); 'segment' paints a fixed square."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def prompt(self, image, points, labels, box):
+        self.calls.append(("prompt", points, labels, box))
+        h, w = image.shape[:2]
+        m = np.zeros((h, w), bool)
+        if box is not None:
+            x1, y1, x2, y2 = box
+            m[y1:y2, x1:x2] = True
+        yy, xx = np.mgrid[:h, :w]
+        for (x, y), lab in zip(points or [], labels or []):
+            disc = (xx - x) ** 2 + (yy - y) ** 2 <= 16
+            m = m | disc if lab else m & ~disc
+        return {"mask": m, "score": 0.5, "cached": True}
+
+    async def segment(self, session, target):
+        self.calls.append(("segment", target))
+        m = np.zeros(session.shape, bool)
+        m[10:20, 10:30] = True
+        return {"mask": m, "score": 0.9, "reference": {"id": "ref"}}
+
+
+def run(session, text, backend, known=("liver", "spleen")):
+    return asyncio.run(session.apply(parse_command(text), backend, set(known)))
+
+
+def test_point_undo_redo_window():
+    s, b = Session(np.zeros((64, 64), np.float32), "CT", (1.0, 1.0)), FakeBackend()
+    run(s, "add a point at 40,50", b)
+    assert s.mask()[50, 40] and s.state.points == ((40, 50, 1),)
+    run(s, "add a negative point at (41, 50)", b)
+    assert not s.mask()[50, 41]
+    run(s, "undo", b)
+    assert s.mask()[50, 41] and len(s.state.points) == 1
+    run(s, "redo", b)
+    assert not s.mask()[50, 41]
+    run(s, "undo twice", b)
+    assert not s.mask().any() and s.summary()["can_redo"] == 2
+    run(s, "bone window", b)
+    assert s.state.window == ("bone", 400.0, 1800.0)
+    assert s.summary()["can_redo"] == 0  # a new change drops the redo branch
+    run(s, "undo", b)
+    assert s.state.window[0] == "abdomen"
+
+
+def test_segment_points_box_clear_metrics():
+    s, b = Session(np.zeros((64, 64), np.float32), "CT", (0.5, 0.5)), FakeBackend()
+    res = run(s, "segment the liver", b)
+    assert res[0]["structure"] == "liver" and s.mask().sum() == 200
+    run(s, "add three points", b)  # placed inside the current mask
+    assert len(s.state.points) == 3 and all(10 <= y < 20 and 10 <= x < 30 for x, y, _ in s.state.points)
+    run(s, "add a box", b)  # the current mask's box
+    assert s.state.box is not None
+    run(s, "add box 1 2 30 40", b)
+    assert s.state.box == (1, 2, 30, 40)
+    metrics = run(s, "show metrics", b)[0]["metrics"]
+    assert metrics["area_px"] == int(s.mask().sum()) and metrics["area_mm2"] == pytest.approx(0.25 * metrics["area_px"])
+    run(s, "clear", b)
+    assert not s.mask().any() and s.state.points == ()
+    assert run(s, "export rle", b)[0]["url"].endswith("format=rle")
+
+
+def test_bad_operations_leave_state():
+    s, b = Session(np.zeros((64, 64), np.float32), "CT", (1.0, 1.0)), FakeBackend()
+    for text, words in [("segment the heart", "unknown structure"), ("add a point at 100,5", "outside"),
+                        ("add three points", "where"), ("go to slice 3", "outside"), ("propagate", "volume"),
+                        ("export dicom seg", "DICOM-SEG"), ("add a box", "which box")]:
+        with pytest.raises(SessionError, match=words):
+            run(s, text, b)
+    assert s.summary()["can_undo"] == 0 and not s.mask().any()
+
+
+def test_volume_slices_and_propagate():
+    vol = np.zeros((5, 32, 32), np.float32)
+    s, b = Session(vol, "CT", (1.0, 1.0, 2.0)), FakeBackend()
+    run(s, "go to slice 2", b)
+    run(s, "add box 5 5 15 15", b)
+    res = run(s, "propagate", b)
+    assert res[0]["slices"] == [0, 1, 3, 4]
+    assert all(s.mask(i).any() for i in range(5))
+    assert run(s, "show metrics", b)[0]["metrics"]["volume_ml"] == pytest.approx(5 * 100 * 2 / 1000)
+    run(s, "next slice", b)
+    assert s.state.slice == 3
+    run(s, "undo 2", b)
+    assert s.state.slice == 2 and not s.mask(0).any()
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_store_expiry_limit_delete():
+    clock = Clock()
+    store = SessionStore(ttl_s=10, max_sessions=2, clock=clock)
+    a = store.create(np.zeros((16, 16)), "CT", (1, 1))
+    b = store.create(np.zeros((16, 16)), "CT", (1, 1))
+    assert a.id != b.id and len(a.id) >= 20
+    with pytest.raises(SessionLimit) as e:
+        store.create(np.zeros((16, 16)), "CT", (1, 1))
+    assert "limit" in str(e.value.args[0]) and e.value.args[1] >= 1
+    clock.t = 6
+    store.get(a.id)  # a is used, b idles
+    clock.t = 12
+    assert store.get(a.id) is a
+    with pytest.raises(SessionGone, match="expired"):
+        store.get(b.id)
+    store.create(np.zeros((16, 16)), "CT", (1, 1))  # b's slot is free again
+    store.delete(a.id)
+    with pytest.raises(SessionGone, match="deleted"):
+        store.get(a.id)
+    with pytest.raises(SessionNotFound):
+        store.get("nope")
