@@ -14,7 +14,9 @@ Records (dicts):
   ``spacing`` [z, y, x] mm.
 Labeling rows: SFT and GRPO are the policies' own answers, one region at a time; GRPO+OT / GRPO+FGW re-assign the
 GRPO answers jointly over the target's regions by optimal transport (``rau_ray.eval.matching.assign``, the answers
-as its label bonus, the reference's boxes as prototypes); "OT (boxes only)" is the same transport without answers,
+as its label bonus, the reference's boxes as prototypes; a region left unassigned or matched at a cost above
+``MatchConfig.unmatched_cost`` falls back to the policy's answer for that region alone); "OT (boxes only)" is the
+same transport without answers,
 the baseline a policy must beat. FGW appears when ``MatchConfig`` accepts ``"fgw"`` (n/a otherwise).
 Use: ``labeling_table(records)``, ``segmentation_table(records)``, ``latency_table(records)``, ``volume_table(...)``.
 """
@@ -67,8 +69,15 @@ def row_labels(record: dict, policy: str | None, method: str | None) -> list[str
     if method is None:
         return list(answers)
     boxes = [r["box"] for r in record["regions"]]
-    return assign(boxes, tuple(record["size"]), record["ref_boxes"], tuple(record["ref_size"]),
-                  MatchConfig(method=method), predicted_labels=list(answers) if answers else None).labels
+    cfg = MatchConfig(method=method)
+    plan = assign(boxes, tuple(record["size"]), record["ref_boxes"], tuple(record["ref_size"]), cfg,
+                  predicted_labels=list(answers) if answers else None)
+    if not answers:
+        return plan.labels
+    # the fallback: a region the transport leaves unassigned, or assigns at a cost above ``unmatched_cost`` (low
+    # confidence), takes the policy's answer to that region asked alone (the one-region question it was asked)
+    return [answer if label is None or not cost <= cfg.unmatched_cost else label
+            for label, cost, answer in zip(plan.labels, plan.costs, answers)]
 
 
 def labeling_table(records: list[dict]) -> dict:

@@ -142,6 +142,20 @@ def test_transport_is_right_where_independent_argmax_is_wrong():
                   predicted_labels=["A", "A"]).labels == ["A", "B"]
 
 
+def test_a_region_transport_leaves_unassigned_falls_back_to_the_policys_own_answer():
+    """A third region far from every prototype (out of the reference's layout): transport leaves it unassigned,
+    so GRPO+OT takes the policy's answer to that region asked alone."""
+    far = [0, 0, 4, 4]  # the top-left corner: no prototype near it
+    record = {"kind": "label", "size": [SIZE, SIZE], "ref_size": [SIZE, SIZE], "ref_boxes": REFERENCE, "error": None,
+              "regions": [{"structure": s, "box": b} for s, b in TARGET.items()] + [{"structure": "C", "box": far}],
+              "answers": {"grpo": ["A", "A", "C"]}}
+    plan = assign([r["box"] for r in record["regions"]], (SIZE, SIZE), REFERENCE, (SIZE, SIZE),
+                  MatchConfig(method="emd"), predicted_labels=["A", "A", "C"])
+    assert plan.labels[2] is None  # transport alone leaves it out
+    assert tables.row_labels(record, "grpo", "emd") == ["A", "B", "C"]
+    assert tables.row_labels(record, None, "emd")[2] is None  # without a policy there is nothing to fall back to
+
+
 def test_plan_holds_out_test_subjects(manifest, volumes, tmp_path):
     plan = plan_eval(EvalConfig(manifests=(str(manifest),), out=str(tmp_path / "out"), volumes=(str(volumes),),
                                 backend="local"))
