@@ -19,6 +19,7 @@ import time
 from ray.tune import Callback
 
 logger = logging.getLogger(__name__)
+freed = 0  # placement groups removed by this process so far (a sweep's summary reports its share)
 LIVE_STATES = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
 
 
@@ -44,6 +45,7 @@ def _groups_of_this_job() -> list:
 def remove_orphans() -> int:
     """Remove this job's live placement groups whose creator actor is dead; returns how many. Never raises (a
     cluster that cannot say is left alone)."""
+    global freed
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
@@ -56,6 +58,7 @@ def remove_orphans() -> int:
     except Exception as e:  # noqa: BLE001 - cleanup must never end a sweep
         logger.warning("could not check for placement groups left by stopped trials: %s", e)
     if removed:
+        freed += removed
         logger.info("removed %d placement group(s) left by stopped trials", removed)
     return removed
 

@@ -34,7 +34,7 @@ def records_from_experiment(path: str | os.PathLike) -> list[dict]:
     after an interrupt, the trials that were running read "unfinished")."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(path))
+    analysis = ExperimentAnalysis(str(Path(path).resolve()))
     frames = analysis.trial_dataframes
     records = []
     for trial in analysis.trials:
@@ -118,35 +118,42 @@ def write_table(rows: list[dict], out_dir: str | os.PathLike, paths: list[str], 
     return {"table_csv": str(out_dir / "results.csv"), "table_md": str(out_dir / "results.md")}
 
 
-def heatmap_grid(rows: list[dict], x: str, y: str, metric: str, mode: str):
-    """(x values, y values, matrix[y][x]) of the best ``metric`` per cell (over the other searched values);
+def heatmap_cells(rows: list[dict], x: str, y: str, metric: str, mode: str):
+    """(x values, y values, cells[y][x]): the row with the best ``metric`` per cell (over the other searched values),
     None where no trial of that cell reported."""
     def order(values):
-        values = sorted({v for v in values if v is not None}, key=lambda v: (not isinstance(v, (int, float)), v))
-        return values
+        return sorted({v for v in values if v is not None}, key=lambda v: (not isinstance(v, (int, float)), v))
 
     xs, ys = order(r.get(x) for r in rows), order(r.get(y) for r in rows)
     pick = max if mode == "max" else min
-    matrix = []
+    cells = []
     for yv in ys:
         line = []
         for xv in xs:
-            cell = [r[metric] for r in rows if r.get(x) == xv and r.get(y) == yv and r.get(metric) is not None]
-            line.append(pick(cell) if cell else None)
-        matrix.append(line)
-    return xs, ys, matrix
+            cell = [r for r in rows if r.get(x) == xv and r.get(y) == yv and r.get(metric) is not None]
+            line.append(pick(cell, key=lambda r: r[metric]) if cell else None)
+        cells.append(line)
+    return xs, ys, cells
+
+
+def heatmap_grid(rows: list[dict], x: str, y: str, metric: str, mode: str):
+    """(x values, y values, matrix[y][x]) of the best ``metric`` per cell; None where no trial reported."""
+    xs, ys, cells = heatmap_cells(rows, x, y, metric, mode)
+    return xs, ys, [[None if c is None else c[metric] for c in line] for line in cells]
 
 
 def plot_heatmap(rows: list[dict], x: str, y: str, metric: str, mode: str, out: str | os.PathLike,
                  title: str = "") -> Path:
-    """A PNG of ``metric`` over the ``x`` x ``y`` values (best per cell, annotated; grey: no result)."""
+    """A PNG of ``metric`` over the ``x`` x ``y`` values (best per cell, annotated, with the step where ASHA stopped
+    it; grey: no result)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    xs, ys, matrix = heatmap_grid(rows, x, y, metric, mode)
+    xs, ys, cells = heatmap_cells(rows, x, y, metric, mode)
+    matrix = [[None if c is None else c[metric] for c in line] for line in cells]
     if not xs or not ys:
         raise DataError(f"no trial has values for both {x} and {y}: nothing to draw")
     data = np.array([[np.nan if v is None else v for v in line] for line in matrix], dtype=float)
@@ -164,6 +171,8 @@ def plot_heatmap(rows: list[dict], x: str, y: str, metric: str, mode: str, out: 
     for i in range(len(ys)):
         for j in range(len(xs)):
             text = "–" if np.isnan(data[i, j]) else f"{data[i, j]:.3f}"
+            if cells[i][j] is not None and cells[i][j]["status"] == "stopped early":
+                text += f"\nstopped @{cells[i][j]['step']}"  # ASHA: compared at a rung, not at the end
             bold = best is not None and (i, j) == np.unravel_index(best, data.shape)
             shade = float(image.norm(data[i, j])) if not np.isnan(data[i, j]) else 1.0
             light = (shade if mode == "max" else 1 - shade) > 0.6  # viridis' bright end: dark text

@@ -427,7 +427,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     from ray import tune
 
     from rau_ray import ray_session
-    from rau_ray.tune.janitor import Janitor, settle
+    from rau_ray.tune import janitor
 
     prep = prepare(cfg)
     exp = prep.experiment_dir
@@ -453,17 +453,17 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
         tuner = tune.Tuner(trainable(prep), param_space=param_space(cfg), tune_config=tune_config(prep),
                            run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp.parent),
                                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                                     callbacks=[Janitor()], verbose=1))
-    t0 = time.perf_counter()
+                                                     callbacks=[janitor.Janitor()], verbose=1))
+    t0, freed = time.perf_counter(), janitor.freed
     try:
         tuner.fit()
     finally:
-        settle()  # stopped trials' worker placement groups: nothing of the sweep keeps holding CPUs
+        janitor.settle()  # stopped trials' worker placement groups: nothing of the sweep keeps holding CPUs
     wall = time.perf_counter() - t0
-    return summarise(prep, wall)
+    return summarise(prep, wall, freed_placement_groups=janitor.freed - freed)
 
 
-def summarise(prep: Prepared, wall: float) -> dict:
+def summarise(prep: Prepared, wall: float, **extra) -> dict:
     """Table, heatmap, summary.json and (when every trial is done) the best export, from the saved experiment."""
     from rau_ray.tune import results
 
@@ -482,7 +482,7 @@ def summarise(prep: Prepared, wall: float) -> dict:
                **{s.replace(" ", "_"): n for s, n in counts.items()}, "wall_s": round(wall, 1),
                "trials_per_hour": round(done / wall * 3600, 1) if wall > 0 else None,
                "scheduler": asdict(cfg.asha) | {"max_t": cfg.asha.max_t or prep.max_steps} if cfg.asha.enabled
-               else "FIFO", **outputs, "interrupted": counts["unfinished"] > 0}
+               else "FIFO", **outputs, **extra, "interrupted": counts["unfinished"] > 0}
     if summary["interrupted"]:
         summary["resume"] = f"rau tune --config <this sweep's config> --resume   (sweep folder {exp})"
     else:

@@ -140,3 +140,32 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 
     again = run_cli("tune", "--config", config)  # a second fresh start of the same sweep is refused
     assert again.returncode == 2 and "already holds a sweep: continue it with --resume" in again.stderr
+
+
+def test_janitor_removes_only_groups_whose_creator_actor_died(ray_cluster):
+    import ray
+    from ray.util.placement_group import (PlacementGroup, placement_group, placement_group_table,
+                                          remove_placement_group)
+
+    @ray.remote(num_cpus=0)
+    class Creator:  # stands for a Ray Train controller, which makes its workers' placement group
+        def make(self) -> str:
+            pg = placement_group([{"CPU": 0.25}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    alive, doomed = Creator.remote(), Creator.remote()
+    kept, orphan = ray.get(alive.make.remote()), ray.get(doomed.make.remote())
+    own = placement_group([{"CPU": 0.25}])  # made by the driver itself, as Tune's trial groups are
+    ray.get(own.ready())
+    ray.kill(doomed)  # as when Tune ends a stopped trial and its controller dies with it
+    deadline = time.time() + 30
+    while placement_group_table()[orphan]["state"] != "REMOVED" and time.time() < deadline:
+        janitor.remove_orphans()
+        time.sleep(0.2)
+    table = placement_group_table()
+    assert table[orphan]["state"] == "REMOVED"
+    assert table[kept]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
+    for pg in (PlacementGroup(ray.PlacementGroupID(bytes.fromhex(kept))), own):  # give the 0.5 CPU back
+        remove_placement_group(pg)
+    ray.kill(alive)
