@@ -10,7 +10,8 @@ own network namespace, like a separate machine. A fresh namespace cannot reach t
 its own), so the nodes are wired with veth pairs to a bridge that lives *inside the head's namespace*: head
 10.203.0.1, then .2, .3; the machine's own network is never changed, and it all vanishes with the processes. Clients
 (``ray job submit``, ``rau submit``, the training driver) run in the head's namespace through ``nsenter``, as on the
-head. Without those rights every node shares 127.0.0.1 with its own ports (a second raylet on the same host).
+head. Without those rights every node shares the host's network with its own ports (a second raylet on the same
+host; Ray turns --node-ip-address=127.0.0.1 into the host's address). RAU_TEST_NO_NETNS=1 forces that path.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SUBNET = "10.203.0"
 SMOKE = "jobs/configs/data-smoke.yaml"  # 3 subjects x 2 slices, 64 px
+STEPS = 12  # of the training run
 OUTPUTS: dict[str, Path] = {}  # what each submission path wrote, to compare them
 
 
@@ -104,8 +106,8 @@ def free_port_block(size: int) -> int:
     """First port of ``size`` consecutive ports that nothing on this machine listens on now."""
     for _ in range(200):
         base = random.randrange(21000, 59000 - size)
+        socks = []
         try:
-            socks = []
             for port in range(base, base + size):
                 s = socket.socket()
                 socks.append(s)
@@ -212,7 +214,7 @@ class LocalCluster:
         return node
 
     def wait_nodes(self, alive: int, timeout: float = 90) -> list[dict]:
-        """Until the head's state API lists ``alive`` live nodes (read from inside the head's namespace)."""
+        """Until the head's state API lists ``alive`` live nodes (asked from inside the head's namespace)."""
         script = ("import json,os,sys,time,urllib.request\n"
                   "url, want, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])\n"
                   "err = None\n"
@@ -279,28 +281,34 @@ class LocalCluster:
 
     # ---- teardown
     def stop(self) -> None:
-        """Workers first, head last: SIGTERM to ``ray start`` (it stops its processes), then SIGKILL what is left."""
-        for node in reversed(self.nodes):
-            procs = node.processes()
-            if node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
+        """Worker nodes first (together), the head last: SIGTERM to each ``ray start`` (it stops its processes), then
+        SIGKILL whatever is left of them, by PID."""
+        workers = [n for n in self.nodes if n.name != "head"]
+        for group in (workers, [n for n in self.nodes if n.name == "head"]):
+            procs = {p.pid: p for node in group for p in node.processes()}
+            for node in group:
+                if node.proc.poll() is None:
+                    node.proc.send_signal(signal.SIGTERM)
+            deadline = time.time() + 30
+            for node in group:
                 try:
-                    node.proc.wait(timeout=30)
+                    node.proc.wait(timeout=max(0.1, deadline - time.time()))
                 except subprocess.TimeoutExpired:
                     pass
-            procs = list({p.pid: p for p in procs + node.processes()}.values())
-            _, alive = psutil.wait_procs(procs, timeout=10)
+            procs.update({p.pid: p for node in group for p in node.processes()})
+            _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
             for p in alive:
                 try:
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(alive, timeout=10)
-            if node.proc.poll() is None:
-                node.proc.kill()
-                node.proc.wait()
-            if node.netns:
-                node.netns.stop()
+            for node in group:
+                if node.proc.poll() is None:
+                    node.proc.kill()
+                    node.proc.wait()
+                if node.netns:
+                    node.netns.stop()
         if self.bridge:
             self.bridge.stop()
         self.stopped = True
@@ -321,7 +329,7 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     # a short root: Ray's unix socket paths must stay under ~107 characters
     root = Path(tempfile.mkdtemp(prefix="rau-cluster-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # nothing pointing at other clusters
@@ -331,9 +339,10 @@ def cluster(tmp_path_factory):
                PYTHONUNBUFFERED="1", RAU_CACHE=os.environ.get("RAU_CACHE", str(root / "cache")),
                # a dead node is declared dead in ~3 s instead of ~15-30 s
                RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
-               RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000")
-    c = LocalCluster(root, isolation_available(), env)
-    c.links_before = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+               RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")  # SIGTERM: drain 5 s, not 30, before stopping
+    # RAU_TEST_NO_NETNS=1 takes the path of machines without the rights: every node on the host's network
+    c = LocalCluster(root, isolation_available() and not os.environ.get("RAU_TEST_NO_NETNS"), env)
     try:
         c.start_head({"node_a": 1})
         c.add_node("b", {"node_b": 1})
@@ -346,9 +355,10 @@ def cluster(tmp_path_factory):
 
 def test_two_nodes_joined(cluster):
     nodes = cluster.wait_nodes(2)
-    assert sorted(n["node_ip"] for n in nodes) == sorted(n.ip for n in cluster.nodes)
+    assert len({n["node_id"] for n in nodes}) == 2
     if cluster.isolated:  # separate machines as far as the network goes
-        assert len({n.netns.inode for n in cluster.nodes}) == 2 and cluster.nodes[1].ip == f"{SUBNET}.2"
+        assert sorted(n["node_ip"] for n in nodes) == [f"{SUBNET}.1", f"{SUBNET}.2"]
+        assert len({n.netns.inode for n in cluster.nodes}) == 2
 
 
 def _manifest_bytes(folder: Path) -> dict[str, bytes]:
@@ -390,46 +400,54 @@ def test_rau_submit_follows_the_job_to_succeeded(cluster, tmp_path):
 
 
 def test_train_run_has_a_worker_on_each_node_and_survives_losing_one(cluster, ct_manifest, tmp_path):
-    manifest = ct_manifest(n=6, size=96, slices=1)
+    """The segmenter job (DDP over gloo between the nodes) with 2 workers x 1 CPU, SPREAD: one worker per node.
+    Node b dies after the first checkpoint; a replacement node joins; the run restarts from that checkpoint."""
+    manifest = ct_manifest(n=5, size=64, slices=2)
     storage = f"file://{tmp_path}/runs"  # a URI every node reaches (here one filesystem, on a cluster s3:// / NFS)
-    config = tmp_path / "sft.yaml"
+    config = tmp_path / "seg.yaml"
     config.write_text(yaml.safe_dump({
-        "manifest": manifest, "name": "spread", "tasks": ["label"], "batch_size": 2, "epochs": 100, "max_steps": 20,
-        "log_every": 1, "checkpoint_every": 3, "eval_items": 2, "max_new_tokens": 8,
+        "manifest": manifest, "name": "spread", "mode": "rau", "batch_size": 2, "lr": 0.01, "max_steps": STEPS,
+        "log_every": 1, "eval_every": 100, "checkpoint_every": 3, "eval_items": 2,
         "scale": {"num_workers": 2, "cpus_per_worker": 1, "storage_path": storage, "max_failures": 2,
                   "placement_strategy": "SPREAD"}}))
-    driver = cluster.popen([BIN / "rau", "train", "sft", "--config", config])
-    run_dir = tmp_path / "runs" / "spread"
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is registered
-    deadline = time.time() + 240
-    while not (snapshot.is_file() and "checkpoint_dir_name" in snapshot.read_text()):
-        assert driver.poll() is None, driver.communicate()[1][-3000:]
-        assert time.time() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.2)
-    workers = cluster.train_workers()
-    assert [len(workers["head"]), len(workers["b"])] == [1, 1], workers  # one worker per node (SPREAD, 1 CPU each)
+    driver = cluster.popen([BIN / "rau", "train", "seg", "--config", config])
+    try:
+        run_dir = tmp_path / "runs" / "spread"
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is registered
+        deadline = time.time() + 240
+        while not (snapshot.is_file() and "checkpoint_dir_name" in snapshot.read_text()):
+            assert driver.poll() is None, driver.communicate()[1][-3000:]
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.2)
+        workers = cluster.train_workers()
+        assert [len(workers["head"]), len(workers["b"])] == [1, 1], workers  # one worker per node (SPREAD, 1 CPU each)
 
-    cluster.kill_node(cluster.nodes[1])  # node b dies mid-run
-    cluster.add_node("c", {"node_c": 1})  # its replacement joins (on a real cluster: the autoscaler)
-    on_c = []
-    while driver.poll() is None and time.time() < deadline + 120:
-        on_c = on_c or cluster.train_workers().get("c", [])
-        time.sleep(0.5)
-    out, err = driver.communicate(timeout=60)
-    assert driver.returncode == 0, err[-4000:]
-    assert on_c, "the restarted run put no worker on the replacement node"
+        cluster.kill_node(cluster.nodes[1])  # node b dies mid-run
+        cluster.add_node("c", {"node_c": 1})  # its replacement joins (on a real cluster: the autoscaler)
+        on_c = []
+        while driver.poll() is None and time.time() < deadline + 120:
+            on_c = on_c or cluster.train_workers().get("c", [])
+            time.sleep(0.5)
+        out, err = driver.communicate(timeout=60)
+        assert driver.returncode == 0, err[-4000:]
+        assert on_c, "the restarted run put no worker on the replacement node"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
 
     summary = json.loads((run_dir / "summary.json").read_text())
     history = read_history(summary["checkpoint"])
     steps = [row["step"] for row in history]
-    assert steps == sorted(set(steps)) and steps[-1] == 20  # one row per step, in order, to the end
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # one row per step, in order, to the end
     resumed = max(row["resumed_from"] for row in history)
     assert resumed >= 3 and resumed % 3 == 0  # restarted from a checkpoint, not from step 0
-    assert read_checkpoint(summary["checkpoint"])[1]["step"] == 20
+    assert [row["step"] for row in history if row["resumed_from"] == resumed][0] == resumed + 1  # and went on
+    assert read_checkpoint(summary["checkpoint"])[1]["step"] == STEPS
 
 
 def test_everything_started_is_stopped(cluster):
     cluster.stop()
     assert cluster.leftovers() == []
-    if cluster.isolated:  # the machine's own network is as it was: the bridge and veths lived in our namespaces
-        assert subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout == cluster.links_before
+    if cluster.isolated:  # the machine's own network never saw the bridge or the veths: they lived in our namespaces
+        assert "rau-" not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout

@@ -1,7 +1,7 @@
 """deploy/kuberay: RayJob manifests for training / tuning and a RayService for serving, checked for structure:
 KubeRay's ray.io/v1 fields, entrypoints and configs that exist, GPUs that the job configs need, volumes that are
 declared, one image and the pinned Ray version everywhere, and a Serve config that Ray Serve's own schema accepts
-and that has the shape of serve_configs/ (equal to serve_configs/gpu.yaml's applications once that exists)."""
+that has the shape of serve_configs/local.yaml and is serve_configs/gpu.yaml itself."""
 
 from __future__ import annotations
 
@@ -136,9 +136,12 @@ def test_rayservice_mirrors_the_serve_configs():
                for d in app["deployments"])
     groups = spec["rayClusterConfig"]["workerGroupSpecs"]
     assert need <= sum(gpus(g) * g["minReplicas"] for g in groups)  # the minimum replicas fit the minimum pods
-    gpu_yaml = REPO / "serve_configs" / "gpu.yaml"
-    if gpu_yaml.is_file():  # one config for VMs and Kubernetes
-        assert config["applications"] == yaml.safe_load(gpu_yaml.read_text())["applications"]
+    # one config for VMs and Kubernetes: serveConfigV2 is serve_configs/gpu.yaml
+    assert config == yaml.safe_load((REPO / "serve_configs" / "gpu.yaml").read_text())
+    mounts = {m["mountPath"] for spec in pods(spec["rayClusterConfig"]) for m in spec["containers"][0]["volumeMounts"]}
+    for key in ("bank_dir", "policy_checkpoint", "segmenter_checkpoint"):  # every path it names is on a volume
+        assert app["args"][key].startswith(("s3://", "gs://")) or any(app["args"][key].startswith(m + "/")
+                                                                      for m in mounts), key
 
 
 def test_dockerfile_builds_the_pinned_stack():
