@@ -50,3 +50,16 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def atomic_write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
+    """A matplotlib figure as PNG at ``path`` (atomically), then closed so figures do not pile up in memory."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -100,14 +100,13 @@ def run_evaluation(out: Path, train: dict, seed: int = 0, targets: int = 8) -> d
 
 
 def _draw_prediction(image, truth, prediction, path: Path) -> None:
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rau_ray.atomic import atomic_write_bytes
+    from rau_ray.atomic import atomic_write_figure
     from rau_ray.data.formats import apply_window
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
@@ -118,10 +117,7 @@ def _draw_prediction(image, truth, prediction, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"reference: {prediction.reference['id']}", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig, dpi=90)
 
 
 def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192,

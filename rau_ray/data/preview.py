@@ -6,13 +6,12 @@ Use: ``rau data preview data/ct data/angio --out grid.png`` (one block of rows p
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 
-from rau_ray.atomic import atomic_write_bytes
+from rau_ray.atomic import atomic_write_figure
 from rau_ray.data import formats
 from rau_ray.data.importers import axial_slice, read_dataset_json
 from rau_ray.data.manifest import read_manifest
@@ -85,9 +84,4 @@ def preview(folders: list[str | Path], out: str | Path, n: int = 8, cols: int = 
                                   frameon=False)
         r0 += nrows
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    out = Path(out)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return atomic_write_figure(out, fig)

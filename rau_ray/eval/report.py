@@ -13,7 +13,6 @@ Use: ``write_report(out, plan, records, recall, header(plan, command, seconds))`
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rau_ray.atomic import atomic_write_bytes, atomic_write_text
+from rau_ray.atomic import atomic_write_figure, atomic_write_text
 from rau_ray.eval import tables as T
 
 COLOURS = {"SFT": "#8da0cb", "GRPO": "#66c2a5", "OT (boxes only)": "#b3b3b3", "GRPO+OT": "#fc8d62",
@@ -222,11 +221,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return atomic_write_figure(path, fig, dpi=90)
 
 
 class _Images:

@@ -6,11 +6,10 @@ Use: ``plot_history(read_history(checkpoint_dir), "runs/sft/curves.png", title="
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
-from rau_ray.atomic import atomic_write_bytes
+from rau_ray.atomic import atomic_write_figure
 
 # shown first, in this order, when present; any other changing metric follows
 PREFERRED = ("loss", "val_accuracy", "val_label_accuracy", "val_ground_accuracy", "val_format", "reward",
@@ -58,8 +57,4 @@ def plot_history(history: list[dict], out: str | Path, title: str = "", keys: li
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
-    return Path(out)
+    return atomic_write_figure(out, fig)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rau_ray.atomic import atomic_write_bytes, atomic_write_text
+from rau_ray.atomic import atomic_write_figure, atomic_write_text
 from rau_ray.errors import DataError
 
 STATUSES = ("finished", "stopped early", "error", "unfinished")
@@ -182,11 +182,7 @@ def plot_heatmap(rows: list[dict], x: str, y: str, metric: str, mode: str, out: 
     ax.set_title(f"{title}: {metric} ({mode}, best per cell)" if title else f"{metric} ({mode}, best per cell)",
                  fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
-    return Path(out)
+    return atomic_write_figure(out, fig)
 
 
 def export_best(best: dict, config: dict, run_dir: str | os.PathLike, out_dir: str | os.PathLike, metric: str,
