@@ -73,12 +73,21 @@ def from_dict(cls, data, where: str = "config"):
     return obj
 
 
-def load_config(path: str | Path, cls, overrides: dict | None = None):
+def read_yaml(path: str | Path, missing: str = "config file not found") -> dict:
+    """A YAML mapping from ``path``; a missing file, bad YAML or a non-mapping is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{missing}: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def load_config(path: str | Path, cls, overrides: dict | None = None):
+    path = Path(path)
+    data = read_yaml(path)
     return from_dict(cls, {**data, **(overrides or {})}, where=str(path))

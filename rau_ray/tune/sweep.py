@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from rau_ray.atomic import atomic_write_text
-from rau_ray.config import from_dict, load_config
+from rau_ray.config import from_dict, load_config, read_yaml
 from rau_ray.errors import ConfigError, DataError, RauError
 
 DEFAULT_METRICS = {"seg": "val_dice", "sft": "val_accuracy", "grpo": "reward"}
@@ -272,14 +271,7 @@ def prepare(cfg: SweepConfig) -> Prepared:
     cfg.validate()
     job_types(cfg.job)  # an unknown or uninstalled job fails here
     path = Path(cfg.base)
-    if not path.is_file():
-        raise ConfigError(f"base: job config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of job settings")
+    data = read_yaml(path, missing="base: job config not found")
     where = f"{path} (base of sweep {cfg.name!r})"
     tree = config_tree(job_config(cfg.job, data, where))
     for key, value in cfg.overrides.items():
