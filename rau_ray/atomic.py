@@ -52,14 +52,21 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     return n
 
 
-def atomic_write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
-    """A matplotlib figure as PNG at ``path`` (atomically), then closed so figures do not pile up in memory."""
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed so figures do not pile up in memory."""
     import io
 
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def atomic_write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
+    """A matplotlib figure as PNG at ``path`` (atomically), then closed (``storage.write_figure``: also URIs)."""
+    atomic_write_bytes(path, figure_png(fig, dpi))
     return Path(path)

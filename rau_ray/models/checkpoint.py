@@ -8,7 +8,8 @@ mask decoder, named as ``RAUSegmenter.trainable_state_dict``, plus ``policy.``-p
 policy's LoRA trained too) or ``cbam`` (SAM2's CBAM + LoRA (+ decoder) parameters, named as in the SAM2 model).
 Loading is strict: a missing or unexpected tensor name is a DataError, a shape that does not fit the rebuilt model a
 ConfigError. Safetensors only, never pickle. A run folder (``checkpoint_*/`` inside, or its ``summary.json``) means
-its latest checkpoint; ``s3://``, ``gs://`` and ``file://`` URIs are copied to a local temp folder first (pyarrow).
+its latest checkpoint; of an ``s3://`` or ``gs://`` URI only that checkpoint is downloaded, once per node, into the
+local cache (``rau_ray.storage.local_copy``); ``file://`` URIs are local folders.
 Use: ``ck = read_checkpoint("runs/train/sft")``; ``policy = load_policy_checkpoint(ck)``;
 ``RAUModel.from_checkpoint(policy="runs/train/grpo", segmenter="runs/train/seg", bank_dir="banks/ct")``.
 """
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from rau_ray import storage
 from rau_ray.errors import ConfigError, DataError
 
 # the names rau_ray.train.run writes (models never import train)
@@ -89,47 +90,47 @@ def checkpoint_kind(config: dict, where: str = "checkpoint") -> str:
                     "num_generations or zero_stage)")
 
 
-def _localise(source: str) -> Path:
-    """A local folder for ``source``; a URI's folder is copied into a temp folder (pyarrow filesystems)."""
-    if "://" not in source:
-        return Path(source).expanduser()
-    from pyarrow import fs
-
+def _step(folder) -> int:
     try:
-        filesystem, path = fs.FileSystem.from_uri(source)
-        local = Path(tempfile.mkdtemp(prefix="rau-checkpoint-"))
-        fs.copy_files(path, str(local), source_filesystem=filesystem)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{source}: cannot read ({e})") from None
-    return local
-
-
-def _step(folder: Path) -> int:
-    try:
-        return int(json.loads((folder / STATE).read_text()).get("step", -1))
-    except (OSError, ValueError, AttributeError):
+        return int(json.loads(storage.read_text(storage.join(folder, STATE))).get("step", -1))
+    except (DataError, ValueError, AttributeError):
         return -1
 
 
-def resolve_checkpoint(source: str | os.PathLike) -> Path:
-    """The checkpoint folder ``source`` means: itself, or the latest (highest step) ``checkpoint_*`` of a run."""
-    folder = _localise(str(source))
-    if not folder.is_dir():
+def _is_checkpoint(folder) -> bool:
+    return storage.is_file(storage.join(folder, WEIGHTS)) and storage.is_file(storage.join(folder, STATE))
+
+
+def locate_checkpoint(source: str | os.PathLike) -> str:
+    """Where the checkpoint folder ``source`` means lies (nothing downloaded): ``source`` itself, or the latest
+    (highest step) ``checkpoint_*`` of a run folder, or the checkpoint its ``summary.json`` names. A local path comes
+    back absolute, a URI as a URI."""
+    text = str(source)
+    if not storage.is_remote(text):
+        text = str(storage.local_copy(text).resolve())  # a folder or a file:// URI: an absolute local path
+    if not storage.is_dir(text, "checkpoint"):
         raise DataError(f"{source}: no such checkpoint folder")
-    if (folder / WEIGHTS).is_file() and (folder / STATE).is_file():
-        return folder.resolve()
-    candidates = [p for p in folder.glob("checkpoint_*") if (p / WEIGHTS).is_file() and (p / STATE).is_file()]
-    if not candidates and (folder / "summary.json").is_file():
+    if _is_checkpoint(text):
+        return text
+    candidates = [str(storage.join(text, name)) for name in storage.list_dir(text) if name.startswith("checkpoint_")]
+    candidates = [c for c in candidates if _is_checkpoint(c)]
+    if not candidates and storage.is_file(storage.join(text, "summary.json")):
         try:
-            named = json.loads((folder / "summary.json").read_text()).get("checkpoint")
-        except (ValueError, AttributeError):
+            named = json.loads(storage.read_text(storage.join(text, "summary.json"))).get("checkpoint")
+        except (DataError, ValueError, AttributeError):
             named = None
-        if named and (Path(named) / WEIGHTS).is_file():
-            return Path(named).resolve()
+        if isinstance(named, str) and named and storage.is_dir(named) and _is_checkpoint(named):
+            return named if storage.is_remote(named) else str(storage.local_copy(named).resolve())
     if not candidates:
         raise DataError(f"{source}: not a training checkpoint (expected {WEIGHTS} and {STATE}) nor a run folder "
                         f"with checkpoint_*/ folders")
-    return max(candidates, key=lambda p: (_step(p), p.name)).resolve()
+    return max(candidates, key=lambda c: (_step(c), c))
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """The local checkpoint folder ``source`` means (see ``locate_checkpoint``); a URI's checkpoint is downloaded
+    once per node (``storage.local_copy``)."""
+    return storage.local_copy(locate_checkpoint(source), "checkpoint").resolve()
 
 
 def read_checkpoint(source: str | os.PathLike, kind: str | None = None) -> Checkpoint:

@@ -1,9 +1,10 @@
 """Where model weights come from: a Hugging Face id, a local path, or ``tiny`` (built here, offline).
 
-``resolve(name, kind, build_tiny, spec)`` returns a local folder (or the hub id) to pass to ``from_pretrained`` /
-the SAM2 builder. For ``tiny`` it builds the component once from its config with a fixed seed, saves it into
-``$RAU_CACHE`` (default ``~/.cache/rau_ray``) under a hash of ``spec``, and reuses it; the folder is written
-in a temp folder and renamed, so concurrent Ray workers never see a half-written model.
+``resolve(name, kind, build_tiny, spec)`` returns a local folder (of an ``s3://`` / ``gs://`` URI: its local copy)
+or the hub id to pass to ``from_pretrained`` / the SAM2 builder. For ``tiny`` it builds the component once from its
+config with a fixed seed, saves it into ``$RAU_CACHE`` (default ``~/.cache/rau_ray``) under a hash of ``spec``, and
+reuses it; the folder is written in a temp folder and renamed, so concurrent Ray workers never see a half-written
+model.
 Use: ``path = resolve(cfg.model, "policy", build_tiny=_save_tiny_qwen, spec=asdict(cfg))``.
 """
 
@@ -37,7 +38,12 @@ def cache_root() -> Path:
 
 
 def resolve(name: str, kind: str, build_tiny: Callable[[Path], None], spec: dict) -> str:
-    """``name`` is "tiny", a local folder/file, or a hub id; returns what the loader should open."""
+    """``name`` is "tiny", a local folder/file, an ``s3://`` / ``gs://`` URI (downloaded once per node into the local
+    cache), or a hub id; returns what the loader should open."""
+    if "://" in name:
+        from rau_ray.storage import local_copy
+
+        return str(local_copy(name, kind))
     if name != TINY:
         return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -4,7 +4,9 @@ A bank folder holds ``index.faiss``, ``metadata.jsonl`` (one manifest row per en
 the absolute manifest path, so the reference image and mask can be loaded) and ``bank.json`` (the embedder's id and
 dimension, the index type): a bank built with one embedder is never searched with another. Search filters by
 modality, never returns the query's own subject, and answers "no suitable reference" below a similarity threshold
-instead of returning a bad match. Exact (Flat) indexes move to the GPU when faiss-gpu and a GPU are present.
+instead of returning a bad match. Exact (Flat) indexes move to the GPU when faiss-gpu and a GPU are present. A bank
+folder may also be an ``s3://`` / ``gs://`` URI: ``save`` uploads it (bank.json last), ``load`` downloads it once per
+node into the local cache (``rau_ray.storage.local_copy``).
 Use: ``bank = ReferenceBank.build("data/ct/manifest.jsonl", TINY); bank.search(Embedder(TINY).embed([im], ["CT"])[0])``.
 """
 
@@ -336,11 +338,19 @@ class ReferenceBank:
             return SearchResult(reason=f"no suitable reference (best similarity {found[0][1]:.3f} < {threshold:.3f})")
         return SearchResult(hits=[Hit(self.rows[i], s) for i, s in found if s >= threshold])
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the three files, each atomically; bank.json last, so a complete bank.json means a complete bank."""
+    def save(self, folder: str | Path) -> Path | str:
+        """Write the three files, each atomically; bank.json last, so a complete bank.json means a complete bank.
+        A remote URI (``s3://``, ``gs://``): written to a temp folder, then uploaded, bank.json last."""
         import faiss
 
-        folder = Path(folder)
+        from rau_ray import storage
+
+        if storage.is_remote(folder):
+            with tempfile.TemporaryDirectory(prefix="rau-bank-") as tmp:
+                self.save(tmp)
+                storage.remove(storage.join(folder, "bank.json"), "bank")  # an older bank there is incomplete now
+                return storage.upload_dir(tmp, folder, last=("bank.json",))
+        folder = storage.local_copy(folder)  # a folder or a file:// URI
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".index.faiss.", suffix=".tmp")
         os.close(fd)
@@ -355,10 +365,16 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, folder: str | Path, embedder: Embedder | None = None) -> "ReferenceBank":
-        """Open a saved bank; with ``embedder``, refuse a bank built by a different one (ConfigError)."""
+        """Open a saved bank (a folder, or a URI downloaded once into the local cache: ``storage.local_copy``); with
+        ``embedder``, refuse a bank built by a different one (ConfigError)."""
         import faiss
 
-        folder = Path(folder)
+        from rau_ray import storage
+
+        if storage.is_remote(folder) and not storage.is_file(storage.join(folder, "bank.json"), "bank_dir"):
+            raise DataError(f"{storage.join(folder, 'bank.json')}: missing; {folder} is not a reference bank "
+                            f"(`rau index build --out {folder}`), or its upload has not finished")
+        folder = storage.local_copy(folder, "bank_dir")
         for name in ("bank.json", "metadata.jsonl", "index.faiss"):
             if not (folder / name).is_file():
                 raise DataError(f"{folder / name}: missing; {folder} is not a reference bank (`rau index build`)")

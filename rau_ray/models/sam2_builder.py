@@ -52,7 +52,7 @@ def tiny_overrides(image_size: int, embed_dim: int, hidden: int, mem_dim: int) -
 @dataclass(frozen=True)
 class Sam2Config:
     config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"  # a config of the sam2 package
-    checkpoint: str = "tiny"  # "tiny" (built offline) or a local SAM2.1 .pt file
+    checkpoint: str = "tiny"  # "tiny" (built offline) or a SAM2.1 .pt file (a path, or an s3:// / gs:// URI)
     image_size: int = 128  # SAM2's input side; the paper's 1024, tiny 128 (feature map 8x8)
     # tiny shrink, used only when checkpoint == "tiny"
     embed_dim: int = 16  # Hiera stage-1 channels (x2 per stage)

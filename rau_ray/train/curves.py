@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rau_ray.atomic import atomic_write_figure
+from rau_ray.storage import write_figure
 
 # shown first, in this order, when present; any other changing metric follows
 PREFERRED = ("loss", "val_accuracy", "val_label_accuracy", "val_ground_accuracy", "val_format", "reward",
@@ -34,7 +34,8 @@ def curve_keys(history: list[dict]) -> list[str]:
 
 
 def plot_history(history: list[dict], out: str | Path, title: str = "", keys: list[str] | None = None,
-                 max_panels: int = 8) -> Path:
+                 max_panels: int = 8) -> Path | str:
+    """The PNG at ``out`` (a path, or a URI: ``storage.write_figure``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,4 +58,4 @@ def plot_history(history: list[dict], out: str | Path, title: str = "", keys: li
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return atomic_write_figure(out, fig)
+    return write_figure(out, fig)

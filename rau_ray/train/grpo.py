@@ -47,7 +47,7 @@ from rau_ray.train.run import ScaleConfig
 class GRPOJobConfig:
     manifest: str  # training manifest: targets from `split`, references from its train split
     name: str = "grpo"  # run folder under scale.storage_path; the same name resumes from its latest checkpoint
-    sft_checkpoint: str | None = None  # SFT checkpoint folder (weights.safetensors); None: a fresh adapter
+    sft_checkpoint: str | None = None  # SFT checkpoint or run folder (its latest), local or s3:// / gs://; None: fresh
     model: dict | None = None  # profile + overrides (models.profiles); None: the SFT checkpoint's, else tiny
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     split: str = "train"
@@ -69,7 +69,8 @@ class GRPOJobConfig:
     format_weight: float = 1.0  # weights of the rewards in the sum whose group-normalised value is the advantage
     accuracy_weight: float = 1.0
     mask_dice_weight: float = 0.0  # > 0 builds SAM2 + the RAU segmenter once per worker, scores segment masks
-    segmenter_checkpoint: str | None = None  # trained segmenter weights (RAUSegmenter.save_trainable) for Dice
+    segmenter_checkpoint: str | None = None  # trained segmenter weights (RAUSegmenter.save_trainable) for Dice;
+    #                                          a local file or a URI
     gradient_checkpointing: bool = False  # recompute activations in backward: off for tiny, on for the 7B's
     tensorboard: bool = True  # trl's logs also to TensorBoard (tensorboard or tensorboardX must be installed)
 
@@ -115,14 +116,26 @@ class GRPOJobConfig:
         return {"profile": "tiny"}
 
 
-def _read_state(folder: str | os.PathLike) -> dict:
-    from rau_ray.train.run import STATE, WEIGHTS
+def _sft_checkpoint(source: str | os.PathLike) -> str:
+    """The SFT checkpoint folder ``source`` means (a checkpoint, or a run folder's latest; a local path or a URI)."""
+    from rau_ray.models.checkpoint import locate_checkpoint
 
-    folder = Path(folder)
-    if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
-        raise DataError(f"{folder}: not a training checkpoint (expected {WEIGHTS} and {STATE}); give the folder "
-                        f"of an SFT run's checkpoint (run_sft(...).checkpoint.path)")
-    return json.loads((folder / STATE).read_text())
+    try:
+        return locate_checkpoint(source)
+    except DataError as e:
+        raise DataError(f"sft_checkpoint: {e}; give an SFT run's folder or one of its checkpoint folders "
+                        f"(run_sft(...).checkpoint.path)") from None
+
+
+def _read_state(source: str | os.PathLike) -> dict:
+    from rau_ray import storage
+    from rau_ray.train.run import STATE
+
+    text = storage.read_text(storage.join(_sft_checkpoint(source), STATE))
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{source}: unreadable {STATE} ({e})") from None
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -243,8 +256,10 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[l
         from rau_ray.models.sam2_builder import build_sam2_model
 
         segmenter = RAUSegmenter(build_sam2_model(model_cfg.sam2), model_cfg.fusion)  # once per worker
-        if cfg.segmenter_checkpoint:
-            segmenter.load_trainable(cfg.segmenter_checkpoint)
+        if cfg.segmenter_checkpoint:  # a local file or a URI (downloaded once per node)
+            from rau_ray.storage import local_copy
+
+            segmenter.load_trainable(local_copy(cfg.segmenter_checkpoint, "segmenter_checkpoint"))
         segmenter.to(device).eval()
         funcs.append(rewards.with_decoder(rewards.MaskDiceReward(policy, segmenter), decode, name="mask_dice"))
         weights.append(cfg.mask_dice_weight)
@@ -314,8 +329,8 @@ def run_grpo(cfg: GRPOJobConfig):
     from rau_ray.train import run
 
     cfg.validate()
-    if cfg.sft_checkpoint:
-        cfg = replace(cfg, sft_checkpoint=str(Path(cfg.sft_checkpoint).resolve()))  # workers have another cwd
+    if cfg.sft_checkpoint:  # the exact checkpoint (absolute: workers have another cwd), recorded in the config
+        cfg = replace(cfg, sft_checkpoint=_sft_checkpoint(cfg.sft_checkpoint))
     cfg = replace(cfg, model=cfg.model_section())  # resolved: checkpoints record the model they fit
     model_config_from(cfg.model)  # a bad model section fails here, not in every worker
     items = make_pairs(read_manifest(cfg.manifest), split=cfg.split, tasks=cfg.tasks, seed=cfg.seed)

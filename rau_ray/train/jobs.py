@@ -1,16 +1,15 @@
 """The training jobs behind ``rau train sft|grpo|seg`` and ``jobs/*.py``: load the YAML config, run, summarise.
 
 After a run the checkpoint's metric history is drawn to ``curves.png`` beside the run (learning curves), and a
-``summary.json`` there says where the checkpoint is and what the last metrics were.
+``summary.json`` there says where the checkpoint is and what the last metrics were: in the run folder, or at the
+run's URI when ``scale.storage_path`` is one (``s3://``, ``gs://``).
 Use: ``run_job("sft", "jobs/configs/sft-tiny.yaml", {"manifest": "data/ct/manifest.jsonl"})``.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from rau_ray.atomic import atomic_write_text
 from rau_ray.config import load_config
 from rau_ray.errors import ConfigError, RauError
 
@@ -34,20 +33,27 @@ def _registry() -> dict:
     return jobs
 
 
-def summarise(result, kind: str) -> dict:
-    """Checkpoint path, last metrics and the learning-curve PNG of a finished run (local storage)."""
+def summarise(result, kind: str, storage_path: str | None = None) -> dict:
+    """Checkpoint path, last metrics and the learning-curve PNG of a finished run, written beside it as
+    ``summary.json`` and ``curves.png`` (a local run folder, or a URI: the history is read from the checkpoint's
+    ``history.jsonl`` there). ``storage_path``: the run's ``scale.storage_path``, whose scheme and ``?query`` name
+    the run's URIs (Ray reports paths inside the filesystem)."""
+    from rau_ray import storage
     from rau_ray.train.curves import curve_keys, plot_history
     from rau_ray.train.run import read_history
 
     if result.error is not None:
         raise RauError(f"{kind} run failed: {result.error}")
-    summary = {"job": kind, "run": result.path, "metrics": result.metrics,
-               "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    if result.checkpoint and Path(result.checkpoint.path).is_dir():
-        history = read_history(result.checkpoint.path)
+    run_dir = storage.uri_of(result.filesystem, result.path, storage_path)
+    checkpoint = None
+    if result.checkpoint:
+        checkpoint = storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path, storage_path)
+    summary = {"job": kind, "run": run_dir, "metrics": result.metrics, "checkpoint": checkpoint}
+    if checkpoint and storage.is_dir(checkpoint):
+        history = read_history(checkpoint)
         if curve_keys(history):
-            summary["curves"] = str(plot_history(history, Path(result.path) / "curves.png", title=kind.upper()))
-        atomic_write_text(Path(result.path) / "summary.json", json.dumps(summary, indent=2, default=str))
+            summary["curves"] = str(plot_history(history, storage.join(run_dir, "curves.png"), title=kind.upper()))
+        storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -57,7 +63,8 @@ def run_job(kind: str, config_path: str, overrides: dict | None = None) -> dict:
         raise ConfigError(f"unknown training job {kind!r}; choose one of {', '.join(jobs)}")
     config_cls, run = jobs[kind]
     cfg = load_config(config_path, config_cls, {k: v for k, v in (overrides or {}).items() if v is not None})
-    return summarise(run(cfg), kind)
+    scale = getattr(cfg, "scale", None)
+    return summarise(run(cfg), kind, getattr(scale, "storage_path", None))
 
 
 def main(kind: str) -> None:

@@ -34,18 +34,26 @@ class Resumed:
 
 
 def read_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, train_state) of a checkpoint folder; a clear DataError when it is not one."""
+    """(weights, train_state) of a checkpoint folder (a URI's: downloaded once per node, ``storage.local_copy``); a
+    clear DataError when it is not one."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    from rau_ray.storage import local_copy
+
+    where, folder = folder, local_copy(folder, "checkpoint")
     if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
-        raise DataError(f"{folder}: not a training checkpoint (expected {WEIGHTS} and {STATE})")
+        raise DataError(f"{where}: not a training checkpoint (expected {WEIGHTS} and {STATE})")
     return load_file(str(folder / WEIGHTS)), json.loads((folder / STATE).read_text())
 
 
 def read_history(folder: str | os.PathLike) -> list[dict]:
-    path = Path(folder) / HISTORY
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    """The metric rows of a checkpoint folder (local or a URI: only history.jsonl is read); [] without one."""
+    from rau_ray import storage
+
+    path = storage.join(folder, HISTORY)
+    if not storage.is_file(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line]
 
 
 def resume() -> Resumed:

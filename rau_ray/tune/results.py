@@ -2,6 +2,7 @@
 
 Pure functions over trial records (``{"trial_id", "status", "config", "history"}``: what Tune's experiment state
 holds per trial), so tests feed them made-up sweeps; ``records_from_experiment`` reads a real one from disk.
+Every output goes to a folder or a URI (``s3://``, ``gs://``) alike, through ``rau_ray.storage``.
 Use: ``rows = trial_rows(records_from_experiment(path), paths, "val_dice", "max", 300)``;
 ``write_table(rows, out, ...)``; ``plot_heatmap(rows, x, y, ...)``; ``export_best(best_row(rows, "val_dice", "max"), ...)``.
 """
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rau_ray.atomic import atomic_write_figure, atomic_write_text
+from rau_ray import storage
 from rau_ray.errors import DataError
 
 STATUSES = ("finished", "stopped early", "error", "unfinished")
@@ -34,7 +35,7 @@ def records_from_experiment(path: str | os.PathLike) -> list[dict]:
     after an interrupt, the trials that were running read "unfinished")."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(Path(path).resolve()))
+    analysis = ExperimentAnalysis(str(path) if storage.is_remote(path) else str(storage.local_copy(path).resolve()))
     frames = analysis.trial_dataframes
     records = []
     for trial in analysis.trials:
@@ -93,15 +94,15 @@ def _fmt(value) -> str:
 
 def write_table(rows: list[dict], out_dir: str | os.PathLike, paths: list[str], metric: str, mode: str,
                 title: str = "") -> dict[str, str]:
-    """``results.csv`` (every column, plain values) and ``results.md`` (ranked, short titles) in ``out_dir``."""
-    out_dir = Path(out_dir)
+    """``results.csv`` (every column, plain values) and ``results.md`` (ranked, short titles) in ``out_dir`` (a
+    folder or a URI)."""
     columns = ["trial_id", "status", *paths, metric, f"best_{metric}", "step", "reports", "time_s"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    atomic_write_text(out_dir / "results.csv", buf.getvalue())
+    csv_at = storage.write_text(storage.join(out_dir, "results.csv"), buf.getvalue())
 
     names = short_names(paths)
     head = ["rank", "trial", "status", *[names[p] for p in paths], f"{metric} (last)", "best", "step", "reports",
@@ -114,8 +115,8 @@ def write_table(rows: list[dict], out_dir: str | os.PathLike, paths: list[str], 
                  _fmt(row.get(f"best_{metric}")), _fmt(row.get("step")), str(row.get("reports", "")),
                  f"{row['time_s']:.0f}" if row.get("time_s") is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
-    return {"table_csv": str(out_dir / "results.csv"), "table_md": str(out_dir / "results.md")}
+    md_at = storage.write_text(storage.join(out_dir, "results.md"), "\n".join(lines) + "\n")
+    return {"table_csv": str(csv_at), "table_md": str(md_at)}
 
 
 def heatmap_cells(rows: list[dict], x: str, y: str, metric: str, mode: str):
@@ -143,9 +144,9 @@ def heatmap_grid(rows: list[dict], x: str, y: str, metric: str, mode: str):
 
 
 def plot_heatmap(rows: list[dict], x: str, y: str, metric: str, mode: str, out: str | os.PathLike,
-                 title: str = "") -> Path:
+                 title: str = "") -> Path | str:
     """A PNG of ``metric`` over the ``x`` x ``y`` values (best per cell, annotated, with the step where ASHA stopped
-    it; grey: no result)."""
+    it; grey: no result) at ``out`` (a path or a URI)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,34 +183,43 @@ def plot_heatmap(rows: list[dict], x: str, y: str, metric: str, mode: str, out: 
     ax.set_title(f"{title}: {metric} ({mode}, best per cell)" if title else f"{metric} ({mode}, best per cell)",
                  fontsize=10)
     fig.tight_layout()
-    return atomic_write_figure(out, fig)
+    return storage.write_figure(out, fig)
 
 
 def export_best(best: dict, config: dict, run_dir: str | os.PathLike, out_dir: str | os.PathLike, metric: str,
                 job: str = "") -> dict:
-    """Copy the best trial's latest checkpoint (``run_dir``: its Ray Train run) to ``out_dir/best/`` atomically (a
-    temp copy beside it, then renamed over any older export) and write ``best.json`` (trial, its searched
-    ``config``, metric, source); returns best.json's content."""
-    from rau_ray.models.checkpoint import STATE, resolve_checkpoint
+    """Copy the best trial's latest checkpoint (``run_dir``: its Ray Train run) to ``out_dir/best/`` and write
+    ``best.json`` (trial, its searched ``config``, metric, source); returns best.json's content. A local ``out_dir``:
+    a temp copy beside it, then renamed over any older export. A URI: best.json is removed first, best/ replaced
+    by an upload, and best.json written last, so a best.json always describes a complete best/."""
+    from rau_ray.models.checkpoint import STATE, locate_checkpoint
     from rau_ray.train.run import read_history
 
-    out_dir = Path(out_dir)
-    source = resolve_checkpoint(run_dir)
-    step = int(json.loads((source / STATE).read_text()).get("step", 0))
-    at_step = [row for row in read_history(source) if row.get("step") == step and metric in row]
-    target = out_dir / "best"
-    tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=out_dir))
-    shutil.copytree(source, tmp / "best")
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=".best-old-", dir=out_dir))
-        os.replace(target, old / "best")
-    os.replace(tmp / "best", target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    info = {"job": job, "trial_id": best["trial_id"], "config": config, "metric": metric, "value": best.get(metric), "step": best.get("step"), "checkpoint_step": step,
+    source = locate_checkpoint(run_dir)  # a local folder or a URI
+    local = storage.local_copy(source, "checkpoint")  # a URI's: downloaded once
+    step = int(json.loads((local / STATE).read_text()).get("step", 0))
+    at_step = [row for row in read_history(local) if row.get("step") == step and metric in row]
+    if storage.is_remote(out_dir):
+        target = storage.join(out_dir, "best")
+        storage.remove(storage.join(out_dir, "best.json"))
+        storage.remove(target)
+        storage.upload_dir(local, target)
+    else:
+        out_dir = storage.local_copy(out_dir)
+        target = out_dir / "best"
+        tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=out_dir))
+        shutil.copytree(local, tmp / "best")
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=".best-old-", dir=out_dir))
+            os.replace(target, old / "best")
+        os.replace(tmp / "best", target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    info = {"job": job, "trial_id": best["trial_id"], "config": config, "metric": metric, "value": best.get(metric),
+            "step": best.get("step"), "checkpoint_step": step,
             "checkpoint_metric": at_step[-1][metric] if at_step else None, "source": str(source),
             "path": str(target)}
-    atomic_write_text(out_dir / "best.json", json.dumps(info, indent=2, default=str))
+    storage.write_text(storage.join(out_dir, "best.json"), json.dumps(info, indent=2, default=str))
     return info

@@ -9,7 +9,8 @@ Ray Train job (``rau_ray.train``: its ``TorchTrainer``, checkpoints, resume) wit
 trainer's RunConfig (``run.run_callbacks``), so the job's validation rows reach Tune. ASHA stops weak trials early
 (``time_attr`` = the job's optimizer step by default; ``janitor.py`` frees what a stopped trial held). A trial's
 driver reserves memory but no CPU, its Ray Train workers reserve ``resources`` (fractional CPUs here, GPUs on a
-cluster); ``max_concurrent_trials`` trials run at once. Under ``<storage_path>/<name>/``: Tune's experiment
+cluster); ``max_concurrent_trials`` trials run at once. Under ``<storage_path>/<name>/`` (a folder, or a URI such as
+``s3://bucket/tune``: Tune's own storage, the trials' runs and the outputs below all go there): Tune's experiment
 state, ``sweep.json`` (this config, resolved), ``runs/<trial_id>/`` (each trial's Ray Train run: ``checkpoint_*``,
 ``trial.json`` when it finished), ``results.csv`` / ``results.md``, ``heatmap.png``, ``summary.json`` and the best
 trial's final checkpoint copied to ``best/`` (+ ``best.json``), the folder ``rau_ray.models.checkpoint`` loads. An
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 
-from rau_ray.atomic import atomic_write_text
+from rau_ray import storage
 from rau_ray.config import from_dict, load_config, read_yaml
 from rau_ray.errors import ConfigError, DataError, RauError
+from rau_ray.storage import check_scheme, is_uri, join
 
 DEFAULT_METRICS = {"seg": "val_dice", "sft": "val_accuracy", "grpo": "reward"}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -85,7 +87,8 @@ class SweepConfig:
     resources: TrialResources = field(default_factory=TrialResources)
     asha: AshaConfig = field(default_factory=AshaConfig)
     heatmap: tuple[str, ...] = ()  # two search paths (x, y) for heatmap.png; () = the first two with lists of values
-    storage_path: str = "runs/tune"  # the sweep's parent folder (local, or a folder every node shares)
+    storage_path: str = "runs/tune"  # the sweep's parent: a local folder (one node), a folder every node shares, or
+    #                                   a URI (s3://bucket/prefix, gs://...): Tune's state, trials' runs, results
     name: str = "sweep"  # the sweep's folder under storage_path; the same name with --resume continues it
     seed: int = 0  # random draws of the search (reproducible sweeps)
     max_failures: int = 0  # retries of a failed trial (worker failures inside one: the job's scale.max_failures)
@@ -101,9 +104,7 @@ class SweepConfig:
                               "search: {model.fusion.projector_dim: [128, 256]}")
         if self.num_samples < 1 or self.max_concurrent_trials < 1 or self.max_failures < 0:
             raise ConfigError("num_samples and max_concurrent_trials must be >= 1, max_failures >= 0")
-        if "://" in self.storage_path:
-            raise ConfigError(f"storage_path must be a folder (local or shared), got {self.storage_path!r}: the "
-                              "results table, heatmap and best checkpoint are written there")
+        check_scheme(self.storage_path, "storage_path")  # no I/O here; run_sweep opens the filesystem
         if self.heatmap and (len(self.heatmap) != 2 or any(p not in self.search for p in self.heatmap)):
             raise ConfigError(f"heatmap must name two search paths, got {list(self.heatmap)}")
         for path, spec in self.search.items():
@@ -115,7 +116,10 @@ class SweepConfig:
     def metric_name(self) -> str:
         return self.metric or DEFAULT_METRICS[self.job]
 
-    def experiment_dir(self) -> Path:
+    def experiment_dir(self) -> Path | str:
+        """The sweep's folder: an absolute Path, or a URI string when storage_path is one (no I/O)."""
+        if is_uri(self.storage_path):
+            return join(self.storage_path, self.name)
         return Path(self.storage_path).expanduser().resolve() / self.name
 
 
@@ -254,12 +258,12 @@ class Prepared:
     max_steps: int  # the base job's max_steps (ASHA's default ceiling, "stopped early" in the table)
 
     @property
-    def experiment_dir(self) -> Path:
+    def experiment_dir(self) -> Path | str:
         return self.cfg.experiment_dir()
 
     @property
-    def runs_dir(self) -> Path:
-        return self.experiment_dir / "runs"
+    def runs_dir(self) -> Path | str:
+        return join(self.experiment_dir, "runs")
 
     def resolved(self) -> dict:
         """What sweep.json records: the sweep config and the trials' base job config."""
@@ -367,15 +371,15 @@ def _metric_forwarder(metric: str):
     return ForwardMetricRows()
 
 
-def _latest(run_dir: Path):
-    """(step, folder) of a Ray Train run's latest checkpoint, or (-1, None)."""
-    from rau_ray.models.checkpoint import resolve_checkpoint
+def _latest(run_dir: Path | str):
+    """(step, location) of a Ray Train run's latest checkpoint (a folder or a URI), or (-1, None)."""
+    from rau_ray.models.checkpoint import STATE, locate_checkpoint
 
     try:
-        folder = resolve_checkpoint(run_dir)
-    except (DataError, OSError):
+        folder = locate_checkpoint(run_dir)
+        state = json.loads(storage.read_text(join(folder, STATE)))
+    except (DataError, OSError, ValueError):
         return -1, None
-    state = json.loads((folder / "train_state.json").read_text())
     return int(state.get("step", 0)), folder
 
 
@@ -396,7 +400,7 @@ def run_trial(config: dict, job: str, base: dict, metric: str, runs_dir: str) ->
     data = set_path(set_path(data, "name", trial_id), "scale.storage_path", runs_dir)
     cfg = job_config(job, data, f"trial {trial_id}")
     _, run_fn = job_types(job)
-    run_dir = Path(runs_dir) / trial_id
+    run_dir = join(runs_dir, trial_id)
     before, _ = _latest(run_dir)
     t0 = time.perf_counter()
     with run.run_callbacks(_metric_forwarder(metric)):
@@ -406,7 +410,7 @@ def run_trial(config: dict, job: str, base: dict, metric: str, runs_dir: str) ->
     rows = [row for row in history if metric in row]
     if step == before and rows:  # nothing trained now: the run had finished before this (restarted) trial
         ray.tune.report(rows[-1])
-    atomic_write_text(run_dir / "trial.json", json.dumps({
+    storage.write_text(join(run_dir, "trial.json"), json.dumps({
         "trial_id": trial_id, "config": values, "step": step, "checkpoint": str(folder) if folder else None,
         metric: rows[-1][metric] if rows else None, "seconds": time.perf_counter() - t0}, indent=2, default=str))
 
@@ -423,14 +427,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
 
     prep = prepare(cfg)
     exp = prep.experiment_dir
-    saved = exp / "sweep.json"
+    saved = join(exp, "sweep.json")
+    parent = storage.resolve_storage(cfg.storage_path, "storage_path")  # a URI: opened here (scheme, credentials)
     ray = ray_session.connect()
     check_fits(cfg, {k: float(v) for k, v in ray.cluster_resources().items()})
     if resume:
         if not tune.Tuner.can_restore(str(exp)):
             raise ConfigError(f"{exp}: no sweep to resume there (start it without --resume)")
-        if saved.is_file():
-            before = json.loads(saved.read_text())
+        if storage.is_file(saved):
+            before = json.loads(storage.read_text(saved))
             if before.get("base_config") != json.loads(json.dumps(prep.base)) or \
                     before.get("sweep", {}).get("search") != json.loads(json.dumps(cfg.search)):
                 raise ConfigError(f"{exp}: the sweep's base config or search changed since it started; resume it "
@@ -438,12 +443,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
         tuner = tune.Tuner.restore(str(exp), trainable=trainable(prep), resume_unfinished=True,
                                    resume_errored=True)
     else:
-        if exp.exists() and any(exp.iterdir()):
+        if storage.list_dir(exp):
             raise ConfigError(f"{exp} already holds a sweep: continue it with --resume, or choose another name")
-        exp.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, json.dumps(prep.resolved(), indent=2, default=str))
+        storage.write_text(saved, json.dumps(prep.resolved(), indent=2, default=str))
         tuner = tune.Tuner(trainable(prep), param_space=param_space(cfg), tune_config=tune_config(prep),
-                           run_config=tune.RunConfig(name=cfg.name, storage_path=str(exp.parent),
+                           run_config=tune.RunConfig(name=cfg.name, storage_path=parent,
                                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                                      callbacks=[janitor.Janitor()], verbose=1))
     t0, freed = time.perf_counter(), janitor.freed
@@ -466,8 +470,8 @@ def summarise(prep: Prepared, wall: float, **extra) -> dict:
     outputs = results.write_table(rows, exp, paths, metric, cfg.mode, title=cfg.name)
     axes = list(cfg.heatmap) or [k for k in paths if search_values(k, cfg.search[k])[0] in ("grid", "choice")][:2]
     if len(axes) == 2 and any(r[metric] is not None for r in rows):
-        outputs["heatmap"] = str(results.plot_heatmap(rows, axes[0], axes[1], metric, cfg.mode, exp / "heatmap.png",
-                                                      title=cfg.name))
+        outputs["heatmap"] = str(results.plot_heatmap(rows, axes[0], axes[1], metric, cfg.mode,
+                                                      join(exp, "heatmap.png"), title=cfg.name))
     counts = {s: sum(r["status"] == s for r in rows) for s in results.STATUSES}
     done = counts["finished"] + counts["stopped early"]
     summary = {"sweep": str(exp), "job": cfg.job, "metric": metric, "mode": cfg.mode, "trials": len(rows),
@@ -481,9 +485,9 @@ def summarise(prep: Prepared, wall: float, **extra) -> dict:
         best = results.best_row(rows, metric, cfg.mode)
         if best is None:
             raise RauError(f"sweep {cfg.name}: no trial reported {metric}; see the trials under {exp}")
-        summary["best"] = results.export_best(best, {p: best[p] for p in paths}, prep.runs_dir / best["trial_id"],
+        summary["best"] = results.export_best(best, {p: best[p] for p in paths}, join(prep.runs_dir, best["trial_id"]),
                                               exp, metric, job=cfg.job)
-    atomic_write_text(exp / "summary.json", json.dumps(summary, indent=2, default=str))
+    storage.write_text(join(exp, "summary.json"), json.dumps(summary, indent=2, default=str))
     return summary
 
 

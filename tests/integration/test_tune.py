@@ -1,10 +1,12 @@
 """Ray Tune sweeps of the segmenter on the session's 2-CPU Ray cluster: a tiny 2 x 2 grid (+ a random lr) with ASHA
 in-process, then a sweep run by ``rau tune`` in a subprocess, interrupted (SIGINT) after a trial finished and resumed
-with ``--resume``: finished trials are not rerun, the others finish, and the best checkpoint loads."""
+with ``--resume``: finished trials are not rerun, the others finish, and the best checkpoint loads; a sweep stored in
+an S3 bucket (moto's server, tests/conftest.py). Run: ``.venv/bin/pytest tests/integration/test_tune.py``."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -140,6 +142,45 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 
     again = run_cli("tune", "--config", config)  # a second fresh start of the same sweep is refused
     assert again.returncode == 2 and "already holds a sweep: continue it with --resume" in again.stderr
+
+
+def test_sweep_stored_in_a_bucket_writes_its_outputs_there_and_resumes_from_it(ray_cluster, manifest, tmp_path,
+                                                                                 s3_bucket):
+    """storage_path s3://... (the session's moto server): Tune's state, the trials' runs, the table, heatmap and
+    best/ all go to the bucket, the best checkpoint loads from there, and --resume restores the sweep from it."""
+    from rau_ray import storage
+    from rau_ray.errors import ConfigError
+    from rau_ray.models.checkpoint import load_segmenter_checkpoint, read_checkpoint
+
+    config = write_configs(tmp_path, manifest, {"model.policy.lora_rank": [4, 8], "model.fusion.projector_dim": [128]},
+                           name="remote", asha={"enabled": False}, storage_path=f"{s3_bucket}/tune")
+    summary = run_sweep(load_sweep_config(config))
+    exp = f"{s3_bucket}/tune/remote"
+    assert summary["sweep"] == exp and summary["finished"] == 2 and not summary["interrupted"]
+    assert summary["table_csv"] == f"{exp}/results.csv" and summary["heatmap"] == f"{exp}/heatmap.png"
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(summary["table_csv"]))))
+    assert len(rows) == 2 and all(0 <= float(r["val_dice"]) <= 1 and int(r["step"]) == 2 for r in rows)
+    assert storage.read_bytes(summary["heatmap"])[:4] == b"\x89PNG"
+    assert json.loads(storage.read_text(f"{exp}/summary.json")) == json.loads(json.dumps(summary))
+    names = storage.list_dir(exp)
+    assert {"best", "best.json", "results.md", "runs", "sweep.json"} <= set(names)
+    assert any(n.startswith("experiment_state") for n in names)  # Tune's own state is in the bucket too
+    trials = storage.list_dir(f"{exp}/runs")
+    assert len(trials) == 2 and all(storage.is_file(f"{exp}/runs/{t}/trial.json") for t in trials)
+    best = json.loads(storage.read_text(f"{exp}/best.json"))
+    assert best == summary["best"] and best["path"] == f"{exp}/best"
+    assert best["source"].startswith(f"{exp}/runs/{best['trial_id']}/checkpoint_")
+    ck = read_checkpoint(best["path"])
+    assert ck.kind == "seg" and ck.step == best["checkpoint_step"] == 2 and ck.config["name"] == best["trial_id"]
+    assert load_segmenter_checkpoint(ck).projector[0].out_features == 128
+    assert not (tmp_path / "tune").exists()  # nothing of the sweep on the local disk
+
+    kept = {t: storage.read_bytes(f"{exp}/runs/{t}/trial.json") for t in trials}
+    again = run_sweep(load_sweep_config(config), resume=True)  # Tuner.restore from the bucket: nothing left to run
+    assert again["finished"] == 2 and again["best"]["trial_id"] == best["trial_id"]
+    assert {t: storage.read_bytes(f"{exp}/runs/{t}/trial.json") for t in trials} == kept
+    with pytest.raises(ConfigError, match="already holds a sweep: continue it with --resume"):
+        run_sweep(load_sweep_config(config))
 
 
 def test_janitor_removes_only_groups_whose_creator_actor_died(ray_cluster):

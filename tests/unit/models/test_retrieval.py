@@ -103,6 +103,24 @@ def test_save_load_round_trip(bank, embedder, tmp_path):
                [[(h.row["id"], h.similarity) for h in r.hits] for r in b]
 
 
+def test_save_to_a_bucket_and_load_back(bank, embedder, s3_bucket):
+    """s3:// (the session's moto server): uploaded with bank.json last, downloaded once into the local cache."""
+    from rau_ray import storage
+
+    uri = f"{s3_bucket}/banks/ct"
+    assert bank.save(uri) == uri
+    assert storage.list_dir(uri) == ["bank.json", "index.faiss", "metadata.jsonl"]
+    loaded = ReferenceBank.load(uri, embedder)
+    assert loaded.rows == json.loads(json.dumps(bank.rows)) and loaded.info == bank.info
+    queries = vectors(bank)[[0, 5, len(bank) - 1]]
+    for kwargs in ({}, {"modality": "XA"}, {"exclude_subject": bank.rows[0]["subject"]}):
+        a, b = bank.search(queries, k=5, **kwargs), loaded.search(queries, k=5, **kwargs)
+        assert [[(h.row["id"], h.similarity) for h in r.hits] for r in a] == \
+               [[(h.row["id"], h.similarity) for h in r.hits] for r in b]
+    with pytest.raises(DataError, match="banks/none/bank.json: missing; .* is not a reference bank"):
+        ReferenceBank.load(f"{s3_bucket}/banks/none", embedder)
+
+
 def test_load_with_another_embedder_is_refused(bank, tmp_path):
     bank.save(tmp_path / "bank")
     for other in (replace(TINY, pooling="cls"), replace(TINY, seed=1)):  # other dimension; same dimension, other id

@@ -50,6 +50,9 @@ def test_prepare_applies_overrides_resources_and_absolute_manifest(tmp_path):
                                   "use_gpu": False, "gpus_per_worker": 1}
     assert Path(prep.base["manifest"]).is_absolute()  # trials run in their own folders
     assert cfg.metric_name == "val_dice" and prep.runs_dir == tmp_path / "tune" / "sweep" / "runs"
+    remote = prepare(sweep(tmp_path, storage_path="s3://bucket/tune?region=eu-west-1"))  # no I/O before run_sweep
+    assert remote.experiment_dir == "s3://bucket/tune/sweep?region=eu-west-1"
+    assert remote.runs_dir == "s3://bucket/tune/sweep/runs?region=eu-west-1"
     assert sweep(tmp_path, job="sft", base=str(CONFIGS / "sft-tiny.yaml"),
                  search={"model.policy.lora_rank": [4]}).metric_name == "val_accuracy"
 
@@ -75,7 +78,7 @@ def test_prepare_applies_overrides_resources_and_absolute_manifest(tmp_path):
     ({"job": "nope"}, "job must be one of grpo, seg, sft"),
     ({"mode": "best"}, "mode must be max or min"),
     ({"heatmap": ["lr"]}, "heatmap must name two search paths"),
-    ({"storage_path": "s3://bucket/tune"}, "storage_path must be a folder"),
+    ({"storage_path": "sftp://host/tune"}, "storage_path: unknown storage scheme .sftp."),
     ({"base": "missing.yaml"}, "base: job config not found"),
     ({"asha": {"reduction_factor": 1}}, "reduction_factor > 1"),
     ({"resources": {"cpus_per_worker": 0}}, "cpus_per_worker and gpus_per_worker > 0"),
