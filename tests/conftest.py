@@ -2,14 +2,22 @@
 
 Subprocesses (the ``rau`` CLI) join it through RAY_ADDRESS instead of starting clusters of their own. Tiny models
 are built once per session into an isolated cache folder (no hub, no user cache), set before the cluster starts so
-its workers share it.
+its workers share it. ``llm`` / ``module_llm``: a real local HTTP server answering like an OpenAI-compatible
+``/v1/chat/completions`` (the commands' LLM fallback), its answers set by the test. ``s3://`` storage is a real
+S3-protocol server (moto's, in a thread of this process, on a free loopback port): ``AWS_ENDPOINT_URL`` and dummy
+credentials point pyarrow at it, set before the cluster starts so Ray Train / Tune workers and CLI subprocesses
+reach it too; ``s3_bucket`` gives a test a fresh bucket.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,7 +34,45 @@ def isolated_model_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(isolated_model_cache):
+def s3_endpoint():
+    """``http://127.0.0.1:PORT`` of a moto S3 server for the session; the environment points every S3 client at it
+    (pyarrow honours AWS_ENDPOINT_URL) with dummy credentials, so nothing reaches AWS."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request in the test output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one, no race
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    mp = pytest.MonkeyPatch()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE"):
+        mp.delenv(name, raising=False)
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        mp.setenv(name, value)
+    yield endpoint
+    mp.undo()
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """``s3://<name>`` of a new empty bucket on the session's S3 server."""
+    import uuid
+
+    from pyarrow import fs
+
+    name = f"rau-test-{uuid.uuid4().hex[:12]}"
+    fs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True, region="us-east-1").create_dir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(isolated_model_cache, s3_endpoint):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -63,3 +109,54 @@ def ct_manifest(tmp_path_factory):
         return made[n, size, slices]
 
     return make
+
+
+# ------------------------------------------------------------------ a local OpenAI-compatible chat completions server
+class _OpenAILike(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions -> {"choices": [{"message": {"content": server.answer(body)}}]}."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        status, content = self.server.answer(body)
+        reply = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": content}}]}).encode()
+        if self.path != "/v1/chat/completions":
+            status, reply = 404, b'{"error": "not found"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def _openai_like_server():
+    """The server on a free loopback port: ``.url``, ``.requests`` (what it was sent) and ``.answer`` (body ->
+    (status, content); by default ``{"operations": []}``, i.e. "not a command")."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OpenAILike)
+    server.requests, server.answer = [], lambda body: (200, '{"operations": []}')
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def llm():
+    with _openai_like_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_llm():
+    with _openai_like_server() as server:
+        yield server

@@ -2,11 +2,13 @@
 
 HTTP API (OpenAPI at ``/docs``, ``/openapi.json``): ``POST /v1/segment``, ``POST /v1/label``, sessions
 (``POST /v1/sessions``, ``GET|DELETE /v1/sessions/{id}``, ``POST /v1/sessions/{id}/commands``,
-``GET /v1/sessions/{id}/mask``, ``GET /v1/sessions/{id}/image``, ``POST /v1/sessions/{id}/undo|redo``),
+``GET /v1/sessions/{id}/mask`` (png, rle, nifti, dicom-seg), ``GET /v1/sessions/{id}/image``,
+``POST /v1/sessions/{id}/undo|redo``),
 ``GET /healthz``, ``GET /readyz``, and the web page at ``GET /`` (``rau_ray/serve/static/``).
 Sessions live in the Ingress replica (see ``sessions``): cheap and consistent, at the price of one Ingress replica
 (a second replica would not see the first one's sessions; scaling it out needs sticky routing or an external store).
 Bad input is a 4xx with ``{"error": message}``; a model replica that dies is retried, then answered with 503.
+The Commander's optional LLM fallback is set by the ``command_llm_*`` args (``AppArgs``).
 Use: ``serve run serve_configs/local.yaml``; from Python ``base_url = start(profile="tiny", port=8000)``, ``stop()``.
 """
 
@@ -14,6 +16,7 @@ Use: ``serve run serve_configs/local.yaml``; from Python ``base_url = start(prof
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from rau_ray.serve import codecs
 from rau_ray.serve.codecs import BadInput
 from rau_ray.serve.deployments import Commander, Policy, Retriever, Segmenter
 from rau_ray.serve.sessions import (SessionError, SessionGone, SessionLimit, SessionNotFound, SessionStore,
-                                    mask_box)
+                                    dicom_seg_refusal, mask_box)
 
 log = logging.getLogger("rau_ray.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -185,11 +188,17 @@ class _SessionBackend:
         self.ingress = ingress
 
     async def prompt(self, image, points, labels, box):
-        return await self.ingress._call("segmenter", "prompt", image, points, labels, box)
+        from rau_ray.models.rau import image_digest
+
+        return await self.ingress._call("segmenter", "prompt", image, points, labels, box,
+                                        route_key=image_digest(image))
 
     async def segment(self, session, target: str):
+        """The full pipeline on the current slice; besides the mask, what /v1/segment returns for the structure
+        (the policy's reasoning, label, box, timings), so a session's segment result needs no second request."""
         out = await self.ingress._segment_one(session.current_image(), session.modality, target, None, None)
-        return {"mask": out["_mask"], "score": out["score"], "reference": out["reference"]}
+        return {"mask": out["_mask"], **{k: out.get(k) for k in ("score", "reference", "label", "box", "reasoning",
+                                                                 "format_error", "timings_ms")}}
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
@@ -197,6 +206,11 @@ class _SessionBackend:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, retriever, policy, segmenter, commander, settings: dict | None = None):
+        import rau_ray.data.tasks  # noqa: F401 - the request path's imports, paid at start-up, not by the first user
+        import rau_ray.eval.matching  # noqa: F401
+        import rau_ray.models.prompts  # noqa: F401
+        import rau_ray.models.rau  # noqa: F401
+
         self.h = {"retriever": retriever, "policy": policy, "segmenter": segmenter, "commander": commander}
         self.settings = Settings(**(settings or {}))
         self.sessions = SessionStore(self.settings.session_ttl_s, self.settings.max_sessions)
@@ -205,11 +219,17 @@ class Ingress:
         self.backend = _SessionBackend(self)
 
     # -- plumbing ------------------------------------------------------------------------------------------------
-    async def _call(self, which: str, method: str, *args, **kwargs):
+    def _handle(self, which: str, route_key: str | None = None):
+        """The deployment's handle; with ``route_key`` (an image digest) Serve routes to a replica that has seen
+        that image (model multiplexing used as cache affinity: see ``Segmenter._holds``)."""
+        h = self.h[which]
+        return h.options(multiplexed_model_id=route_key) if route_key else h
+
+    async def _call(self, which: str, method: str, *args, route_key: str | None = None, **kwargs):
         """A handle call with retries while Serve replaces a dead replica; 503 when it stays unavailable."""
         last = None
         for attempt in range(self.settings.retries):
-            response = getattr(self.h[which], method).remote(*args, **kwargs)
+            response = getattr(self._handle(which, route_key), method).remote(*args, **kwargs)
             try:
                 return await asyncio.wait_for(_await(response), self.settings.request_timeout_s)
             except asyncio.TimeoutError:
@@ -298,6 +318,32 @@ class Ingress:
             raise ApiError(422, str(out))
         return out["reference"], out["seconds"]
 
+    async def _policy_then_segmenter(self, ask: dict, tgt_u8, ref_u8, ref_mask) -> tuple[dict, dict, float]:
+        """The Policy's answer and the Segmenter's mask. The Policy's pending response is handed to the Segmenter
+        as an argument, so Serve delivers the <Seg> hidden state replica to replica instead of through this
+        Ingress (one hop less per request); returns (answer, segmentation, time the answer arrived). When a replica
+        is unavailable, falls back to the two calls one after the other, each with ``_call``'s retries."""
+        from rau_ray.models.rau import image_digest
+
+        key = image_digest(tgt_u8)
+        try:
+            pol_resp = self.h["policy"].answer.remote(ask)
+            seg_resp = self._handle("segmenter", key).segment.remote(tgt_u8, ref_u8, ref_mask, pol_resp)
+            pol = await asyncio.wait_for(_await(pol_resp), self.settings.request_timeout_s)
+            t_pol = time.perf_counter()
+            seg = await asyncio.wait_for(_await(seg_resp), self.settings.request_timeout_s)
+            return pol, seg, t_pol
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the policy or segmenter did not answer within "
+                                f"{self.settings.request_timeout_s:g} s") from None
+        except self._unavailable as e:
+            log.warning("policy -> segmenter chain unavailable (%s); calling one after the other",
+                        type(e).__name__)
+        pol = await self._call("policy", "answer", ask)
+        t_pol = time.perf_counter()
+        return pol, await self._call("segmenter", "segment", tgt_u8, ref_u8, ref_mask, pol["seg_hidden"],
+                                     route_key=key), t_pol
+
     async def _segment_one(self, target, modality, structure, ref_spec, mask_format, reasoning: bool = True) -> dict:
         from rau_ray.data.tasks import label_boxes
         from rau_ray.models.prompts import to_pil
@@ -317,12 +363,10 @@ class Ingress:
         ask = {"task": "segment", "ref_image": ref_u8, "ref_boxes": label_boxes(ref.label, ref.names),
                "target": tgt_u8, "structure": structure, "modality": modality}
         t1 = time.perf_counter()
-        pol = await self._call("policy", "answer", ask)
-        timings["policy"] = time.perf_counter() - t1
+        pol, seg, t_pol = await self._policy_then_segmenter(ask, tgt_u8, ref_u8, ref_mask)
+        timings["policy"] = t_pol - t1
         timings.update({f"policy_{k}": v for k, v in pol["timings"].items() if k != "batch"})
-        t1 = time.perf_counter()
-        seg = await self._call("segmenter", "segment", tgt_u8, ref_u8, ref_mask, pol["seg_hidden"])
-        timings["segmenter"] = time.perf_counter() - t1
+        timings["segmenter"] = time.perf_counter() - t_pol
         timings.update({f"segmenter_{k}": v for k, v in seg["timings"].items()})
         mask = seg["mask"]
         timings["total"] = time.perf_counter() - t0
@@ -483,7 +527,7 @@ class Ingress:
             raise ApiError(e.status, e.message) from None
         modality = str(fields.get("modality") or image.modality or "CT")
         try:
-            s = self.sessions.create(image.array, modality, image.spacing)
+            s = self.sessions.create(image.array, modality, image.spacing, sources=image.sources, kind=image.kind)
         except SessionLimit as e:
             raise ApiError(429, str(e.args[0]), headers={"Retry-After": str(e.args[1])}) from None
         known = await self._known_structures()
@@ -553,7 +597,8 @@ class Ingress:
         return await self._run_ops(sid, [{"op": "redo", "steps": max(1, steps)}])
 
     @app.get("/v1/sessions/{sid}/mask", tags=["sessions"],
-             summary="The session's mask: png (current slice), rle (JSON) or nifti (every slice)")
+             summary="The session's mask: png (current slice), rle (JSON), nifti (every slice) or dicom-seg "
+                     "(every slice, referencing the source DICOM images; sessions opened from DICOM only)")
     async def get_mask(self, sid: str, format: str = "png", slice: int | None = None):
         s = self._session(sid)
         if slice is not None and not 0 <= slice < s.volume.shape[0]:
@@ -570,7 +615,20 @@ class Ingress:
             spacing = tuple(s.spacing) + (1.0,) * (3 - len(s.spacing))
             return Response(encode_nifti(xyz, spacing[:3]), media_type="application/gzip",
                             headers={"Content-Disposition": f'attachment; filename="{sid}.nii.gz"'})
-        raise ApiError(422, f"format must be png, rle or nifti, not {format!r}")
+        if format == "dicom-seg":
+            from rau_ray.serve.dicom_seg import SegExportError, encode_segmentation
+
+            if not s.sources:
+                raise ApiError(422, dicom_seg_refusal(s.kind))
+            vol = np.stack([s.mask(i) for i in range(s.volume.shape[0])])
+            try:  # highdicom takes a moment on a long series: off the event loop
+                data = await asyncio.to_thread(encode_segmentation, s.sources, vol, s.state.structure,
+                                               software_version=app.version)
+            except SegExportError as e:
+                raise ApiError(422, str(e)) from None
+            return Response(data, media_type="application/dicom",
+                            headers={"Content-Disposition": f'attachment; filename="{sid}-seg.dcm"'})
+        raise ApiError(422, f"format must be png, rle, nifti or dicom-seg, not {format!r}")
 
     @app.get("/v1/sessions/{sid}/image", tags=["sessions"], summary="The current slice as PNG, in the window")
     async def get_image(self, sid: str, slice: int | None = None):
@@ -598,16 +656,46 @@ class AppArgs:
     device: str = "cpu"  # cpu | cuda | auto
     threads: int | None = 1  # torch threads per replica (None: torch's default)
     policy_batch_size: int = 8  # @serve.batch max_batch_size; 1 = unbatched
-    policy_batch_wait_s: float = 0.02
+    policy_batch_wait_s: float = 0.005  # batches fill while the previous one generates; a long wait only adds latency
     max_new_tokens: int | None = None
     embedding_cache: int | None = None
     session_ttl_s: float = 900.0
     max_sessions: int = 64
     max_image_bytes: int = codecs.MAX_IMAGE_BYTES
     max_pixels: int = codecs.MAX_PIXELS
+    # The Commander's optional LLM fallback for commands the deterministic parser cannot read (rau_ray.commands):
+    # any OpenAI-compatible /v1/chat/completions server (vLLM, llama.cpp, Ollama...). Off while the URL is None.
+    command_llm_url: str | None = None
+    command_llm_model: str | None = None  # required with a URL: the model name the server knows
+    command_llm_api_key_env: str | None = None  # NAME of an env var of the replicas holding the key, never the key
+    command_llm_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        from rau_ray.errors import ConfigError
+
+        if self.command_llm_url is None:
+            return
+        if not self.command_llm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"serve args.command_llm_url must be an http(s) URL, not {self.command_llm_url!r}")
+        if not self.command_llm_model:
+            raise ConfigError("serve args.command_llm_model is required with command_llm_url (the model name the "
+                              "chat completions server serves)")
+        env = self.command_llm_api_key_env
+        if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", env):
+            raise ConfigError("serve args.command_llm_api_key_env is the NAME of an environment variable holding the "
+                              "key (e.g. OPENAI_API_KEY), not the key itself; keep keys out of config files")
+        if not self.command_llm_timeout_s > 0:
+            raise ConfigError("serve args.command_llm_timeout_s must be > 0")
 
 
-def build_app(args: dict | None = None, options: dict | None = None):
+def build_app(args: dict | None = None):
+    """The application builder of the Serve configs (``import_path: rau_ray.serve.app:build_app``, ``args:`` ->
+    ``AppArgs``); Serve calls it with exactly one argument, the args dict, and applies the config's
+    ``deployments:`` options itself."""
+    return build_graph(args)
+
+
+def build_graph(args: dict | None = None, options: dict | None = None):
     """The Serve application: Ingress(Retriever, Policy, Segmenter, Commander). ``options``: per-deployment
     ``.options(...)`` (a Serve config's ``deployments:`` section does the same)."""
     from rau_ray.config import from_dict
@@ -625,7 +713,8 @@ def build_app(args: dict | None = None, options: dict | None = None):
     policy = opt(Policy).bind(max_batch_size=a.policy_batch_size, batch_wait_timeout_s=a.policy_batch_wait_s,
                               max_new_tokens=a.max_new_tokens, **common)
     segmenter = opt(Segmenter).bind(embedding_cache=a.embedding_cache, **common)
-    commander = opt(Commander).bind()
+    commander = opt(Commander).bind(llm_url=a.command_llm_url, llm_model=a.command_llm_model,
+                                    llm_api_key_env=a.command_llm_api_key_env, llm_timeout_s=a.command_llm_timeout_s)
     settings = asdict(Settings(session_ttl_s=a.session_ttl_s, max_sessions=a.max_sessions,
                                max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels))
     return opt(Ingress).bind(retriever, policy, segmenter, commander, settings)
@@ -666,10 +755,12 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
         for dep in ("Retriever", "Policy", "Segmenter", "Commander", "Ingress"):
             o = merged.setdefault(dep, {})
             rao = dict(o.get("ray_actor_options") or {})
-            rao["runtime_env"] = {"env_vars": {"RAU_CACHE": os.environ["RAU_CACHE"]}}
+            env = dict(rao.get("runtime_env") or {})
+            env["env_vars"] = {**(env.get("env_vars") or {}), "RAU_CACHE": os.environ["RAU_CACHE"]}
+            rao["runtime_env"] = env
             o["ray_actor_options"] = rao
     serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(build_app({**conf_args, "profile": profile, **args}, merged), name=name, route_prefix=route_prefix,
+    serve.run(build_graph({**conf_args, "profile": profile, **args}, merged), name=name, route_prefix=route_prefix,
               blocking=False)
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     deadline, last = time.monotonic() + timeout_s, ""

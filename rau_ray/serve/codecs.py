@@ -38,6 +38,9 @@ class Decoded:
     modality: str  # CT for DICOM CT / 16-bit PNG (HU + 1024) / NIfTI; else the DICOM's, or "" for 8-bit images
     spacing: tuple[float, ...]  # (x, y) or (x, y, z) mm; (1, 1) when the format carries none
     kind: str  # png | jpeg | dicom | nifti
+    # DICOM only: the source datasets' metadata (read without pixel data), one per slice, so a DICOM-SEG can
+    # reference them (``rau_ray.serve.dicom_seg``); empty for PNG / JPEG / NIfTI
+    sources: tuple = ()
 
     @property
     def is_volume(self) -> bool:
@@ -130,7 +133,11 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
     if modality != "CT":  # only CT carries HU; others go to 8 bits for the models
         lo, hi = float(hu.min()), float(hu.max())
         hu = np.zeros(hu.shape, np.uint8) if hi <= lo else np.rint((hu - lo) / (hi - lo) * 255).astype(np.uint8)
-    return Decoded(hu, modality, spacing, "dicom")
+    try:  # the metadata alone (patient, study, series, UIDs, geometry) for DICOM-SEG; the pixels are in ``hu``
+        meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - it was read once already; without metadata there is just no DICOM-SEG
+        meta = None
+    return Decoded(hu, modality, spacing, "dicom", (meta,) if meta is not None else ())
 
 
 def _looks_nifti(data: bytes) -> bool:

@@ -67,6 +67,12 @@ def build_phantom_bank(out: str, subjects: int = 6, size: int = 128, seed: int =
     return os.path.join(out, "bank")
 
 
+# A synthetic question each replica answers once at start-up, so torch's lazy first-call work (kernel selection,
+# allocator growth) happens before the replica is ready rather than in the first user's request.
+_WARM_UP = {"task": "segment", "ref_image": np.full((64, 64, 3), 90, np.uint8), "ref_boxes": {"liver": [8, 8, 40, 40]},
+            "target": np.full((64, 64, 3), 100, np.uint8), "structure": "liver", "modality": "CT"}
+
+
 @serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
                   health_check_period_s=10)
 class Retriever:
@@ -141,6 +147,8 @@ class Policy:
         self._answer_batch.set_max_batch_size(int(max_batch_size))
         self._answer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self.batches: list[int] = []  # sizes of the last batches (benchmarks read them)
+        self.answer_many([_WARM_UP])  # the first generate() pays torch's lazy set-up: not the first user
+        self.batches.clear()
 
     def configure(self, max_batch_size: int, batch_wait_timeout_s: float | None = None) -> dict:
         """Change the dynamic batching of this replica (benchmarks compare batched and unbatched)."""
@@ -210,6 +218,9 @@ class Policy:
             raise RuntimeError("policy not loaded")
 
 
+EMBEDDING_ROUTES = 256  # image keys a Segmenter replica advertises for routing (tiny strings; LRU)
+
+
 @serve.deployment(name="Segmenter", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
                   health_check_period_s=5)
 class Segmenter:
@@ -230,20 +241,40 @@ class Segmenter:
                else RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).to(device).eval())
         self._model = RAUModel(cfg, None, seg)  # image_embedding(): the LRU cache keyed by image hash
         self.seg = seg
+        self._model.image_embedding(_WARM_UP["target"])  # first-call set-up here, not in the first request
+        self._model._embeddings.clear()
 
     def _embedding(self, image: np.ndarray):
-        from rau_ray.models.rau import _digest
+        from rau_ray.models.rau import image_digest
 
-        cached = _digest(image) in self._model._embeddings
+        cached = image_digest(image) in self._model._embeddings
         t0 = time.perf_counter()
         emb = self._model.image_embedding(image)
         return emb, cached, time.perf_counter() - t0
 
-    def segment(self, target: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray,
-                seg_hidden: np.ndarray) -> dict:
-        """RAU's route: reference memory + the <Seg> query -> the target's mask (bool (H, W)) and score."""
+    @serve.multiplexed(max_num_models_per_replica=EMBEDDING_ROUTES)
+    async def _holds(self, image_key: str) -> str:
+        """Serve's model multiplexing used for cache affinity: the Ingress calls with
+        ``multiplexed_model_id=image_digest(image)``, this replica reports the keys it has seen to the controller,
+        and Serve's router sends later prompts on the same image to this replica, where the embedding is cached
+        (the embeddings themselves stay in ``RAUModel``'s LRU)."""
+        return image_key
+
+    async def _note_route(self) -> None:
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._holds(key)
+
+    async def segment(self, target: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray, seg_hidden) -> dict:
+        """RAU's route: reference memory + the <Seg> query -> the target's mask (bool (H, W)) and score.
+        ``seg_hidden``: the (1, hidden) array, or the Policy's whole answer (a dict with ``seg_hidden``), so the
+        Ingress can pass the Policy's pending response straight here (Serve resolves it; no trip back through the
+        Ingress)."""
         import torch
 
+        await self._note_route()
+        if isinstance(seg_hidden, dict):
+            seg_hidden = seg_hidden["seg_hidden"]
         tgt, cached, t_embed = self._embedding(target)
         ref, _, t_ref = self._embedding(ref_image)
         t0 = time.perf_counter()
@@ -254,10 +285,12 @@ class Segmenter:
         return {"mask": mask, "score": float(score), "cached": cached,
                 "timings": {"embed": t_embed + t_ref, "decode": time.perf_counter() - t0}}
 
-    def prompt(self, image: np.ndarray, points: list | None = None, labels: list | None = None,
-               box: list | None = None) -> dict:
+    async def prompt(self, image: np.ndarray, points: list | None = None, labels: list | None = None,
+                     box: list | None = None) -> dict:
         """SAM2 with point / box prompts on the image's cached embedding (the encoder runs on a cache miss only)."""
         from rau_ray.models.sam2_builder import predict_with_prompts
+
+        await self._note_route()
 
         emb, cached, t_embed = self._embedding(image)
         t0 = time.perf_counter()
@@ -279,15 +312,41 @@ class Segmenter:
 @serve.deployment(name="Commander", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64,
                   health_check_period_s=10)
 class Commander:
-    """Natural-language command -> the operations of ``rau_ray.commands`` (a CommandError comes back as a value)."""
+    """Natural-language command -> the operations of ``rau_ray.commands`` (a CommandError comes back as a value).
+
+    With ``llm_url`` (AppArgs ``command_llm_url``), text the deterministic parser refuses goes to an
+    OpenAI-compatible chat completions server (``OpenAICompatibleFallback``); its answer is only accepted when it
+    validates against the operation schema and is grounded in the text, and text that looks hostile is never sent.
+    The API key is read from the environment variable named ``llm_api_key_env`` in this replica's environment."""
+
+    def __init__(self, llm_url: str | None = None, llm_model: str | None = None,
+                 llm_api_key_env: str | None = None, llm_timeout_s: float = 10.0):
+        from rau_ray.commands import OpenAICompatibleFallback
+
+        self.fallback = None
+        if llm_url:
+            key = None
+            if llm_api_key_env:
+                key = os.environ.get(llm_api_key_env)
+                if not key:
+                    raise RuntimeError(f"command_llm_api_key_env names {llm_api_key_env!r}, but that environment "
+                                       "variable is not set where the Commander replica runs (set it on the Ray "
+                                       "nodes, e.g. from a Kubernetes Secret)")
+            self.fallback = OpenAICompatibleFallback(llm_url, llm_model or "", api_key=key,
+                                                     timeout=float(llm_timeout_s))
 
     def parse(self, text: str) -> list[dict] | dict:
         from rau_ray.commands import CommandError, parse_command
 
         try:
-            return parse_command(text)
+            return parse_command(text, fallback=self.fallback)
         except CommandError as e:
             return {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a language model server misbehaving (a broken reply) is no 500
+            if self.fallback is None:
+                raise
+            return {"error": f"not a command the parser reads, and the language model failed "
+                             f"({type(e).__name__}: {e})"[:500]}
 
     def check_health(self) -> None:
         return None

@@ -32,6 +32,19 @@ class SessionError(Exception):
     """A command that cannot apply to this session's state (-> 422)."""
 
 
+def dicom_seg_refusal(kind: str | None) -> str:
+    """Why a session without DICOM sources has no DICOM-SEG. A DICOM Segmentation is a derived object: it names
+    its patient, study and source images by UID so a PACS / viewer files it beside the images it outlines. A PNG,
+    JPEG or NIfTI carries none of that, and wrapping it in an invented Secondary Capture would make a SEG that
+    belongs to no patient's study and references images no archive holds: worse than no SEG for a clinical user.
+    So DICOM-SEG is only offered for sessions opened from DICOM."""
+    name = {"png": "PNG", "jpeg": "JPEG", "nifti": "NIfTI"}.get(kind or "", kind)
+    came = f"a {name} image" if name else "an image that is not DICOM"
+    return (f"DICOM-SEG needs a DICOM source: this session was opened from {came}, which names no patient, study "
+            "or source images for a segmentation to reference. Export png, rle or nifti, or open the session from "
+            "the DICOM file")
+
+
 class SessionGone(Exception):
     """The session expired or was deleted (-> 410)."""
 
@@ -65,8 +78,12 @@ def mask_box(mask: np.ndarray) -> list[int] | None:
 
 
 class Session:
-    def __init__(self, image: np.ndarray, modality: str, spacing: tuple, sid: str | None = None):
+    def __init__(self, image: np.ndarray, modality: str, spacing: tuple, sid: str | None = None,
+                 sources: tuple = (), kind: str | None = None):
         self.id = sid or secrets.token_urlsafe(18)
+        # the source DICOM datasets' metadata (no pixels), one per slice, for DICOM-SEG export; () otherwise
+        self.sources = tuple(sources or ())
+        self.kind = kind  # the format the image came in: png | jpeg | dicom | nifti (None: unknown)
         self.volume = image if image.ndim == 3 else image[None]  # (Z, H, W)
         self.modality = modality or "CT"
         self.spacing = tuple(float(s) for s in spacing)
@@ -122,7 +139,8 @@ class Session:
     def summary(self) -> dict:
         s = self.state
         return {"id": self.id, "shape": list(self.shape), "slices": int(self.volume.shape[0]), "slice": s.slice,
-                "modality": self.modality, "spacing": list(self.spacing),
+                "modality": self.modality, "spacing": list(self.spacing), "source_format": self.kind,
+                "exports": ["png", "rle", "nifti"] + (["dicom-seg"] if self.sources else []),
                 "window": {"preset": s.window[0], "level": s.window[1], "width": s.window[2]},
                 "structure": s.structure, "points": [list(p) for p in s.points],
                 "box": list(s.box) if s.box else None, "can_undo": len(self.undo_stack),
@@ -206,7 +224,9 @@ class Session:
             self.last_result = res
             self._push(replace(s, masks={**s.masks, s.slice: res["mask"]}, scores={**s.scores, s.slice: res["score"]},
                                points=(), box=None, structure=target))
-            return {"op": kind, "structure": target, "score": res["score"], "reference": res.get("reference")}
+            # what /v1/segment says about a structure, so a client needs one call: reasoning, label, box, timings
+            return {"op": kind, "structure": target, "score": res["score"], "reference": res.get("reference"),
+                    **{k: res[k] for k in ("label", "box", "reasoning", "format_error", "timings_ms") if k in res}}
         if kind == "add_point":
             if op.get("x") is not None and op.get("y") is not None:
                 self._check_xy(op["x"], op["y"])
@@ -256,8 +276,8 @@ class Session:
             return await self._propagate(op.get("direction", "both"), backend)
         if kind == "export":
             fmt = op.get("format", "png")
-            if fmt == "dicom-seg":
-                raise SessionError("DICOM-SEG export is not available; use png, rle or nifti")
+            if fmt == "dicom-seg" and not self.sources:
+                raise SessionError(dicom_seg_refusal(self.kind))
             return {"op": kind, "format": fmt, "url": f"/v1/sessions/{self.id}/mask?format={fmt}"}
         if kind == "show_metrics":
             return {"op": kind, "metrics": self.metrics()}
@@ -316,14 +336,15 @@ class SessionStore:
             self._bury(sid, "expired")
         return len(dead)
 
-    def create(self, image: np.ndarray, modality: str, spacing: tuple) -> Session:
+    def create(self, image: np.ndarray, modality: str, spacing: tuple, sources: tuple = (),
+               kind: str | None = None) -> Session:
         self.expire()
         if len(self._live) >= self.max_sessions:
             oldest = min(s.last_used for s in self._live.values())
             wait = max(1, int(self.ttl_s - (self.clock() - oldest)) + 1)
             raise SessionLimit(f"session limit reached ({self.max_sessions} live sessions); delete one "
                                f"(DELETE /v1/sessions/ID) or retry in {wait} s", wait)
-        s = Session(image, modality, spacing)
+        s = Session(image, modality, spacing, sources=sources, kind=kind)
         s.created = s.last_used = self.clock()
         self._live[s.id] = s
         return s

@@ -1,7 +1,8 @@
 """The web page at GET / in a real headless Chromium (Debian ``chromium``, driven by Playwright; never a downloaded
 browser) against the real Serve app on the session's Ray cluster: upload a CT phantom, pick a structure, click and
 drag on the canvas, type commands, undo; the overlay, reasoning and operations must update in the DOM with no page
-error, and a refused command must show its error in the page. Screenshot: docs/web_page.png (and the tmp dir)."""
+error (the reasoning from the session command alone: the page makes no /v1/segment request), and a refused command
+must show its error in the page. Screenshot: docs/web_page.png (and the tmp dir)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_pa
                                                        headless=True, args=CHROMIUM_FLAGS,
                                                        viewport={"width": 1280, "height": 900})
         page = browser.new_page()
-        page_errors, console_errors, failed = [], [], []
+        page_errors, console_errors, failed, sent = [], [], [], []
+        page.on("request", lambda r: sent.append(f"{r.method} {r.url}"))
         page.on("pageerror", lambda e: page_errors.append(str(e)))
         page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
         page.on("requestfailed", lambda r: failed.append(f"{r.method} {r.url}: {r.failure}"))
@@ -106,15 +108,25 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_pa
         assert "liver" in structures
         blank = page.evaluate("document.getElementById('view').toDataURL()")
 
-        # pick a structure and segment it: the reasoning panel and the operations log update
+        # pick a structure and segment it: the reasoning panel and the operations log update, from the one session
+        # command (its segment result carries the reasoning): no /v1/segment request
         page.select_option("#structure-pick", "liver")
-        settle(lambda: page.click("#segment"))
+        sent.clear()
+        with page.expect_response(lambda r: r.url.endswith("/commands")) as answer:
+            settle(lambda: page.click("#segment"))
         no_error_banner()
         assert page.input_value("#structure") == "liver"
         assert page.locator("#ops li [data-op=segment]").count() == 1
+        (result,) = answer.value.json()["results"]
+        assert result["op"] == "segment" and {"reasoning", "label", "box", "timings_ms"} <= set(result)
         reasoning = page.text_content("#reasoning")
         assert reasoning and "Segment a structure" not in reasoning
-        assert "liver" in page.text_content("#facts")
+        if result["reasoning"]:
+            assert reasoning == result["reasoning"] and "none" not in page.get_attribute("#reasoning", "class")
+        facts = page.text_content("#facts")
+        assert "liver" in facts and "time (ms)" in facts and ("box" in facts) == bool(result["box"])
+        assert [u for u in sent if "/v1/sessions/" in u and u.endswith("/commands")], sent
+        assert not [u for u in sent if "/v1/segment" in u], sent  # one call: the session command
         assert page.get_attribute("#view", "data-mask-pixels") is not None
         assert not page.is_disabled("#undo")
 

@@ -3,9 +3,7 @@ schema, the CLI, and the LLM fallback against a real local HTTP server that answ
 
 import json
 import statistics
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jsonschema
@@ -111,41 +109,9 @@ def test_cli_prints_operations_and_refuses_with_exit_2(capsys):
 
 
 # ---------------------------------------------------------------- the LLM fallback, against a real HTTP server
-class _OpenAILike(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions -> {"choices": [{"message": {"content": server.answer(body)}}]}."""
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        status, content = self.server.answer(body)
-        reply = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": content}}]}).encode()
-        if self.path != "/v1/chat/completions":
-            status, reply = 404, b'{"error": "not found"}'
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def llm():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _OpenAILike)
-    server.requests, server.answer = [], lambda body: (200, '{"operations": []}')
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
+# ``llm``: tests/conftest.py's local /v1/chat/completions server (shared with the Serve test of the fallback)
 def _url(server):
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    return server.url
 
 
 def _answer(ops):

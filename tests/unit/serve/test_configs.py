@@ -1,5 +1,6 @@
 """serve_configs/*.yaml are valid Serve configs naming every deployment with its own scaling, resources and health
-check, and their args build the application graph."""
+check, and their args build the application graph; the Commander's LLM fallback args are checked (a key is never
+accepted where the NAME of its environment variable belongs)."""
 
 from pathlib import Path
 
@@ -35,10 +36,29 @@ def test_serve_config(name):
 
 
 def test_build_app_args():
-    from rau_ray.errors import ConfigError
-    from rau_ray.serve.app import build_app, local_options
+    import inspect
 
+    from rau_ray.errors import ConfigError
+    from rau_ray.serve.app import build_app, build_graph, local_options
+
+    # Serve calls a config's builder with exactly one argument (the args); it refuses any other signature
+    assert len(inspect.signature(build_app).parameters) == 1
     args, options = local_options(CONFIGS / "local.yaml")
-    assert build_app(args, options) is not None
+    assert build_app(args) is not None and build_graph(args, options) is not None
     with pytest.raises(ConfigError, match="unknown field"):
         build_app({"profile": "tiny", "nope": 1})
+
+
+def test_command_llm_args():
+    from rau_ray.errors import ConfigError
+    from rau_ray.serve.app import build_app
+
+    ok = {"command_llm_url": "http://127.0.0.1:8080", "command_llm_model": "m",
+          "command_llm_api_key_env": "RAU_COMMAND_LLM_KEY", "command_llm_timeout_s": 5}
+    assert build_app(ok) is not None
+    for bad, words in [({"command_llm_url": "ftp://x", "command_llm_model": "m"}, "http"),
+                       ({"command_llm_url": "http://x"}, "command_llm_model"),
+                       ({**ok, "command_llm_api_key_env": "sk-live-0123456789abcdef"}, "NAME of an environment"),
+                       ({**ok, "command_llm_timeout_s": 0}, "timeout")]:
+        with pytest.raises(ConfigError, match=words):
+            build_app(bad)

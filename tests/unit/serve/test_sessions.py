@@ -76,6 +76,18 @@ def test_segment_points_box_clear_metrics():
     assert run(s, "export rle", b)[0]["url"].endswith("format=rle")
 
 
+def test_segment_result_carries_what_the_pipeline_says():
+    class Pipeline(FakeBackend):
+        async def segment(self, session, target):
+            return {**await super().segment(session, target), "reasoning": "<think>big organ, right side</think>",
+                    "label": target, "box": [10, 10, 30, 20], "timings_ms": {"total": 12.5}}
+
+    s = Session(np.zeros((64, 64), np.float32), "CT", (1.0, 1.0))
+    (res,) = run(s, "segment the liver", Pipeline())
+    assert res["reasoning"].startswith("<think>") and res["label"] == "liver" and res["box"] == [10, 10, 30, 20]
+    assert res["timings_ms"] == {"total": 12.5} and res["score"] == 0.9 and res["reference"] == {"id": "ref"}
+
+
 def test_bad_operations_leave_state():
     s, b = Session(np.zeros((64, 64), np.float32), "CT", (1.0, 1.0)), FakeBackend()
     for text, words in [("segment the heart", "unknown structure"), ("add a point at 100,5", "outside"),
