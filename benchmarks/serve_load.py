@@ -1,11 +1,15 @@
 """Ray Serve figures (BENCHMARKS.md "Ray Serve (issue 8)"): a bounded load generator on loopback against the tiny app.
 
 Phase A (every deployment fixed at one replica): Serve graph vs the same pipeline in-process (RAUModel.predict) at
-concurrency 1; Policy throughput at concurrency 16, batched (@serve.batch, max 16) vs unbatched (max 1), through
-its DeploymentHandle; a point prompt on a cached embedding (session command) vs a full /v1/segment request.
-Phase B (local.yaml's autoscaling): /v1/segment at concurrency 1/4/16, each a fixed request count under a time cap:
-p50/p95/p99, throughput, error rate; replica counts sampled from serve.status() during the load and after it.
-Use: ``.venv/bin/python benchmarks/serve_load.py --requests 16,32,64 --out runs/bench/serve_load.json``.
+concurrency 1, same image; Policy throughput at concurrency 16, batched (@serve.batch, max 16, the app's batch wait)
+vs unbatched (max 1), through its DeploymentHandle; a point prompt on a cached embedding (a canvas click: the
+session operation the web page sends) vs a full /v1/segment request.
+Phase B (local.yaml's autoscaling): /v1/segment on a pool of distinct phantom slices at concurrency 1/4/16, each a
+fixed request count under a time cap: p50/p95/p99, throughput, error rate; then ``--sustain-s`` seconds at
+concurrency 16 and ``--cooldown-s`` idle, replica counts sampled from serve.status() every second throughout
+(plotted to ``--plot``).
+Use: ``.venv/bin/python benchmarks/serve_load.py --out runs/bench/serve_load.json`` (prefix
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` for Serve's high-throughput mode; the report records RAY_SERVE_* variables).
 """
 
 import argparse
@@ -35,13 +39,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def target_png():
+def target_pngs(n: int = 8):
+    """(png, HU image) of ``n`` distinct phantom CT slices showing the liver, largest liver first."""
     from rau_ray.data import formats
     from rau_ray.data.phantoms import get_phantom
 
-    samples = list(get_phantom("ct-abdomen").generate_2d(3, 11, size=128, slices=4))
-    best = max(samples, key=lambda s: int((s.label == 1).sum()))
-    return formats.encode_png(formats.hu_to_png16(best.image)), best.image
+    samples = [s for seed in range(3, 9) for s in get_phantom("ct-abdomen").generate_2d(seed, 11, size=128, slices=4)]
+    samples.sort(key=lambda s: -int((s.label == 1).sum()))
+    return [(formats.encode_png(formats.hu_to_png16(s.image)), s.image) for s in samples[:n]]
 
 
 def bounded_load(fn, concurrency: int, n: int, cap_s: float) -> dict:
@@ -154,13 +159,22 @@ def phase_a(png, image, n_overhead: int) -> dict:
 
         # point prompt on a cached embedding (session command) vs a full segment request, concurrency 1
         sid = sess.post(base + "/v1/sessions", files={"image": ("x.png", png, "image/png")}).json()["id"]
-        sess.post(f"{base}/v1/sessions/{sid}/commands", json={"text": "add a point at 40,50"})
+        click = {"operations": [{"op": "add_point", "positive": True, "x": 40, "y": 50, "count": 1}],
+                 "mask_format": "png"}  # what the web page sends for a click on the canvas
+        sess.post(f"{base}/v1/sessions/{sid}/commands", json=click)
 
         def point():
-            return sess.post(f"{base}/v1/sessions/{sid}/commands", json={"text": "undo then add a point at 40,50"},
-                             timeout=60).status_code
+            sess.post(f"{base}/v1/sessions/{sid}/undo", timeout=60)  # keep one point: the same work each time
+            t0 = time.perf_counter()
+            status = sess.post(f"{base}/v1/sessions/{sid}/commands", json=click, timeout=60).status_code
+            point_lat.append(time.perf_counter() - t0)
+            return status
 
-        out["point_cached_c1"] = bounded_load(point, 1, max(20, n_overhead), 120)
+        point_lat = []
+
+        bounded_load(point, 1, max(30, n_overhead), 120)
+        out["point_cached_c1"] = {"requests": len(point_lat), "p50_ms": pct(point_lat, 50),
+                                  "p95_ms": pct(point_lat, 95)}
         out["point_vs_full"] = round(out["point_cached_c1"]["p50_ms"] / out["serve_c1"]["p50_ms"], 4)
 
         # Policy: batched vs unbatched at concurrency 16, through the handle
@@ -185,9 +199,9 @@ def phase_a(png, image, n_overhead: int) -> dict:
             return time.perf_counter() - t0
 
         for size in (1, 16):
-            policy.configure.remote(size, 0.05).result()
+            policy.configure.remote(size).result()  # the app's batch wait (local.yaml)
             asyncio.run(burst(4, 4))  # warm-up
-            policy.configure.remote(size, 0.05).result()
+            policy.configure.remote(size).result()
             total = 48
             wall = asyncio.run(burst(total, 16))
             sizes = policy.batch_sizes.remote().result()
@@ -200,19 +214,24 @@ def phase_a(png, image, n_overhead: int) -> dict:
     return out
 
 
-def phase_b(png, counts: list[int], cap_s: float, cooldown_s: float) -> dict:
+def phase_b(pool, counts: list[int], cap_s: float, sustain_s: float, cooldown_s: float) -> dict:
+    import itertools
+
     import requests
 
     from rau_ray.serve.app import start, stop
 
     base = start(profile="tiny", port=free_port())
     out = {"levels": []}
+    images, lock = itertools.cycle([png for png, _ in pool]), threading.Lock()
     try:
         local = threading.local()
 
         def segment():
             s = getattr(local, "s", None) or requests.Session()
             local.s = s
+            with lock:
+                png = next(images)
             return s.post(base + "/v1/segment", files={"image": ("x.png", png, "image/png")},
                           data={"structures": "liver"}, timeout=120).status_code
 
@@ -221,19 +240,60 @@ def phase_b(png, counts: list[int], cap_s: float, cooldown_s: float) -> dict:
         out["replicas_before"] = replica_counts()
         sampler = Sampler()
         sampler.start()
+        marks = {"start": time.time()}
         for conc, n in zip((1, 4, 16), counts):
             res = bounded_load(segment, conc, n, cap_s)
             res["replicas_end"] = replica_counts()
             out["levels"].append(res)
             print(json.dumps(res), flush=True)
+        if sustain_s > 0:  # long enough for Serve's look-back window: the replicas scale up
+            marks["sustain"] = time.time()
+            res = bounded_load(segment, 16, 10 ** 9, sustain_s)
+            res["replicas_end"] = replica_counts()
+            out["sustained_c16"] = res
+            print(json.dumps(res), flush=True)
+        marks["idle"] = time.time()
         out["replicas_peak"] = sampler.peak()
-        time.sleep(cooldown_s)  # local.yaml's downscale_delay_s is 20 s
+        time.sleep(cooldown_s)  # local.yaml's downscale_delay_s is 20-30 s
         out["replicas_after_cooldown"] = replica_counts()
         sampler.stop_flag.set()
-        out["replica_timeline"] = [(round(t - sampler.samples[0][0], 1), c) for t, c in sampler.samples]
+        t_first = sampler.samples[0][0]
+        out["marks_s"] = {k: round(v - t_first, 1) for k, v in marks.items()}
+        out["replica_timeline"] = [(round(t - t_first, 1), c) for t, c in sampler.samples]
+        if out.get("sustained_c16"):
+            up = [t for t, c in out["replica_timeline"] if t >= out["marks_s"]["sustain"] and max(c.values()) > 1]
+            down = [t for t, c in out["replica_timeline"] if t >= out["marks_s"]["idle"]
+                    and all(v <= out["replicas_before"].get(k, 1) for k, v in c.items())]
+            out["scaled_up_after_s"] = round(up[0] - out["marks_s"]["sustain"], 1) if up else None
+            out["back_down_after_idle_s"] = round(down[0] - out["marks_s"]["idle"], 1) if down else None
     finally:
         stop()
     return out
+
+
+def plot_timeline(b: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rau_ray.atomic import atomic_write_figure
+
+    timeline = b["replica_timeline"]
+    names = sorted({k for _, c in timeline for k in c})
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for i, name in enumerate(names):
+        ax.step([t for t, _ in timeline], [c.get(name, 0) + 0.04 * i for _, c in timeline], where="post", label=name)
+    marks = b.get("marks_s", {})
+    if "sustain" in marks:
+        ax.axvspan(marks["sustain"], marks["idle"], color="tab:red", alpha=0.08, label="concurrency 16")
+    if "idle" in marks:
+        ax.axvline(marks["idle"], color="gray", ls=":", lw=1)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("running replicas")
+    ax.set_title("Serve autoscaling under a bounded load (serve.status(), every second)", fontsize=10)
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
+    atomic_write_figure(path, fig, dpi=100)
 
 
 def main():
@@ -241,22 +301,30 @@ def main():
     ap.add_argument("--requests", default="16,32,64", help="request counts at concurrency 1,4,16")
     ap.add_argument("--overhead-requests", type=int, default=15)
     ap.add_argument("--cap-s", type=float, default=180.0, help="time cap per concurrency level")
-    ap.add_argument("--cooldown-s", type=float, default=45.0)
+    ap.add_argument("--sustain-s", type=float, default=120.0, help="seconds at concurrency 16 to show scale-up")
+    ap.add_argument("--cooldown-s", type=float, default=75.0, help="idle seconds to show scale-down")
     ap.add_argument("--out", default="runs/bench/serve_load.json")
+    ap.add_argument("--plot", default="docs/serve_autoscaling.png")
     ap.add_argument("--phase", default="ab", help="a, b or ab")
     a = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from rau_ray import ray_session
 
     ray_session.connect(num_cpus=2)
-    png, image = target_png()
+    pool = target_pngs()
+    png, image = pool[0]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_average_at_start": os.getloadavg(),
+              "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
               "command": " ".join(["benchmarks/serve_load.py", *sys.argv[1:]])}
     if "a" in a.phase:
         report["a"] = phase_a(png, image, a.overhead_requests)
         print(json.dumps(report["a"], indent=1), flush=True)
     if "b" in a.phase:
-        report["b"] = phase_b(png, [int(x) for x in a.requests.split(",")], a.cap_s, a.cooldown_s)
+        report["b"] = phase_b(pool, [int(x) for x in a.requests.split(",")], a.cap_s, a.sustain_s, a.cooldown_s)
+        if a.plot:
+            plot_timeline(report["b"], a.plot)
+    report["load_average_at_end"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "b"}, indent=1, default=str))

@@ -119,7 +119,7 @@ def _submit(a: argparse.Namespace) -> dict:
 def _demo(a: argparse.Namespace) -> dict:
     from rau_ray.demo import run_demo
 
-    return run_demo(a.out, subjects=a.subjects, seed=a.seed)
+    return run_demo(a.out, subjects=a.subjects, seed=a.seed, serve_forever=a.serve_forever, port=a.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--subjects", type=int, default=24, help="phantom subjects per modality (default: 24)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--serve-forever", action="store_true",
+                      help="leave the Ray Serve app up after the demo's requests (web page at the printed URL) "
+                           "until Ctrl-C; default: stop it")
+    demo.add_argument("--port", type=int, help="HTTP port of the Serve app (default: a free one)")
     demo.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="make phantom datasets, import real ones, preview them")

@@ -4,8 +4,12 @@ Today: phantom datasets of every modality generated in parallel on Ray, a previe
 round-tripped through NIfTI + dataset.json import, a reference bank built on Ray, retrieval recall, one RAU
 ``predict`` (tiny, untrained) drawn as a picture, then short training runs on Ray Train (SFT -> GRPO, segmenter)
 with their learning curves, and last the evaluation report of those checkpoints on the held-out subjects of every
-dataset and the held-out 3D volumes (``runs/demo/eval/report.md``). Serving joins when it lands.
-Use: ``rau demo --out runs/demo``.
+dataset and the held-out 3D volumes (``runs/demo/eval/report.md``), and at the end Ray Serve: the app started on the
+same cluster with the demo's reference bank and checkpoints (GRPO policy, RAU segmenter), real HTTP requests on a
+held-out CT slice (``/readyz``, ``/v1/segment``, ``/v1/label``, a session with natural-language commands, its mask),
+their responses in ``runs/demo/serve/responses.json`` and the masks drawn in ``runs/demo/serve/segment.png``; then
+Serve is stopped (``--serve-forever``: left up, web page at the printed URL, until Ctrl-C).
+Use: ``rau demo --out runs/demo [--serve-forever] [--port 8000]``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from rau_ray.data.importers import ImportConfig, import_dataset
 from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.phantoms import PHANTOMS
 from rau_ray.data.preview import preview
+from rau_ray.errors import RauError
 
 
 def run_models(out: Path) -> dict:
@@ -99,6 +104,241 @@ def run_evaluation(out: Path, train: dict, seed: int = 0, targets: int = 8) -> d
     return run_eval(cfg, command=f"{command}   (run by rau demo)")
 
 
+# ------------------------------------------------------------------------------------------------- serving
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, *, json_body=None, fields: dict | None = None, files: dict | None = None,
+          timeout: float = 300.0) -> dict:
+    """One real HTTP request (urllib): ``{status, content_type, body (bytes), ms}``; a 4xx/5xx is returned too."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    data, headers = None, {}
+    if json_body is not None:
+        data, headers = json.dumps(json_body).encode(), {"Content-Type": "application/json"}
+    elif files is not None or fields is not None:  # multipart/form-data
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in (fields or {}).items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        for name, (filename, content, ctype) in (files or {}).items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                         f"Content-Type: {ctype}\r\n\r\n".encode() + content + b"\r\n")
+        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status, ctype, body = r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        status, ctype, body = e.code, e.headers.get("Content-Type", ""), e.read()
+    return {"status": status, "content_type": ctype, "body": body, "ms": round(1000 * (time.perf_counter() - t0), 1)}
+
+
+def _without_blobs(value):
+    """A response for responses.json: every mask (COCO RLE or base64 PNG) replaced by its size and area."""
+    from rau_ray.serve import codecs
+
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k == "mask" and isinstance(v, dict) and "counts" in v:
+                out[k] = {"format": "rle", "size": v["size"], "area_px": int(codecs.rle_decode(v).sum())}
+            elif k == "mask" and isinstance(v, str) and len(v) > 200:
+                out[k] = {"format": "png", "base64_chars": len(v)}
+            else:
+                out[k] = _without_blobs(v)
+        return out
+    if isinstance(value, list):
+        return [_without_blobs(v) for v in value]
+    return value
+
+
+def _point_inside(mask) -> tuple[int, int]:
+    """(x, y) of the mask pixel nearest its centroid; the image centre for an empty mask."""
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return mask.shape[1] // 2, mask.shape[0] // 2
+    i = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return int(xs[i]), int(ys[i])
+
+
+def _demo_bank(out: Path) -> Path:
+    """The demo's reference bank (``run_models`` builds it over the CT train split); built here if missing."""
+    from rau_ray.models.profiles import get_profile
+    from rau_ray.models.retrieval import ReferenceBank
+
+    bank_dir = out / "bank"
+    if not (bank_dir / "bank.json").is_file():
+        manifest = out / "data" / "ct-abdomen" / "manifest.jsonl"
+        ReferenceBank.build(manifest, get_profile("tiny").retrieval, split="train").save(bank_dir)
+    return bank_dir.resolve()
+
+
+def run_serving(out: Path, train: dict, port: int | None = None, keep_running: bool = False) -> dict:
+    """Ray Serve on the demo's cluster: the tiny app with the demo's reference bank, its GRPO (else SFT) policy and
+    its segmenter; then real HTTP requests on a held-out CT slice (readiness, /v1/segment, /v1/label, a session with
+    natural-language commands, the session's mask PNG). Responses (masks as size + area) land in
+    ``out/serve/responses.json``, the masks over the image in ``out/serve/segment.png``. Serve is shut down at the
+    end, or on any error; ``keep_running``: left up after the requests (the caller stops it)."""
+    import numpy as np
+
+    from rau_ray.data.manifest import read_manifest
+    from rau_ray.serve import app as serve_app
+    from rau_ray.serve import codecs
+
+    out = Path(out)
+    folder = out / "serve"
+    folder.mkdir(parents=True, exist_ok=True)
+    bank_dir = _demo_bank(out)
+    policy = next((str(Path(train[r]["checkpoint"]).resolve()) for r in ("grpo", "sft")
+                   if (train.get(r) or {}).get("checkpoint")), None)
+    segmenter = (train.get("seg") or {}).get("checkpoint")
+    segmenter = str(Path(segmenter).resolve()) if segmenter else None
+    manifest = read_manifest(out / "data" / "ct-abdomen" / "manifest.jsonl")
+    row = max(manifest.select(split="test"), key=lambda r: int((manifest.load(r)[1] == 1).sum()))
+    image, truth = manifest.load(row)
+    png = manifest.image_path(row).read_bytes()
+    port = port or _free_port()
+    runs = [Path(c).parent.name if c else "-" for c in (policy, segmenter)]
+    print(f"serving: Ray Serve on port {port} (bank {bank_dir}, policy {runs[0]}, segmenter {runs[1]})", flush=True)
+    t0 = time.perf_counter()
+    up = False
+    try:
+        base = serve_app.start(profile="tiny", port=port, bank_dir=str(bank_dir), policy_checkpoint=policy,
+                               segmenter_checkpoint=segmenter)
+        startup_s = round(time.perf_counter() - t0, 1)
+        log: list[dict] = []
+
+        def call(name: str, method: str, path: str, **kw) -> dict:
+            r = _http(method, base + path, **kw)
+            entry = {"request": name, "method": method, "path": path, "status": r["status"], "ms": r["ms"]}
+            if r["content_type"].startswith("application/json"):
+                r["json"] = json.loads(r["body"])
+                entry["response"] = _without_blobs(r["json"])
+            else:
+                entry["response"] = {"content_type": r["content_type"], "bytes": len(r["body"])}
+            log.append(entry)
+            return r
+
+        ready = call("readiness", "GET", "/readyz")
+        known = call("structures", "GET", "/v1/structures").get("json", {}).get("structures") or []
+        if not known:
+            raise RauError(f"serving: the Retriever knows no structures (bank {bank_dir})")
+        structures = [s for s in ("liver", "spleen") if s in known] or known[:2]
+        image_file = {"image": (Path(row.image).name, png, "image/png")}
+        seg = call("segment", "POST", "/v1/segment", files=image_file,
+                   fields={"structures": ",".join(structures), "modality": "CT"})
+        label = call("label", "POST", "/v1/label", files=image_file, fields={"modality": "CT"})
+        session = call("session", "POST", "/v1/sessions", files=image_file, fields={"modality": "CT"})
+        if session["status"] != 201:
+            raise RauError(f"serving: POST /v1/sessions answered {session['status']}: {session['body'][:300]!r}")
+        sid = session["json"]["id"]
+        target = structures[0]
+        first = call(f"command: segment the {target}", "POST", f"/v1/sessions/{sid}/commands",
+                     json_body={"text": f"segment the {target}"})
+        seg_mask = (codecs.rle_decode(first["json"]["mask"]) if first["status"] == 200
+                    else np.zeros(image.shape[:2], dtype=bool))
+        point = _point_inside(seg_mask)  # inside the predicted mask; the image centre when it is empty
+        for text in (f"add a point at {point[0]}, {point[1]}", "undo", "bone window", "show metrics"):
+            last = call(f"command: {text}", "POST", f"/v1/sessions/{sid}/commands", json_body={"text": text})
+        mask_png = call("session mask", "GET", f"/v1/sessions/{sid}/mask?format=png")
+        session_mask = (codecs.decode_image(mask_png["body"]).array > 0 if mask_png["status"] == 200
+                        else seg_mask)
+        call("close session", "DELETE", f"/v1/sessions/{sid}")
+        masks = {}
+        if seg["status"] == 200:
+            masks = {x["structure"]: (codecs.rle_decode(x["mask"]), x["score"]) for x in seg["json"]["results"]}
+        value = next((int(k) for k, v in row.labels.items() if v == target), 1)
+        _draw_serving(image, truth == value, f"held-out {row.id}: ground truth {target}", masks, session_mask,
+                      point, folder / "segment.png")
+        seconds = round(time.perf_counter() - t0, 1)
+        atomic_write_text(folder / "responses.json", json.dumps(
+            {"url": base, "image": row.id, "structures": structures, "startup_s": startup_s, "seconds": seconds,
+             "responses": log}, indent=2) + "\n")
+        summary = {"url": base, "startup_s": startup_s, "seconds": seconds, "image": row.id,
+                   "ready": ready["status"] == 200, "statuses": {e["request"]: e["status"] for e in log},
+                   "latency_ms": {e["request"]: e["ms"] for e in log},
+                   "segment": [{k: x.get(k) for k in ("structure", "label", "score", "reference")}
+                               for x in (seg.get("json") or {}).get("results", [])],
+                   "label": [x["label"] for x in (label.get("json") or {}).get("regions", [])],
+                   "session": [{"text": e["request"].removeprefix("command: "), "status": e["status"],
+                                "operations": (e["response"].get("operations") if e["status"] == 200
+                                               else e["response"].get("error"))}
+                               for e in log if e["request"].startswith("command: ")],
+                   "metrics": next((x.get("metrics") for x in (last.get("json") or {}).get("results", [])
+                                    if "metrics" in x), None),
+                   "responses": str(folder / "responses.json"), "picture": str(folder / "segment.png"),
+                   "kept_running": keep_running}
+        _print_serving(summary, log)
+        up = keep_running
+    finally:  # always shut Serve down, unless asked to keep it up and everything went well
+        if not up:
+            serve_app.stop()
+    return summary
+
+
+def _print_serving(summary: dict, log: list[dict]) -> None:
+    print(f"serving: up in {summary['startup_s']} s at {summary['url']} (web page: {summary['url']}/)", flush=True)
+    for e in log:
+        r, what = e.get("response") or {}, ""
+        if e["request"] == "segment" and e["status"] == 200:
+            what = "; ".join(f"{x['structure']}: label {x['label']!r}, score {x['score']:.2f}, reference "
+                             f"{x['reference']['id']}" for x in r["results"])
+        elif e["request"] == "label" and e["status"] == 200:
+            what = "labels " + ", ".join(x["label"] or "-" for x in r["regions"]) + f" (boxes from {r['boxes_from']})"
+        elif e["request"].startswith("command: ") and e["status"] == 200:
+            what = "ops " + ", ".join(json.dumps(o, separators=(",", ":")) for o in r["operations"])
+            if isinstance(r.get("mask"), dict) and "area_px" in r["mask"]:
+                what += f" -> mask {r['mask']['area_px']} px"
+        elif e["status"] >= 400:
+            what = str(r.get("error", ""))[:120]
+        print(f"  {e['method']:6} {e['request'][:34]:34} {e['status']}  {e['ms']:8.1f} ms  {what}", flush=True)
+
+
+def _draw_serving(image, truth, truth_title: str, masks: dict, session_mask, point, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rau_ray.atomic import atomic_write_figure
+    from rau_ray.data.formats import apply_window
+
+    shown = apply_window(image, "abdomen")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
+    axes[0].imshow(shown, cmap="gray")
+    axes[0].imshow(truth, alpha=0.4 * truth, cmap="autumn")
+    axes[0].set_title(truth_title.replace(": ", "\n", 1), fontsize=9)
+    axes[1].imshow(shown, cmap="gray")
+    colours = [("autumn", "yellow"), ("winter", "green"), ("cool", "magenta"), ("summer", "light green")]
+    for (mask, _), (cmap, _) in zip(masks.values(), colours):
+        axes[1].imshow(mask, alpha=0.45 * mask.astype(float), cmap=cmap)
+    axes[1].set_title("POST /v1/segment\n" + ", ".join(f"{n} {s:.2f} ({c})" for (n, (_, s)), (_, c)
+                                                      in zip(masks.items(), colours)), fontsize=9)
+    axes[2].imshow(shown, cmap="gray")
+    m = np.asarray(session_mask, dtype=float)
+    axes[2].imshow(m, alpha=0.45 * m, cmap="autumn")
+    axes[2].plot([point[0]], [point[1]], "g+", markersize=12, mew=2)
+    axes[2].set_title(f"session mask after the commands\n+: point {point[0]}, {point[1]} (added, then undone)",
+                      fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle("Ray Serve: real HTTP requests on the demo's checkpoints", fontsize=9)
+    atomic_write_figure(path, fig, dpi=90)
+
+
 def _draw_prediction(image, truth, prediction, path: Path) -> None:
 
     import matplotlib
@@ -121,7 +361,10 @@ def _draw_prediction(image, truth, prediction, path: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192,
-             train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 8) -> dict:
+             train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 8, serve_forever: bool = False,
+             port: int | None = None) -> dict:
+    """Every stage in order (see the module docstring); ``serve_forever``: the Serve app stays up after its requests
+    until Ctrl-C; ``port``: its HTTP port (default: a free one)."""
     out = Path(out)
     t0 = time.perf_counter()
     ray = ray_session.connect()
@@ -139,9 +382,42 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
     report["models"] = run_models(out)
     report["train"] = run_training(out, train_steps)
     report["eval"] = run_evaluation(out, report["train"], seed, eval_targets)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
-          f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}\n"
-          f"Evaluation report (held-out subjects): {report['eval']['report']}", flush=True)
+    report["serve"] = run_serving(out, report["train"], port=port, keep_running=serve_forever)
+    try:
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+        serve = report["serve"]
+        print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
+              f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}\n"
+              f"Evaluation report (held-out subjects): {report['eval']['report']}\n"
+              f"Ray Serve: {sum(1 for s in serve['statuses'].values() if s < 400)}/{len(serve['statuses'])} requests "
+              f"answered at {serve['url']} in {serve['seconds']} s; responses {serve['responses']}, picture "
+              f"{serve['picture']}" + ("" if serve_forever else " (Serve stopped; `rau demo --serve-forever` keeps "
+                                        "it up)"), flush=True)
+        if serve_forever:
+            _wait_for_ctrl_c(serve["url"])
+    finally:
+        if serve_forever:
+            from rau_ray.serve.app import stop
+
+            stop()
     return report
+
+
+def _wait_for_ctrl_c(url: str) -> None:
+    """Block until Ctrl-C. Python's own SIGINT handler is put back meanwhile: Ray Train leaves its handler (abort the
+    training run) installed after a run, and that one swallows Ctrl-C once training is over."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+    print(f"\nThe RAU app is up: open {url}/ (web page; API docs at {url}/docs). Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping Ray Serve", flush=True)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -58,7 +58,9 @@ class Prediction:
     attention: np.ndarray | None = None  # the <Seg> query's attention over reference memory slots
 
 
-def _digest(image: np.ndarray) -> str:
+def image_digest(image: np.ndarray) -> str:
+    """The key of the embedding caches (SAM2 image embeddings here and in the serving Segmenter): SHA-1 of the
+    pixels, shape and dtype."""
     a = np.ascontiguousarray(image)
     return hashlib.sha1(a.tobytes() + str((a.shape, a.dtype)).encode()).hexdigest()
 
@@ -117,7 +119,7 @@ class RAUModel:
     # -- pieces ---------------------------------------------------------------------------------------------------
     def image_embedding(self, image_u8: np.ndarray) -> ImageEmbedding:
         """SAM2's embedding of an image, computed once and kept in a small LRU cache keyed by the image's hash."""
-        key = _digest(image_u8)
+        key = image_digest(image_u8)
         if key in self._embeddings:
             self._embeddings.move_to_end(key)
             return self._embeddings[key]

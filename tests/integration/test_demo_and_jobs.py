@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ray import serve
+
 from rau_ray.data.manifest import read_manifest
 from rau_ray.demo import run_demo
 from rau_ray.train.curves import curve_keys
@@ -44,6 +46,27 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["VLM+SAM2"] <= 1 and ev["volumes_dice"]
     assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["CBAM-LoRA SAM2 (box)"] <= 1  # the CBAM run is evaluated too
     assert Path(ev["pictures"]["gallery"]).stat().st_size > 5_000
+    # then Ray Serve on the demo's bank and checkpoints answers real HTTP requests, and is shut down
+    serve_report = report["serve"]
+    assert serve_report["ready"] and serve_report["url"].startswith("http://127.0.0.1:")
+    saved = json.loads((tmp_path / "demo" / "serve" / "responses.json").read_text())
+    by_name = {r["request"]: r for r in saved["responses"]}
+    segment = by_name["segment"]
+    assert segment["status"] == 200 and segment["path"] == "/v1/segment"
+    for result in segment["response"]["results"]:
+        assert result["mask"]["format"] == "rle" and result["mask"]["size"] == [64, 64]
+        assert result["reasoning"] and result["reference"]["id"].startswith("ct-abdomen-")
+    assert by_name["label"]["status"] == 200 and by_name["label"]["response"]["regions"]
+    commands = [r for r in saved["responses"] if r["request"].startswith("command: ")]
+    assert all(r["status"] == 200 for r in commands), commands
+    assert [r["response"]["operations"][0]["op"] for r in commands] == [
+        "segment", "add_point", "undo", "set_window", "show_metrics"]
+    assert "area_px" in commands[-1]["response"]["results"][0]["metrics"]
+    mask = by_name["session mask"]
+    assert mask["status"] == 200 and mask["response"]["content_type"] == "image/png"
+    assert Path(serve_report["picture"]).stat().st_size > 5_000
+    assert json.loads((tmp_path / "demo" / "report.json").read_text())["serve"]["segment"]
+    assert "rau" not in serve.status().applications
 
 
 def test_make_data_job_with_config(ray_cluster, tmp_path):
