@@ -163,12 +163,11 @@ def _check_operations(ops) -> str | None:
     if not isinstance(ops, list) or not ops or len(ops) > 32:
         return "operations must be a non-empty list (at most 32)"
     try:
-        import jsonschema
+        from rau_ray.commands import operation_validator
 
-        from rau_ray.commands import OPERATION_SCHEMA
-
+        validator = operation_validator()
         for op in ops:
-            jsonschema.validate(op, OPERATION_SCHEMA)
+            validator.validate(op)
     except ImportError:
         if not all(isinstance(o, dict) and o.get("op") in OPERATIONS for o in ops):
             return f"each operation needs an op among {', '.join(OPERATIONS)}"
@@ -210,6 +209,13 @@ class Ingress:
         import rau_ray.eval.matching  # noqa: F401
         import rau_ray.models.prompts  # noqa: F401
         import rau_ray.models.rau  # noqa: F401
+
+        try:
+            from rau_ray.commands import operation_validator
+
+            operation_validator()  # built once here (7 ms), not in the first click's request
+        except ImportError:
+            pass
 
         self.h = {"retriever": retriever, "policy": policy, "segmenter": segmenter, "commander": commander}
         self.settings = Settings(**(settings or {}))

@@ -146,7 +146,9 @@ class Policy:
         self.max_new_tokens = int(max_new_tokens or cfg.max_new_tokens)
         self._answer_batch.set_max_batch_size(int(max_batch_size))
         self._answer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._batch_wait = float(batch_wait_timeout_s)
         self.batches: list[int] = []  # sizes of the last batches (benchmarks read them)
+        self._waiting, self._last_done = 0, 0.0  # answer() calls in progress; when the last one ended
         self.answer_many([_WARM_UP])  # the first generate() pays torch's lazy set-up: not the first user
         self.batches.clear()
 
@@ -155,6 +157,7 @@ class Policy:
         self._answer_batch.set_max_batch_size(int(max_batch_size))
         if batch_wait_timeout_s is not None:
             self._answer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+            self._batch_wait = float(batch_wait_timeout_s)
         self.batches.clear()
         return {"max_batch_size": int(max_batch_size)}
 
@@ -162,7 +165,18 @@ class Policy:
         return list(self.batches[-1000:])
 
     async def answer(self, request: dict) -> dict:
-        return await self._answer_batch(request)
+        """One question's answer. Arriving alone at a replica that has been idle longer than the batch wait, it is
+        answered at once (under low load the wait would only add latency); otherwise it goes through
+        ``@serve.batch``. Generation blocks this replica's event loop, so requests arriving meanwhile find it just
+        busy when it ends and form the next batch."""
+        self._waiting += 1
+        try:
+            if self._waiting == 1 and time.monotonic() - self._last_done > self._batch_wait:
+                return self.answer_many([request])[0]
+            return await self._answer_batch(request)
+        finally:
+            self._waiting -= 1
+            self._last_done = time.monotonic()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _answer_batch(self, requests: list[dict]) -> list[dict]:

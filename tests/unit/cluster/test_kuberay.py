@@ -150,3 +150,19 @@ def test_dockerfile_builds_the_pinned_stack():
     assert f"torch=={PINS['torch']}" in text and "-c constraints.txt" in text
     assert "WORKDIR /home/ray/rau-ray" in text
     assert {".git", ".venv", "runs"} <= set((REPO / ".dockerignore").read_text().split())
+
+
+def test_serving_clusters_run_serve_in_the_mode_embedded_clusters_use():
+    """Every RayService container and cluster.yaml's Docker run options set exactly ray_session.SERVE_ENV."""
+    from rau_ray.ray_session import SERVE_ENV
+
+    for path, service in manifests("RayService"):
+        cluster = service["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for pod in pods:
+            for container in pod["template"]["spec"]["containers"]:
+                env = {e["name"]: e["value"] for e in container.get("env", []) if e["name"].startswith("RAY_SERVE_")}
+                assert env == SERVE_ENV, (path.name, container["name"], env)
+    options = yaml.safe_load((REPO / "cluster.yaml").read_text())["docker"]["run_options"]
+    env = dict(o.split(None, 1)[1].split("=", 1) for o in options if o.startswith("-e RAY_SERVE_"))
+    assert env == SERVE_ENV, env
