@@ -39,12 +39,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def target_pngs(n: int = 8):
-    """(png, HU image) of ``n`` distinct phantom CT slices showing the liver, largest liver first."""
+def target_pngs(n: int = 8, size: int = 128):
+    """(png, HU image) of ``n`` distinct ``size`` x ``size`` phantom CT slices showing the liver, largest first."""
     from rau_ray.data import formats
     from rau_ray.data.phantoms import get_phantom
 
-    samples = [s for seed in range(3, 9) for s in get_phantom("ct-abdomen").generate_2d(seed, 11, size=128, slices=4)]
+    samples = [s for seed in range(3, 9) for s in get_phantom("ct-abdomen").generate_2d(seed, 11, size=size, slices=4)]
     samples.sort(key=lambda s: -int((s.label == 1).sum()))
     return [(formats.encode_png(formats.hu_to_png16(s.image)), s.image) for s in samples[:n]]
 
@@ -321,16 +321,18 @@ def main():
     ap.add_argument("--out", default="runs/bench/serve_load.json")
     ap.add_argument("--plot", default="docs/serve_autoscaling.png")
     ap.add_argument("--phase", default="ab", help="a, b or ab")
+    ap.add_argument("--size", type=int, default=128, help="request image size in pixels (CT slices are 512)")
     a = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from rau_ray import ray_session
 
     ray_session.connect(num_cpus=2)
-    pool = target_pngs()
+    pool = target_pngs(size=a.size)
     png, image = pool[0]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load_average_at_start": os.getloadavg(),
               "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
+              "image_size": a.size,
               "command": " ".join(["benchmarks/serve_load.py", *sys.argv[1:]])}
     if "a" in a.phase:
         report["a"] = phase_a(png, image, a.overhead_requests)

@@ -187,10 +187,15 @@ class _SessionBackend:
         self.ingress = ingress
 
     async def prompt(self, image, points, labels, box):
+        """The image's digest first (routed to the replica holding its embedding, so a click ships no pixels); the
+        image itself only when that replica lacks the embedding (first prompt, eviction, a replaced replica)."""
         from rau_ray.models.rau import image_digest
 
-        return await self.ingress._call("segmenter", "prompt", image, points, labels, box,
-                                        route_key=image_digest(image))
+        key = image_digest(image)
+        out = await self.ingress._call("segmenter", "prompt", key, points, labels, box, route_key=key)
+        if out.get("missing"):
+            out = await self.ingress._call("segmenter", "prompt", image, points, labels, box, route_key=key)
+        return out
 
     async def segment(self, session, target: str):
         """The full pipeline on the current slice; besides the mask, what /v1/segment returns for the structure

@@ -299,14 +299,22 @@ class Segmenter:
         return {"mask": mask, "score": float(score), "cached": cached,
                 "timings": {"embed": t_embed + t_ref, "decode": time.perf_counter() - t0}}
 
-    async def prompt(self, image: np.ndarray, points: list | None = None, labels: list | None = None,
+    async def prompt(self, image: np.ndarray | str, points: list | None = None, labels: list | None = None,
                      box: list | None = None) -> dict:
-        """SAM2 with point / box prompts on the image's cached embedding (the encoder runs on a cache miss only)."""
+        """SAM2 with point / box prompts on the image's cached embedding (the encoder runs on a cache miss only).
+        ``image`` may be the image's digest alone (``image_digest``): a click then ships a few bytes instead of the
+        image; if this replica does not hold that embedding the answer is ``{"missing": True}`` and the caller
+        sends the image."""
         from rau_ray.models.sam2_builder import predict_with_prompts
 
         await self._note_route()
-
-        emb, cached, t_embed = self._embedding(image)
+        if isinstance(image, str):
+            emb, cached, t_embed = self._model._embeddings.get(image), True, 0.0
+            if emb is None:
+                return {"missing": True}
+            self._model._embeddings.move_to_end(image)
+        else:
+            emb, cached, t_embed = self._embedding(image)
         t0 = time.perf_counter()
         pts = np.asarray(points, dtype=np.float32) if points else None
         lab = np.asarray(labels, dtype=np.int32) if points else None
