@@ -9,13 +9,13 @@ import os
 
 
 # Ray Serve's high-throughput mode (gRPC between deployments, user code on the replica's own loop, GC frozen after
-# start-up): at concurrency 1 it took ~12 ms off a tiny /v1/segment request and ~13 ms off a point prompt here
-# (BENCHMARKS.md). Two of its parts are turned back off: the router on the caller's event loop (a synchronous handle
-# call from a driver, a test or a benchmark would fail) and direct ingress (replicas then drain 30 s on shutdown and
-# it did not help on its own). An embedded cluster gets these at start; a real cluster sets them in its nodes'
-# environment (cluster.yaml, deploy/kuberay); the cluster's processes must have them, the driver need not.
+# start-up) with HAProxy as the HTTP ingress (direct to the Ingress replicas' own HTTP servers, no Python proxy hop):
+# at concurrency 1 an empty HTTP round trip went from ~3-5 ms to ~1 ms and a point prompt from ~14 ms to ~8 ms
+# here (BENCHMARKS.md). One part is turned back off: the router on the caller's event loop, with which a synchronous
+# handle call from a driver, a test or a benchmark fails. An embedded cluster gets these at start; a real cluster
+# sets them in its nodes' environment (cluster.yaml, deploy/kuberay); the cluster's processes need them.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
-             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+             "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def connect(num_cpus: int | None = None):
