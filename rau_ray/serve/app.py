@@ -264,6 +264,14 @@ class Ingress:
         return codecs.decode_image(data, volumes=volumes, max_bytes=self.settings.max_image_bytes,
                                    max_pixels=self.settings.max_pixels)
 
+    async def _one_image(self, request: Request, route: str) -> tuple[dict, dict, codecs.Decoded]:
+        """(fields, files, decoded image) of a request that takes one 2D image; a volume is refused (BadInput)."""
+        fields, files = await _form_or_json(request, self.settings.max_image_bytes)
+        image = self._decode(self._image_field(fields, files))
+        if image.is_volume:
+            raise BadInput(f"a volume goes to POST /v1/sessions; {route} takes one 2D image", 422)
+        return fields, files, image
+
     def _image_field(self, fields: dict, files: dict, name: str = "image") -> bytes | None:
         if name in files:
             return files[name]
@@ -430,10 +438,7 @@ class Ingress:
               summary="Segment named structures in an image (multipart or JSON)")
     async def segment(self, request: Request):
         try:
-            fields, files = await _form_or_json(request, self.settings.max_image_bytes)
-            image = self._decode(self._image_field(fields, files))
-            if image.is_volume:
-                raise BadInput("a volume goes to POST /v1/sessions; /v1/segment takes one 2D image", 422)
+            fields, files, image = await self._one_image(request, "/v1/segment")
             names = _structures(fields.get("structures"))
             if len(names) > self.settings.max_structures:
                 raise BadInput(f"{len(names)} structures; at most {self.settings.max_structures} a request", 422)
@@ -468,10 +473,7 @@ class Ingress:
         from rau_ray.models.prompts import to_pil
 
         try:
-            fields, files = await _form_or_json(request, self.settings.max_image_bytes)
-            image = self._decode(self._image_field(fields, files))
-            if image.is_volume:
-                raise BadInput("/v1/label takes one 2D image", 422)
+            fields, files, image = await self._one_image(request, "/v1/label")
             modality = str(fields.get("modality") or image.modality or "CT")
             boxes = fields.get("boxes")
             if isinstance(boxes, str):

@@ -102,6 +102,16 @@ def isolation_available() -> bool:
         return False
 
 
+def _kill_and_wait(procs: list, timeout: float) -> None:
+    """SIGKILL each process (gone already is fine) and wait for them to exit."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
 def free_port_block(size: int) -> int:
     """First port of ``size`` consecutive ports that nothing on this machine listens on now."""
     for _ in range(200):
@@ -241,12 +251,7 @@ class LocalCluster:
         """The machine is gone: every process of the node SIGKILLed at once, its network with it."""
         procs = node.processes()
         os.killpg(node.proc.pid, signal.SIGKILL)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=20)
+        _kill_and_wait(procs, timeout=20)
         node.proc.wait(timeout=20)
         if node.netns:
             node.netns.stop()
@@ -297,12 +302,7 @@ class LocalCluster:
                     pass
             procs.update({p.pid: p for node in group for p in node.processes()})
             _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(alive, timeout=10)
+            _kill_and_wait(alive, timeout=10)
             for node in group:
                 if node.proc.poll() is None:
                     node.proc.kill()
