@@ -14,10 +14,12 @@ Use: ``serve run serve_configs/local.yaml``; from Python ``base_url = start(prof
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -180,6 +182,20 @@ async def _await(response):
     return await response
 
 
+def _prompt_decoder(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None, device: str,
+                    threads: int | None, capacity: int):
+    """The Ingress's PromptDecoder: the Segmenter's SAM2 (same checkpoint), on a GPU only if this replica has one."""
+    import torch
+
+    from rau_ray.serve.deployments import load_segmenter
+    from rau_ray.serve.prompt_decoder import PromptDecoder
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    return PromptDecoder(load_segmenter(profile, policy_checkpoint, segmenter_checkpoint, device)[1], capacity)
+
+
 class _SessionBackend:
     """What a Session needs from the models: prompts on the Segmenter, the full pipeline for 'segment X'."""
 
@@ -187,14 +203,27 @@ class _SessionBackend:
         self.ingress = ingress
 
     async def prompt(self, image, points, labels, box):
-        """The image's digest first (routed to the replica holding its embedding, so a click ships no pixels); the
-        image itself only when that replica lacks the embedding (first prompt, eviction, a replaced replica)."""
+        """Point/box prompts on an image's cached SAM2 embedding. ``prompt_decoding: ingress``: decoded right here
+        (``PromptDecoder``) on the embedding fetched once from the Segmenter; ``segmenter``: decoded by the Segmenter
+        replica holding the embedding. Either way the image's digest goes first (routed to the replica holding
+        it, so no pixels travel) and the image itself only when that replica lacks it (first prompt, eviction, a
+        replaced replica)."""
         from rau_ray.models.rau import image_digest
 
-        key = image_digest(image)
-        out = await self.ingress._call("segmenter", "prompt", key, points, labels, box, route_key=key)
+        key, decoder = image_digest(image), self.ingress.decoder
+        if decoder is None:
+            return await self._on_segmenter("prompt", image, key, points, labels, box)
+        cached = True
+        if key not in decoder:
+            got = await self._on_segmenter("embedding", image, key)
+            decoder.put(key, got)
+            cached = got["cached"]
+        return {**decoder.predict(key, points, labels, box), "cached": cached}
+
+    async def _on_segmenter(self, method: str, image, key: str, *args):
+        out = await self.ingress._call("segmenter", method, key, *args, route_key=key)
         if out.get("missing"):
-            out = await self.ingress._call("segmenter", "prompt", image, points, labels, box, route_key=key)
+            out = await self.ingress._call("segmenter", method, image, *args, route_key=key)
         return out
 
     async def segment(self, session, target: str):
@@ -209,7 +238,11 @@ class _SessionBackend:
                   health_check_period_s=10)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, retriever, policy, segmenter, commander, settings: dict | None = None):
+    def __init__(self, retriever, policy, segmenter, commander, settings: dict | None = None,
+                 decoder: dict | None = None):
+        """``decoder``: None (prompts are decoded by the Segmenter), or the model spec (``profile``,
+        ``policy_checkpoint``, ``segmenter_checkpoint``, ``device``, ``threads``, ``capacity``) of the SAM2 whose
+        prompt decoder runs here (``prompt_decoding: ingress``)."""
         import rau_ray.data.tasks  # noqa: F401 - the request path's imports, paid at start-up, not by the first user
         import rau_ray.eval.matching  # noqa: F401
         import rau_ray.models.prompts  # noqa: F401
@@ -228,12 +261,18 @@ class Ingress:
         self._known: dict | None = None
         self._unavailable = _ray_unavailable_errors()
         self.backend = _SessionBackend(self)
+        self.decoder = _prompt_decoder(**decoder) if decoder else None
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     def _handle(self, which: str, route_key: str | None = None):
         """The deployment's handle; with ``route_key`` (an image digest) Serve routes to a replica that has seen
         that image (model multiplexing used as cache affinity: see ``Segmenter._holds``)."""
         h = self.h[which]
+        if not h.is_initialized:
+            try:  # route on this replica's event loop (every call here is made on it): no thread hop per call
+                h._init(_run_router_in_separate_loop=False)
+            except (TypeError, RuntimeError) as e:  # a Ray without the option: its default router
+                log.info("handle %s: default router (%s)", which, e)
         return h.options(multiplexed_model_id=route_key) if route_key else h
 
     async def _call(self, which: str, method: str, *args, route_key: str | None = None, **kwargs):
@@ -338,19 +377,27 @@ class Ingress:
         return out["reference"], out["seconds"]
 
     async def _policy_then_segmenter(self, ask: dict, tgt_u8, ref_u8, ref_mask) -> tuple[dict, dict, float]:
-        """The Policy's answer and the Segmenter's mask. The Policy's pending response is handed to the Segmenter
-        as an argument, so Serve delivers the <Seg> hidden state replica to replica instead of through this
-        Ingress (one hop less per request); returns (answer, segmentation, time the answer arrived). When a replica
-        is unavailable, falls back to the two calls one after the other, each with ``_call``'s retries."""
+        """The Policy's answer and the Segmenter's mask, with the Segmenter working alongside the Policy: its
+        ``prepare`` (embeddings, reference memory) runs while the Policy generates, and the Policy's pending
+        response is handed to ``Segmenter.segment`` as an argument, so only the <Seg> hidden state is waited for.
+        Returns (answer, segmentation, time the answer arrived). When a replica is unavailable, falls back to the
+        calls one after the other, each with ``_call``'s retries."""
         from rau_ray.models.rau import image_digest
 
-        key = image_digest(tgt_u8)
+        key, token = image_digest(tgt_u8), uuid.uuid4().hex
+        images = (tgt_u8, ref_u8, ref_mask)
         try:
-            pol_resp = self.h["policy"].answer.remote(ask)
-            seg_resp = self._handle("segmenter", key).segment.remote(tgt_u8, ref_u8, ref_mask, pol_resp)
+            pol_resp = self._handle("policy").answer.remote(ask)
+            segmenter = self._handle("segmenter", key)  # prepare and segment go to the replica holding the image
+            prepared = segmenter.prepare.remote(token, *images)
+            seg_resp = segmenter.segment.remote(token, pol_resp)
             pol = await asyncio.wait_for(_await(pol_resp), self.settings.request_timeout_s)
             t_pol = time.perf_counter()
             seg = await asyncio.wait_for(_await(seg_resp), self.settings.request_timeout_s)
+            with contextlib.suppress(Exception):  # its failure, if any, is the segment call's below
+                await prepared
+            if seg.get("missing"):  # prepared on another replica (or lost): send the images
+                seg = await self._call("segmenter", "segment", token, pol["seg_hidden"], *images, route_key=key)
             return pol, seg, t_pol
         except asyncio.TimeoutError:
             raise ApiError(504, f"the policy or segmenter did not answer within "
@@ -360,8 +407,7 @@ class Ingress:
                         type(e).__name__)
         pol = await self._call("policy", "answer", ask)
         t_pol = time.perf_counter()
-        return pol, await self._call("segmenter", "segment", tgt_u8, ref_u8, ref_mask, pol["seg_hidden"],
-                                     route_key=key), t_pol
+        return pol, await self._call("segmenter", "segment", token, pol["seg_hidden"], *images, route_key=key), t_pol
 
     async def _segment_one(self, target, modality, structure, ref_spec, mask_format, reasoning: bool = True) -> dict:
         from rau_ray.data.tasks import label_boxes
@@ -393,6 +439,7 @@ class Ingress:
                "score": round(float(seg["score"]), 4),
                "reference": {"id": ref.row["id"], "similarity": ref.similarity} if ref.row else {"id": "client"},
                "format_error": pol["format_error"], "policy_batch": pol["timings"].get("batch"),
+               "cached_embedding": bool(seg.get("cached")),
                "timings_ms": {k: round(1000 * v, 2) for k, v in timings.items()}, "_mask": mask}
         if reasoning:
             out["reasoning"] = pol["completion"]
@@ -420,7 +467,7 @@ class Ingress:
 
         async def one(name, method, args):
             try:
-                await asyncio.wait_for(_await(getattr(self.h[name], method).remote(*args)), 10)
+                await asyncio.wait_for(_await(getattr(self._handle(name), method).remote(*args)), 10)
                 return name, "ok"
             except Exception as e:  # noqa: BLE001 - any failure means not ready
                 return name, f"{type(e).__name__}: {e}"[:200]
@@ -672,6 +719,11 @@ class AppArgs:
     policy_batch_wait_s: float = 0.005  # batches fill while the previous one generates; a long wait only adds latency
     max_new_tokens: int | None = None
     embedding_cache: int | None = None
+    # Where a click's SAM2 prompt decoder runs: "segmenter" (the replica holding the image's embedding; GPUs) or
+    # "ingress" (next to the sessions, on the embedding fetched once per image: no handle hop per click, for CPUs
+    # and small models; see rau_ray/serve/prompt_decoder.py).
+    prompt_decoding: str = "segmenter"
+    ingress_embedding_cache: int = 32  # images whose embeddings the Ingress keeps for prompt_decoding: ingress
     session_ttl_s: float = 900.0
     max_sessions: int = 64
     max_image_bytes: int = codecs.MAX_IMAGE_BYTES
@@ -686,6 +738,11 @@ class AppArgs:
     def validate(self) -> None:
         from rau_ray.errors import ConfigError
 
+        if self.prompt_decoding not in ("segmenter", "ingress"):
+            raise ConfigError(f"serve args.prompt_decoding must be 'segmenter' or 'ingress', not "
+                              f"{self.prompt_decoding!r}")
+        if self.ingress_embedding_cache < 1:
+            raise ConfigError("serve args.ingress_embedding_cache must be >= 1")
         if self.command_llm_url is None:
             return
         if not self.command_llm_url.startswith(("http://", "https://")):
@@ -730,7 +787,8 @@ def build_graph(args: dict | None = None, options: dict | None = None):
                                     llm_api_key_env=a.command_llm_api_key_env, llm_timeout_s=a.command_llm_timeout_s)
     settings = asdict(Settings(session_ttl_s=a.session_ttl_s, max_sessions=a.max_sessions,
                                max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels))
-    return opt(Ingress).bind(retriever, policy, segmenter, commander, settings)
+    decoder = ({**common, "capacity": a.ingress_embedding_cache} if a.prompt_decoding == "ingress" else None)
+    return opt(Ingress).bind(retriever, policy, segmenter, commander, settings, decoder)
 
 
 def local_options(path: Path = LOCAL_CONFIG) -> tuple[dict, dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
@@ -96,11 +97,12 @@ class Retriever:
     def structures(self) -> dict:
         return {"structures": self._names, "modalities": self._modalities, "entries": len(self._rows)}
 
-    def retrieve(self, target: np.ndarray, modality: str, structure: str | None = None,
-                 reference_id: str | None = None):
+    async def retrieve(self, target: np.ndarray, modality: str, structure: str | None = None,
+                       reference_id: str | None = None):
         """The reference for ``target`` (a Reference): the bank entry ``reference_id``, else the most similar one
         showing ``structure``. A DataError (no such id, nothing similar enough) is returned, not raised, so the
-        Ingress can tell the user's problem from a replica failure."""
+        Ingress can tell the user's problem from a replica failure. Async (run on the replica's event loop) so a
+        request costs no hop to a worker thread; it computes for a few milliseconds."""
         from rau_ray.data.manifest import ManifestRow, read_manifest
         from rau_ray.models.rau import Reference
 
@@ -232,6 +234,20 @@ class Policy:
             raise RuntimeError("policy not loaded")
 
 
+def load_segmenter(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None, device: str):
+    """(ModelConfig, RAUSegmenter in eval mode): the SAM2 + fusion the Segmenter serves, from the seg checkpoint or
+    the profile (the Ingress loads the same for ``prompt_decoding: ingress``)."""
+    from rau_ray.models import checkpoint as ckpt
+    from rau_ray.models.fusion import RAUSegmenter
+    from rau_ray.models.sam2_builder import build_sam2_model
+
+    cfg, _, s = _model_config(profile, policy_checkpoint, segmenter_checkpoint, device)
+    seg = (ckpt.load_segmenter_checkpoint(s, device) if s is not None
+           else RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).to(device).eval())
+    return cfg, seg
+
+
+PREPARED_KEPT = 64  # prepare()d requests a Segmenter replica keeps for their segment() (a lost one is recomputed)
 EMBEDDING_ROUTES = 256  # image keys a Segmenter replica advertises for routing (tiny strings; LRU)
 
 
@@ -241,22 +257,17 @@ class Segmenter:
     def __init__(self, profile: str = "tiny", policy_checkpoint: str | None = None,
                  segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
                  embedding_cache: int | None = None):
-        from rau_ray.models import checkpoint as ckpt
-        from rau_ray.models.fusion import RAUSegmenter
         from rau_ray.models.rau import RAUModel
-        from rau_ray.models.sam2_builder import build_sam2_model
 
         _threads(threads)
-        device = _device(device)
-        cfg, _, s = _model_config(profile, policy_checkpoint, segmenter_checkpoint, device)
+        cfg, seg = load_segmenter(profile, policy_checkpoint, segmenter_checkpoint, _device(device))
         if embedding_cache:
             cfg = replace(cfg, embedding_cache=int(embedding_cache))
-        seg = (ckpt.load_segmenter_checkpoint(s, device) if s is not None
-               else RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).to(device).eval())
         self._model = RAUModel(cfg, None, seg)  # image_embedding(): the LRU cache keyed by image hash
         self.seg = seg
         self._model.image_embedding(_WARM_UP["target"])  # first-call set-up here, not in the first request
         self._model._embeddings.clear()
+        self._prepared: OrderedDict[str, tuple] = OrderedDict()  # prepare()d requests waiting for their segment()
 
     def _embedding(self, image: np.ndarray):
         from rau_ray.models.rau import image_digest
@@ -279,25 +290,51 @@ class Segmenter:
         if key:
             await self._holds(key)
 
-    async def segment(self, target: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray, seg_hidden) -> dict:
-        """RAU's route: reference memory + the <Seg> query -> the target's mask (bool (H, W)) and score.
-        ``seg_hidden``: the (1, hidden) array, or the Policy's whole answer (a dict with ``seg_hidden``), so the
-        Ingress can pass the Policy's pending response straight here (Serve resolves it; no trip back through the
-        Ingress)."""
+    async def prepare(self, token: str, target: np.ndarray, ref_image: np.ndarray, ref_mask: np.ndarray) -> bool:
+        """The part of RAU's route that needs no <Seg> query — the target's and the reference's SAM2 embeddings and
+        the reference memory — done while the Policy generates (the Ingress sends this alongside Policy.answer,
+        routed like ``segment``) and kept under ``token`` for the ``segment`` call that follows: on a new image
+        the encoder's time is hidden behind generation, and the images are off the critical path."""
+        await self._note_route()
+        self._prepared[token] = self._prepare(target, ref_image, ref_mask)
+        while len(self._prepared) > PREPARED_KEPT:
+            self._prepared.popitem(last=False)
+        return True
+
+    def _prepare(self, target, ref_image, ref_mask) -> tuple:
         import torch
 
-        await self._note_route()
-        if isinstance(seg_hidden, dict):
-            seg_hidden = seg_hidden["seg_hidden"]
         tgt, cached, t_embed = self._embedding(target)
         ref, _, t_ref = self._embedding(ref_image)
         t0 = time.perf_counter()
         with torch.no_grad():
             memory = self.seg.encode_reference(ref, np.asarray(ref_mask, dtype=bool))
+        return tgt, memory, cached, {"embed": t_embed + t_ref, "memory": time.perf_counter() - t0}
+
+    async def segment(self, token: str, seg_hidden, target: np.ndarray | None = None,
+                      ref_image: np.ndarray | None = None, ref_mask: np.ndarray | None = None) -> dict:
+        """RAU's route: reference memory + the <Seg> query -> the target's mask (bool (H, W)) and score.
+        ``seg_hidden``: the (1, hidden) array, or the Policy's whole answer (a dict with ``seg_hidden``), so the
+        Ingress can pass the Policy's pending response straight here. The embeddings and memory come from the
+        ``prepare`` call of the same ``token``, or from the images given here; ``{"missing": True}`` when neither
+        (another replica prepared it: the caller sends the images)."""
+        import torch
+
+        await self._note_route()
+        if isinstance(seg_hidden, dict):
+            seg_hidden = seg_hidden["seg_hidden"]
+        prepared = self._prepared.pop(token, None)
+        if prepared is None:
+            if target is None:
+                return {"missing": True}
+            prepared = self._prepare(target, ref_image, ref_mask)
+        tgt, memory, cached, timings = prepared
+        t0 = time.perf_counter()
+        with torch.no_grad():
             logits, score, _ = self.seg.predict(tgt, torch.as_tensor(seg_hidden), memory)
         mask = (logits > 0).cpu().numpy()
         return {"mask": mask, "score": float(score), "cached": cached,
-                "timings": {"embed": t_embed + t_ref, "decode": time.perf_counter() - t0}}
+                "timings": {**timings, "decode": time.perf_counter() - t0}}
 
     async def prompt(self, image: np.ndarray | str, points: list | None = None, labels: list | None = None,
                      box: list | None = None) -> dict:
@@ -305,23 +342,40 @@ class Segmenter:
         ``image`` may be the image's digest alone (``image_digest``): a click then ships a few bytes instead of the
         image; if this replica does not hold that embedding the answer is ``{"missing": True}`` and the caller
         sends the image."""
-        from rau_ray.models.sam2_builder import predict_with_prompts
+        from rau_ray.serve.prompt_decoder import decode_prompts
 
         await self._note_route()
-        if isinstance(image, str):
-            emb, cached, t_embed = self._model._embeddings.get(image), True, 0.0
-            if emb is None:
-                return {"missing": True}
-            self._model._embeddings.move_to_end(image)
-        else:
-            emb, cached, t_embed = self._embedding(image)
+        found = self._held(image)
+        if found is None:
+            return {"missing": True}
+        emb, cached, t_embed = found
         t0 = time.perf_counter()
-        pts = np.asarray(points, dtype=np.float32) if points else None
-        lab = np.asarray(labels, dtype=np.int32) if points else None
-        bx = np.asarray(box, dtype=np.float32) if box is not None else None
-        masks, scores, _ = predict_with_prompts(self.seg.predictor, emb, pts, lab, bx, multimask=False)
-        return {"mask": np.asarray(masks[0]) > 0, "score": float(scores[0]), "cached": cached,
+        mask, score = decode_prompts(self.seg.predictor, emb, points, labels, box)
+        return {"mask": mask, "score": score, "cached": cached,
                 "timings": {"embed": t_embed, "decode": time.perf_counter() - t0}}
+
+    async def embedding(self, image: np.ndarray | str) -> dict:
+        """The image's SAM2 features as arrays (``prompt_decoder.features_to_numpy``) plus ``cached`` (whether the
+        encoder was skipped), for an Ingress that decodes prompts itself; ``{"missing": True}`` for a digest this
+        replica does not hold (the caller then sends the image)."""
+        from rau_ray.serve.prompt_decoder import features_to_numpy
+
+        await self._note_route()
+        found = self._held(image)
+        if found is None:
+            return {"missing": True}
+        emb, cached, t_embed = found
+        return {**features_to_numpy(emb), "cached": cached, "timings": {"embed": t_embed}}
+
+    def _held(self, image: np.ndarray | str):
+        """(embedding, cached, seconds) for an image, or for its digest when this replica holds it (else None)."""
+        if not isinstance(image, str):
+            return self._embedding(image)
+        emb = self._model._embeddings.get(image)
+        if emb is None:
+            return None
+        self._model._embeddings.move_to_end(image)
+        return emb, True, 0.0
 
     def cache_info(self) -> dict:
         return {"entries": len(self._model._embeddings), "pid": os.getpid()}

@@ -9,6 +9,7 @@ checked on pydicom's real CT slice (CT_small.dcm).
 
 import base64
 import io
+import itertools
 import json
 import socket
 import threading
@@ -162,19 +163,45 @@ def test_session_commands(base, ct_png):
     assert requests.get(f"{base}/v1/sessions/never-issued").status_code == 404
 
 
-def test_prompts_go_to_the_replica_holding_the_embedding(base, ct_png):
-    """Two Segmenter replicas: after the first prompt encodes the image, Serve routes every later prompt on it to
-    the replica that cached its embedding (multiplexed model id = image digest), so none runs the encoder again."""
+def test_requests_on_an_image_go_to_the_replica_holding_its_embedding(base, ct_png):
+    """Two Segmenter replicas: once an image is encoded, Serve routes every later call on it (/v1/segment's prepare
+    and segment, a session's embedding fetch) to the replica that cached its embedding (multiplexed model id = image
+    digest), so none runs the encoder again; clicks are then decoded in the Ingress (local.yaml's
+    ``prompt_decoding: ingress``) on the embedding it fetched once."""
     assert len(_replica_actors("Segmenter")) == 2
-    sid = post_image(base, "/v1/sessions", ct_png).json()["id"]
     cached = []
-    for i in range(10):
+    for _ in range(6):
+        r = post_image(base, "/v1/segment", ct_png, structures="liver")
+        assert r.status_code == 200, r.text
+        cached.append(r.json()["results"][0]["cached_embedding"])
+    assert cached[1:] == [True] * 5, cached
+    sid = post_image(base, "/v1/sessions", ct_png).json()["id"]
+    for i in range(6):
         r = requests.post(f"{base}/v1/sessions/{sid}/commands", timeout=60,
                           json={"operations": [{"op": "add_point", "positive": True, "x": 30 + i, "y": 40,
                                                 "count": 1}]})
         assert r.status_code == 200, r.text
-        cached.append(r.json()["results"][0]["cached_embedding"])
-    assert cached[1:] == [True] * 9, cached
+        assert r.json()["results"][0]["cached_embedding"] is True
+    requests.delete(f"{base}/v1/sessions/{sid}")
+
+
+def test_click_decoded_in_the_ingress_is_the_segmenters_mask(base, ct_png):
+    """A click decoded by the Ingress equals SAM2's answer from the Segmenter replica for the same image and
+    points (the Ingress holds its own copy of the same SAM2 and the Segmenter's features)."""
+    from ray import serve
+
+    from rau_ray.models.prompts import to_pil
+
+    sid = post_image(base, "/v1/sessions", ct_png).json()["id"]
+    points = [[40, 50, 1], [70, 60, 0]]
+    r = requests.post(f"{base}/v1/sessions/{sid}/commands", timeout=60, json={"mask_format": "rle", "operations": [
+        {"op": "add_point", "positive": bool(p[2]), "x": p[0], "y": p[1], "count": 1} for p in points]})
+    assert r.status_code == 200, r.text
+    assert r.json()["session"]["points"] == points
+    image = np.asarray(to_pil(codecs.decode_image(ct_png).array, "CT"))  # the session's model input
+    want = serve.get_deployment_handle("Segmenter", app_name="rau").prompt.remote(
+        image, [p[:2] for p in points], [p[2] for p in points], None).result(timeout_s=60)
+    np.testing.assert_array_equal(codecs.rle_decode(r.json()["mask"]), want["mask"])
     requests.delete(f"{base}/v1/sessions/{sid}")
 
 
@@ -344,11 +371,14 @@ def test_segmenter_killed_under_load(base, ct_png):
     assert requests.post(f"{base}/v1/sessions/{sid}/commands", json={"text": "add a point at 40,50"}).ok
     statuses, stop = [], threading.Event()
 
-    def load():
-        while not stop.is_set():
+    def load():  # clicks (decoded in the Ingress) and full segmentations (through the Segmenter)
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            text = "segment the liver" if i % 2 else "add a point at 41, 51"
             try:
-                statuses.append(requests.post(f"{base}/v1/sessions/{sid}/commands",
-                                              json={"text": "add a point at 41, 51"}, timeout=60).status_code)
+                statuses.append(requests.post(f"{base}/v1/sessions/{sid}/commands", json={"text": text},
+                                              timeout=60).status_code)
             except requests.RequestException as e:  # a dropped connection would be a failure too
                 statuses.append(repr(e))
 
@@ -365,13 +395,16 @@ def test_segmenter_killed_under_load(base, ct_png):
             f.result()
     assert statuses and all(s in (200, 503) for s in statuses), statuses
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        r = requests.post(f"{base}/v1/sessions/{sid}/commands", json={"text": "add a point at 42, 52"}, timeout=60)
+    while time.monotonic() < deadline:  # until Serve has replaced the Segmenters
+        r = requests.post(f"{base}/v1/sessions/{sid}/commands", json={"text": "segment the liver"}, timeout=60)
         if r.status_code == 200:
             break
         assert r.status_code == 503, r.text
         time.sleep(1)
     assert r.status_code == 200, r.text
+    r = requests.post(f"{base}/v1/sessions/{sid}/commands", json={"text": "add a point at 42, 52"}, timeout=60)
+    assert r.status_code == 200, r.text
     state = r.json()["session"]  # the session survived the Segmenter's death
-    assert len(state["points"]) >= 3 and state["can_undo"] >= 3
+    assert state["points"] == [[42, 52, 1]] and state["can_undo"] >= 3
+    assert statuses.count(200) >= 3
     requests.delete(f"{base}/v1/sessions/{sid}")

@@ -47,6 +47,11 @@ def test_build_app_args():
     assert build_app(args) is not None and build_graph(args, options) is not None
     with pytest.raises(ConfigError, match="unknown field"):
         build_app({"profile": "tiny", "nope": 1})
+    assert args["prompt_decoding"] == "ingress"  # CPU: clicks decoded next to the sessions (no hop per click)
+    with pytest.raises(ConfigError, match="prompt_decoding must be 'segmenter' or 'ingress'"):
+        build_app({"prompt_decoding": "browser"})
+    with pytest.raises(ConfigError, match="ingress_embedding_cache"):
+        build_app({"prompt_decoding": "ingress", "ingress_embedding_cache": 0})
 
 
 def test_command_llm_args():
