@@ -314,7 +314,7 @@ def plot_timeline(b: dict, path: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", default="16,32,64", help="request counts at concurrency 1,4,16")
-    ap.add_argument("--overhead-requests", type=int, default=30, help="interleaved rounds for the phase A ratios")
+    ap.add_argument("--overhead-requests", type=int, default=60, help="interleaved rounds for the phase A ratios")
     ap.add_argument("--cap-s", type=float, default=180.0, help="time cap per concurrency level")
     ap.add_argument("--sustain-s", type=float, default=120.0, help="seconds at concurrency 16 to show scale-up")
     ap.add_argument("--cooldown-s", type=float, default=75.0, help="idle seconds to show scale-down")
@@ -325,6 +325,7 @@ def main():
     a = ap.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from rau_ray import ray_session
+    from rau_ray.serve.app import local_options
 
     ray_session.connect(num_cpus=2)
     pool = target_pngs(size=a.size)
@@ -333,6 +334,7 @@ def main():
               "load_average_at_start": os.getloadavg(),
               "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
               "image_size": a.size,
+              "app_args": local_options()[0],
               "command": " ".join(["benchmarks/serve_load.py", *sys.argv[1:]])}
     if "a" in a.phase:
         report["a"] = phase_a(png, image, a.overhead_requests)

@@ -168,14 +168,19 @@ def test_requests_on_an_image_go_to_the_replica_holding_its_embedding(base, ct_p
     and segment, a session's embedding fetch) to the replica that cached its embedding (multiplexed model id = image
     digest), so none runs the encoder again; clicks are then decoded in the Ingress (local.yaml's
     ``prompt_decoding: ingress``) on the embedding it fetched once."""
+    from rau_ray.data.phantoms import get_phantom
+
     assert len(_replica_actors("Segmenter")) == 2
+    slices = get_phantom("ct-abdomen").generate_2d(5, 12, size=128, slices=4)
+    fresh = max(slices, key=lambda s: int((s.label == 1).sum()))
+    png = formats.encode_png(formats.hu_to_png16(fresh.image))  # no other test sends it: no replica holds it yet
     cached = []
     for _ in range(6):
-        r = post_image(base, "/v1/segment", ct_png, structures="liver")
+        r = post_image(base, "/v1/segment", png, structures="liver")
         assert r.status_code == 200, r.text
         cached.append(r.json()["results"][0]["cached_embedding"])
-    assert cached[1:] == [True] * 5, cached
-    sid = post_image(base, "/v1/sessions", ct_png).json()["id"]
+    assert cached == [False] + [True] * 5, cached
+    sid = post_image(base, "/v1/sessions", png).json()["id"]
     for i in range(6):
         r = requests.post(f"{base}/v1/sessions/{sid}/commands", timeout=60,
                           json={"operations": [{"op": "add_point", "positive": True, "x": 30 + i, "y": 40,
