@@ -716,7 +716,7 @@ class AppArgs:
     device: str = "cpu"  # cpu | cuda | auto
     threads: int | None = 1  # torch threads per replica (None: torch's default)
     policy_batch_size: int = 8  # @serve.batch max_batch_size; 1 = unbatched
-    policy_batch_wait_s: float = 0.005  # batches fill while the previous one generates; a long wait only adds latency
+    policy_batch_wait_s: float = 0.01  # a lone request on an idle replica skips it; under load the queued ones get in
     max_new_tokens: int | None = None
     embedding_cache: int | None = None
     # Where a click's SAM2 prompt decoder runs: "segmenter" (the replica holding the image's embedding; GPUs) or
