@@ -197,7 +197,8 @@ def _prompt_decoder(profile: str, policy_checkpoint: str | None, segmenter_check
 
 
 class _SessionBackend:
-    """What a Session needs from the models: prompts on the Segmenter, the full pipeline for 'segment X'."""
+    """What a Session needs from the models: point/box prompts (decoded here or on the Segmenter, ``prompt_decoding``),
+    the full pipeline for 'segment X'."""
 
     def __init__(self, ingress: "Ingress"):
         self.ingress = ingress
