@@ -14,7 +14,8 @@ def image_u8():
     from rau_ray.data.phantoms import get_phantom
     from rau_ray.models.prompts import to_pil
 
-    sample = max(get_phantom("ct-abdomen").generate_2d(3, 11, size=96, slices=3), key=lambda s: int((s.label == 1).sum()))
+    slices = get_phantom("ct-abdomen").generate_2d(3, 11, size=96, slices=3)
+    sample = max(slices, key=lambda s: int((s.label == 1).sum()))
     return np.asarray(to_pil(sample.image, "CT")), sample.label == 1
 
 
