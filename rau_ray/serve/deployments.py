@@ -7,7 +7,9 @@ per replica (in ``__init__``), answers Serve's health check, and is composed by 
 - ``Policy``: Qwen2.5-VL + LoRA; ``answer`` is dynamically batched with ``@serve.batch`` (``max_batch_size`` set per
   deployment, 1 = unbatched); a malformed answer is teacher-forced so ``<Seg>`` still yields a hidden state.
 - ``Segmenter``: SAM2 + projector + memory fusion; SAM2 image embeddings in an LRU cache keyed by the image's hash,
-  so point/box prompts on an image already seen skip the encoder.
+  so point/box prompts on an image already seen skip the encoder; ``prepare`` builds the embeddings and reference
+  memory while the Policy generates, ``segment`` decodes the <Seg> query; ``embedding`` ships an image's features to
+  an Ingress that decodes clicks itself (``prompt_decoding: ingress``).
 - ``Commander``: natural-language command -> operations (``rau_ray.commands``).
 Use: ``rau_ray.serve.app.build_app({...})`` wires them; each class is also usable in-process via ``.func_or_class``.
 """
