@@ -203,15 +203,15 @@ class _SessionBackend:
     def __init__(self, ingress: "Ingress"):
         self.ingress = ingress
 
-    async def prompt(self, image, points, labels, box):
+    async def prompt(self, image, points, labels, box, key: str | None = None):
         """Point/box prompts on an image's cached SAM2 embedding. ``prompt_decoding: ingress``: decoded right here
         (``PromptDecoder``) on the embedding fetched once from the Segmenter; ``segmenter``: decoded by the Segmenter
         replica holding the embedding. Either way the image's digest goes first (routed to the replica holding
         it, so no pixels travel) and the image itself only when that replica lacks it (first prompt, eviction, a
-        replaced replica)."""
+        replaced replica). ``key``: the image's digest when the caller has it (a session keeps it per slice)."""
         from rau_ray.models.rau import image_digest
 
-        key, decoder = image_digest(image), self.ingress.decoder
+        key, decoder = key or image_digest(image), self.ingress.decoder
         if decoder is None:
             return await self._on_segmenter("prompt", image, key, points, labels, box)
         cached = True

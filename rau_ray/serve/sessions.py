@@ -93,7 +93,7 @@ class Session:
         self.redo_stack: list[State] = []
         self.created = self.last_used = time.monotonic()
         self.lock = asyncio.Lock()
-        self._model_inputs: dict[int, np.ndarray] = {}
+        self._model_inputs: dict[int, tuple[np.ndarray, str]] = {}  # slice -> (model input, its digest)
 
     # -- facts ---------------------------------------------------------------------------------------------------
     @property
@@ -110,13 +110,22 @@ class Session:
     def model_input(self, index: int | None = None) -> np.ndarray:
         """The (H, W, 3) uint8 image the models see for a slice (fixed abdomen window for CT), kept so its hash —
         the Segmenter's embedding-cache key — stays the same across prompts."""
+        return self._model_input(index)[0]
+
+    def model_input_key(self, index: int | None = None) -> str:
+        """That image's digest (``rau_ray.models.rau.image_digest``), computed once per slice, not per click."""
+        return self._model_input(index)[1]
+
+    def _model_input(self, index: int | None) -> tuple[np.ndarray, str]:
         from rau_ray.models.prompts import to_pil
+        from rau_ray.models.rau import image_digest
 
         i = self.state.slice if index is None else index
         if i not in self._model_inputs:
             if len(self._model_inputs) > 32:
                 self._model_inputs.pop(next(iter(self._model_inputs)))
-            self._model_inputs[i] = np.asarray(to_pil(self.volume[i], self.modality))
+            image = np.asarray(to_pil(self.volume[i], self.modality))
+            self._model_inputs[i] = (image, image_digest(image))
         return self._model_inputs[i]
 
     def mask(self, index: int | None = None) -> np.ndarray:
@@ -196,7 +205,7 @@ class Session:
     async def _prompt(self, backend, state: State) -> State:
         pts = [(p[0], p[1]) for p in state.points]
         res = await backend.prompt(self.model_input(state.slice), pts or None, [p[2] for p in state.points] or None,
-                                   list(state.box) if state.box else None)
+                                   list(state.box) if state.box else None, key=self.model_input_key(state.slice))
         self.last_result = res
         return replace(state, masks={**state.masks, state.slice: res["mask"]},
                        scores={**state.scores, state.slice: res["score"]})
@@ -299,7 +308,7 @@ class Session:
             prev, i = start, s.slice + step
             while 0 <= i < self.volume.shape[0] and len(done) < MAX_PROPAGATE:
                 box = mask_box(prev)
-                res = await backend.prompt(self.model_input(i), None, None, box)
+                res = await backend.prompt(self.model_input(i), None, None, box, key=self.model_input_key(i))
                 if not res["mask"].any():
                     break
                 masks[i], scores[i] = res["mask"], res["score"]

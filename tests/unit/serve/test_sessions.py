@@ -16,7 +16,10 @@ class FakeBackend:
     def __init__(self):
         self.calls = []
 
-    async def prompt(self, image, points, labels, box):
+    async def prompt(self, image, points, labels, box, key=None):
+        from rau_ray.models.rau import image_digest
+
+        assert key == image_digest(image)  # the session's cached digest is the image's
         self.calls.append(("prompt", points, labels, box))
         h, w = image.shape[:2]
         m = np.zeros((h, w), bool)
