@@ -274,10 +274,11 @@ class Segmenter:
     def _embedding(self, image: np.ndarray):
         from rau_ray.models.rau import image_digest
 
-        cached = image_digest(image) in self._model._embeddings
+        held = self._held(image_digest(image))  # one hash per call; only a miss hashes again (next to the encoder)
+        if held is not None:
+            return held
         t0 = time.perf_counter()
-        emb = self._model.image_embedding(image)
-        return emb, cached, time.perf_counter() - t0
+        return self._model.image_embedding(image), False, time.perf_counter() - t0
 
     @serve.multiplexed(max_num_models_per_replica=EMBEDDING_ROUTES)
     async def _holds(self, image_key: str) -> str:
