@@ -175,10 +175,12 @@ def test_requests_on_an_image_go_to_the_replica_holding_its_embedding(base, ct_p
     fresh = max(slices, key=lambda s: int((s.label == 1).sum()))
     png = formats.encode_png(formats.hu_to_png16(fresh.image))  # no other test sends it: no replica holds it yet
     cached = []
-    for _ in range(6):
+    for i in range(6):
         r = post_image(base, "/v1/segment", png, structures="liver")
         assert r.status_code == 200, r.text
         cached.append(r.json()["results"][0]["cached_embedding"])
+        if i == 0:  # the replica reports the image to Serve's routers every 0.1 s; let that reach them
+            time.sleep(1.0)
     assert cached == [False] + [True] * 5, cached
     sid = post_image(base, "/v1/sessions", png).json()["id"]
     for i in range(6):
