@@ -90,6 +90,12 @@ def _train(a: argparse.Namespace) -> dict:
     return run_job(a.job, a.config, overrides(a))
 
 
+def _pretrain(a: argparse.Namespace) -> dict:
+    from rau_ray.train.jobs import overrides, run_job
+
+    return run_job(f"pretrain-{a.backbone}", a.config, overrides(a))
+
+
 def _tune(a: argparse.Namespace) -> dict:
     from rau_ray.tune.sweep import load_sweep_config, run_sweep
 
@@ -212,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("job", choices=("sft", "grpo", "seg"), help="which training job")
     add_arguments(train)
     train.set_defaults(func=_train)
+
+    pre = sub.add_parser("pretrain", help="pretrain a tiny backbone on Ray Train (sam2, dino, policy) and export it "
+                                          "where the tiny profile loads it from (weights/tiny/)")
+    pre.add_argument("backbone", choices=("sam2", "dino", "policy"), help="which backbone")
+    add_arguments(pre)
+    pre.set_defaults(func=_pretrain)
 
     from rau_ray.tune.sweep import add_arguments as tune_arguments
 

@@ -61,10 +61,13 @@ class Sam2Config:
     overrides: tuple[str, ...] = ()  # extra Hydra overrides, applied last (experiments without code changes)
     device: str = "cpu"  # not part of the tiny cache key: one checkpoint serves CPU and GPU
     seed: int = 0  # the tiny random init; part of the cache key, so every process gets identical weights
+    # tiny only: "pretrained" loads weights/tiny/sam2 (made by `rau pretrain sam2`), "random" a seeded fresh model
+    init: str = "random"
 
     def validate(self) -> None:
         if self.image_size % 16:
             raise ConfigError(f"sam2.image_size must be a multiple of 16, got {self.image_size}")
+        pretrained.check_init(self.init, "sam2")
 
     def hydra_overrides(self) -> list[str]:
         base = (tiny_overrides(self.image_size, self.embed_dim, self.hidden_dim, self.mem_dim)
@@ -77,8 +80,15 @@ PAPER = Sam2Config(config="configs/sam2.1/sam2.1_hiera_l.yaml", checkpoint="chec
                    image_size=1024, device="cuda")
 
 
+def tiny_spec(cfg: Sam2Config) -> dict:
+    """The architecture of a tiny SAM2: what shipped weights must match (the random init adds its seed)."""
+    return {"config": cfg.config, "image_size": cfg.image_size, "embed_dim": cfg.embed_dim,
+            "hidden_dim": cfg.hidden_dim, "mem_dim": cfg.mem_dim, "overrides": list(cfg.overrides)}
+
+
 def checkpoint_path(cfg: Sam2Config) -> str:
-    """The .pt file build_sam2 loads: the cached tiny checkpoint (built on first use) or the configured file."""
+    """The weights file to load: the shipped tiny ``model.safetensors``, the cached random tiny checkpoint (built on
+    first use), or the configured file (a release ``.pt`` or a ``.safetensors`` state dict)."""
 
     def save_tiny(folder):
         from sam2.build_sam import build_sam2
@@ -88,7 +98,9 @@ def checkpoint_path(cfg: Sam2Config) -> str:
             model = build_sam2(cfg.config, None, device="cpu", hydra_overrides_extra=cfg.hydra_overrides())
         torch.save({"model": model.state_dict()}, folder / "sam2_tiny.pt")  # the layout of SAM2's release .pt
 
-    spec = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    if cfg.checkpoint == pretrained.TINY and cfg.init == "pretrained":
+        return f"{pretrained.resolve(cfg.checkpoint, 'sam2', save_tiny, tiny_spec(cfg), cfg.init)}/model.safetensors"
+    spec = {k: v for k, v in asdict(cfg).items() if k not in ("device", "init")}
     path = pretrained.resolve(cfg.checkpoint, "sam2", save_tiny, spec)
     if cfg.checkpoint == pretrained.TINY:
         return f"{path}/sam2_tiny.pt"
@@ -98,22 +110,51 @@ def checkpoint_path(cfg: Sam2Config) -> str:
     return path
 
 
+def load_safetensors_weights(model, path: str) -> None:
+    """Load a safetensors state dict into a built SAM2 as strictly as sam2's own ``_load_checkpoint`` loads a
+    ``.pt``; a missing, truncated or mismatched file is a DataError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from rau_ray.errors import DataError
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: SAM2 weights file not found")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable safetensors file ({e})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(f"{path}: does not fit this SAM2 config (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                        f"wrong shapes {sorted(wrong)[:3]})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _build(builder, cfg: Sam2Config):
+    cfg.validate()
+    path = checkpoint_path(cfg)
+    if path.endswith(".safetensors"):  # built empty, then loaded: sam2's builder only reads pickled .pt files
+        model = builder(cfg.config, None, device="cpu", hydra_overrides_extra=cfg.hydra_overrides())
+        load_safetensors_weights(model, path)
+        return model.to(cfg.device)
+    return builder(cfg.config, path, device=cfg.device, hydra_overrides_extra=cfg.hydra_overrides())
+
+
 def build_sam2_model(cfg: Sam2Config = TINY):
     """A SAM2Base (image + memory model) through sam2's own builder."""
     from sam2.build_sam import build_sam2
 
-    cfg.validate()
-    return build_sam2(cfg.config, checkpoint_path(cfg), device=cfg.device,
-                      hydra_overrides_extra=cfg.hydra_overrides())
+    return _build(build_sam2, cfg)
 
 
 def build_video_predictor(cfg: Sam2Config = TINY):
     """A SAM2VideoPredictor: SAM2's memory across frames (the SAM2-Memory-Ref baseline, 3D propagation)."""
     from sam2.build_sam import build_sam2_video_predictor
 
-    cfg.validate()
-    return build_sam2_video_predictor(cfg.config, checkpoint_path(cfg), device=cfg.device,
-                                      hydra_overrides_extra=cfg.hydra_overrides())
+    return _build(build_sam2_video_predictor, cfg)
 
 
 @dataclass

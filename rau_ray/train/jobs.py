@@ -33,6 +33,21 @@ def _registry() -> dict:
     return jobs
 
 
+def _pretrain_job(backbone: str) -> tuple:
+    """(config class, run function) of ``rau pretrain <backbone>``: rau_ray/train/pretrain_<backbone>.py."""
+    from importlib import import_module
+
+    config_cls, run = PRETRAIN_JOBS[backbone]
+    module = import_module(f"rau_ray.train.pretrain_{backbone}")
+    return getattr(module, config_cls), getattr(module, run)
+
+
+# backbone -> (config class, run function) of rau_ray/train/pretrain_<backbone>.py
+PRETRAIN_JOBS = {"sam2": ("Sam2PretrainConfig", "run_pretrain_sam2"),
+                 "dino": ("DinoPretrainConfig", "run_pretrain_dino"),
+                 "policy": ("PolicyPretrainConfig", "run_pretrain_policy")}
+
+
 def summarise(result, kind: str, storage_path: str | None = None) -> dict:
     """Checkpoint path, last metrics and the learning-curve PNG of a finished run, written beside it as
     ``summary.json`` and ``curves.png`` (a local run folder, or a URI: the history is read from the checkpoint's
@@ -58,10 +73,13 @@ def summarise(result, kind: str, storage_path: str | None = None) -> dict:
 
 
 def run_job(kind: str, config_path: str, overrides: dict | None = None) -> dict:
-    jobs = _registry()
-    if kind not in jobs:
-        raise ConfigError(f"unknown training job {kind!r}; choose one of {', '.join(jobs)}")
-    config_cls, run = jobs[kind]
+    if kind.startswith("pretrain-") and kind[len("pretrain-"):] in PRETRAIN_JOBS:
+        config_cls, run = _pretrain_job(kind[len("pretrain-"):])
+    else:
+        jobs = _registry()
+        if kind not in jobs:
+            raise ConfigError(f"unknown training job {kind!r}; choose one of {', '.join(jobs)}")
+        config_cls, run = jobs[kind]
     cfg = load_config(config_path, config_cls, {k: v for k, v in (overrides or {}).items() if v is not None})
     scale = getattr(cfg, "scale", None)
     return summarise(run(cfg), kind, getattr(scale, "storage_path", None))
@@ -72,7 +90,7 @@ def main(kind: str) -> None:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description=f"Ray job: {kind} training (rau_ray.train.{kind}).")
+    parser = argparse.ArgumentParser(description=f"Ray job: {kind} training (rau_ray.train.{kind.replace('-', '_')}).")
     add_arguments(parser)
     args = parser.parse_args()
     try:
