@@ -70,9 +70,9 @@ class Sam2PretrainConfig:
         self.scale.validate()
         if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
             raise ConfigError(f"mix: three shares >= 0 (ct, angio, scene), got {self.mix}")
-        if self.mix[0] > 0 and "ct-abdomen" not in self.data.phantoms or \
-                self.mix[1] > 0 and "xray-angio" not in self.data.phantoms:
-            raise ConfigError("mix gives phantom samples whose phantom is not in data.phantoms")
+        for share, phantom in zip(self.mix, ("ct-abdomen", "xray-angio")):
+            if share > 0 and phantom not in self.data.phantoms:
+                raise ConfigError(f"mix gives {phantom} samples a share of {share}, but data.phantoms lacks {phantom}")
         if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every, self.val_subjects) < 1:
             raise ConfigError("batch_size, max_steps, log_every, checkpoint_every and val_subjects must be >= 1")
         if min(self.clip_batch, self.rounds, self.eval_every, self.warmup_steps) < 0:
@@ -562,11 +562,12 @@ def out_path(out: str):
 
 # -- held-out quality: the inference code paths, on subjects no run saw ------------------------------------------------
 def quality(sam2_cfg=None, seed: int = BENCHMARK_SEED, subjects: int = 12, size: int = 192, clicks: int = 3,
-            memory_pairs: int = 60, boot: int = 2000) -> dict:
+            memory_pairs: int = 60, boot: int = 2000, model=None) -> dict:
     """Held-out figures of a SAM2 (the shipped tiny one by default) through SAM2ImagePredictor and the video
     predictor: box Dice per ct-abdomen structure and on vertebrae, Dice after 1 + (clicks - 1) corrective clicks,
     memory propagation reference -> target (SAM2-Memory-Ref; another subject at the same level), box Dice on the
-    never-trained ultrasound and xray-msk phantoms. Means with 95 % bootstrap intervals over subjects."""
+    never-trained ultrasound and xray-msk phantoms. Means with 95 % bootstrap intervals over subjects. ``model``: an
+    already built SAM2Base (e.g. a CBAM-LoRA one) measured on the single-image figures only."""
     from rau_ray.data.phantoms import PHANTOMS
     from rau_ray.eval.metrics import dice, mask_to_box
     from rau_ray.models.losses import sample_corrective_points
@@ -576,7 +577,8 @@ def quality(sam2_cfg=None, seed: int = BENCHMARK_SEED, subjects: int = 12, size:
                                              predict_with_prompts, predictor_for)
 
     sam2_cfg = sam2_cfg or TINY
-    model = build_sam2_model(sam2_cfg)
+    image_only = model is not None
+    model = model if image_only else build_sam2_model(sam2_cfg)
     predictor = predictor_for(model)
     records: dict[str, list[tuple[int, float]]] = {}
 
@@ -613,6 +615,9 @@ def quality(sam2_cfg=None, seed: int = BENCHMARK_SEED, subjects: int = 12, size:
                                                   mask_input=logits)
                 pred, logits = masks[0] > 0, low
             add(f"ct_{clicks}_clicks", s, dice(pred, true))
+    if image_only:
+        return {key: summarise(vals, boot, seed) for key, vals in records.items()} | {
+            "seed": seed, "subjects": subjects, "size": size}
     video = build_video_predictor(sam2_cfg)
     by_subject = {}
     for i, (s, *_rest) in enumerate(ct):
