@@ -69,6 +69,7 @@ class SegJobConfig:
     eval_every: int = 50  # steps between validations; 0: only at the start and the end
     checkpoint_every: int = 100  # steps between checkpoints (the last step always saves)
     seed: int = 0  # data order, click sampling and the init of new layers (the same on every worker)
+    structures: tuple[str, ...] = ()  # train and validate on these structures only (SpinalSAM-R1: vertebrae); all
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -132,6 +133,12 @@ def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: s
             items += [{"manifest": path, "reference": None, "target": row.id, "structure": s}
                       for s in sorted(present(row.id))]
     return items
+
+
+def job_items(cfg: SegJobConfig, manifest, split: str, seed: int) -> list[dict]:
+    """``seg_items`` of the job's mode, kept to ``cfg.structures`` when it names any."""
+    items = seg_items(manifest, split, cfg.mode, seed=seed)
+    return [it for it in items if it["structure"] in cfg.structures] if cfg.structures else items
 
 
 class Samples:
@@ -653,13 +660,13 @@ def run_seg(cfg: SegJobConfig):
     cfg.validate()
     cfg.model_config()  # a bad model section fails here, not in every worker
     manifest = read_manifest(cfg.manifest)
-    items = seg_items(manifest, cfg.train_split, cfg.mode, seed=cfg.seed)
+    items = job_items(cfg, manifest, cfg.train_split, cfg.seed)
     if len(items) < cfg.scale.num_workers:
         raise ConfigError(f"{cfg.manifest}: {len(items)} training items in split {cfg.train_split!r} cannot feed "
                           f"{cfg.scale.num_workers} workers")
     val_items = []
     if cfg.val_split:
-        val_items = seg_items(manifest, cfg.val_split, cfg.mode, seed=cfg.seed + 1)
+        val_items = job_items(cfg, manifest, cfg.val_split, cfg.seed + 1)
         if not val_items:
             raise ConfigError(f"{cfg.manifest}: no validation items in split {cfg.val_split!r} (val_split: '' "
                               "trains without validation)")

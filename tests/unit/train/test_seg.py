@@ -7,7 +7,7 @@ import torch
 from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.train.seg import PromptedSAM2, SegJobConfig, build_seg_trainer, seg_items
+from rau_ray.train.seg import PromptedSAM2, SegJobConfig, build_seg_trainer, job_items, seg_items
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,9 @@ def test_items_pair_every_shared_structure(manifest):
     assert len(cbam) == expected and all(it["reference"] is None for it in cbam)
     with pytest.raises(ConfigError, match="mode"):
         seg_items(m, "train", "unet")
+    spine = job_items(job(manifest, mode="cbam-lora", structures=["vertebrae"]), m, "val", 0)
+    assert spine and {it["structure"] for it in spine} == {"vertebrae"}
+    assert len(spine) == len([it for it in cbam if it["structure"] == "vertebrae"])
 
 
 @pytest.mark.parametrize("mode", ["rau", "cbam-lora"])
