@@ -7,6 +7,10 @@ modality, never returns the query's own subject, and answers "no suitable refere
 instead of returning a bad match. Exact (Flat) indexes move to the GPU when faiss-gpu and a GPU are present. A bank
 folder may also be an ``s3://`` / ``gs://`` URI: ``save`` uploads it (bank.json last), ``load`` downloads it once per
 node into the local cache (``rau_ray.storage.local_copy``).
+The tiny embedder (``embedder: tiny``): ``init: random`` (the default for now) builds a seeded random-initialised
+DINOv2 into the cache; ``init: pretrained`` loads ``weights/tiny/dinov2`` (made by ``rau pretrain dino``), which
+must hold the configured architecture (``rau_tiny_spec.json``). No pretrained DINOv2-tiny is shipped yet: the first
+self-supervised run did not reach the retrieval targets (``rau_ray.train.pretrain_dino``).
 Use: ``bank = ReferenceBank.build("data/ct/manifest.jsonl", TINY); bank.search(Embedder(TINY).embed([im], ["CT"])[0])``.
 """
 
@@ -51,7 +55,10 @@ class RetrievalConfig:
     num_layers: int = 2
     num_heads: int = 2
     patch_size: int = 14  # DINOv2's patch size, so the tiny model has the real one's geometry
-    seed: int = 0  # random init of the tiny model: the same seed gives the same weights on every worker
+    # tiny only: "random" a fresh model initialised with `seed`; "pretrained" loads self-supervised weights from
+    # weights/tiny/dinov2 (which must hold the architecture above; none shipped yet, see rau_ray.train.pretrain_dino)
+    init: str = "random"
+    seed: int = 0  # init: random: the same seed gives the same weights on every worker
 
     def validate(self) -> None:
         if self.index not in INDEX_TYPES:
@@ -62,45 +69,113 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.min_similarity is a cosine in [-1, 1], not {self.min_similarity}")
         if self.batch_size < 1:
             raise ConfigError(f"retrieval.batch_size must be >= 1, not {self.batch_size}")
+        pretrained.check_init(self.init, "retrieval")
 
 
 TINY = RetrievalConfig()
 PAPER = RetrievalConfig(embedder="facebook/dinov2-base", image_size=224, batch_size=64)
 
 
+TINY_ARCH = ("image_size", "hidden_size", "num_layers", "num_heads", "patch_size")  # what defines the tiny model
+
+
+def tiny_spec(cfg: RetrievalConfig) -> dict:
+    """The tiny DINOv2's architecture: what shipped pretrained weights must match (``rau_tiny_spec.json``); with
+    ``init: random`` also the seed (the cache key of a random-initialised model)."""
+    spec = {k: getattr(cfg, k) for k in TINY_ARCH}
+    return {**spec, "seed": cfg.seed} if cfg.init == "random" else spec
+
+
 def embedder_id(cfg: RetrievalConfig, dim: int) -> str:
-    """What a bank records about its embedder: weights, pooling, dimension (and the seed of a tiny one)."""
-    return f"{cfg.embedder}|{cfg.pooling}|{dim}" + (f"|seed{cfg.seed}" if cfg.embedder == pretrained.TINY else "")
+    """What a bank records about its embedder: weights, pooling, dimension; for the tiny one also its init (the
+    seed of a random one), so a bank built with one tiny embedder is never searched with another."""
+    tiny = ""
+    if cfg.embedder == pretrained.TINY:
+        tiny = f"|seed{cfg.seed}" if cfg.init == "random" else f"|pretrained-{_shipped_digest(cfg)}"
+    return f"{cfg.embedder}|{cfg.pooling}|{dim}" + tiny
+
+
+def _shipped_digest(cfg: RetrievalConfig) -> str:
+    """First 12 hex digits of the shipped weights' sha256 (a re-pretrained model gets another id), "none" without."""
+    import hashlib
+
+    path = pretrained.weights_root() / pretrained.SHIPPED["dinov2"] / "model.safetensors"
+    try:
+        stat = path.stat()
+    except OSError:
+        return "none"
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict = {}
+
+
+def tiny_model(cfg: RetrievalConfig):
+    """A random-initialised tiny ``Dinov2Model`` (seeded with ``cfg.seed``): the init of ``init: random`` and of
+    the self-supervised pretraining (``rau_ray.train.pretrain_dino``)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(cfg.seed)
+    return Dinov2Model(Dinov2Config(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                                    num_attention_heads=cfg.num_heads, intermediate_size=2 * cfg.hidden_size,
+                                    image_size=cfg.image_size, patch_size=cfg.patch_size))
+
+
+def tiny_processor(cfg: RetrievalConfig):
+    """DINOv2's own normalisation; resize straight to the square input (phantoms are already square)."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}, do_center_crop=False,
+                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
 def _save_tiny(cfg: RetrievalConfig, folder: Path) -> None:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    pretrained.save_tiny_weights(tiny_model(cfg), folder)
+    tiny_processor(cfg).save_pretrained(folder)
 
-    torch.manual_seed(cfg.seed)
-    model = Dinov2Model(Dinov2Config(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                                     num_attention_heads=cfg.num_heads, intermediate_size=2 * cfg.hidden_size,
-                                     image_size=cfg.image_size, patch_size=cfg.patch_size))
-    pretrained.save_tiny_weights(model, folder)
-    # DINOv2's own normalisation; resize straight to the square input (phantoms are already square)
-    BitImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}, do_center_crop=False,
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+
+def _load_model(path: str):
+    """``AutoModel.from_pretrained``; a damaged weights file is a DataError naming it (not a safetensors trace)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        weights = Path(path) / "model.safetensors"
+        if Path(path).is_dir():
+            raise DataError(f"{weights if weights.exists() else path}: cannot load the DINOv2 weights "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+                            f"re-export them with 'rau pretrain dino' or use init: random") from None
+        raise
 
 
 class Embedder:
     """DINOv2 image embeddings, L2-normalised float32 (N, dim); built once per process/worker/replica."""
 
     def __init__(self, cfg: RetrievalConfig = TINY, device: str | None = None):
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor
 
         cfg.validate()
-        self.cfg = cfg
-        spec = {k: getattr(cfg, k) for k in ("image_size", "hidden_size", "num_layers", "num_heads", "patch_size",
-                                              "seed")}
-        path = pretrained.resolve(cfg.embedder, "dinov2", lambda folder: _save_tiny(cfg, folder), spec)
+        path = pretrained.resolve(cfg.embedder, "dinov2", lambda folder: _save_tiny(cfg, folder), tiny_spec(cfg),
+                                  init=cfg.init)
         device = device or cfg.device
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval().requires_grad_(False)  # frozen
-        self.processor = AutoImageProcessor.from_pretrained(path)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self._setup(cfg, _load_model(path).to(device), AutoImageProcessor.from_pretrained(path), device)
+
+    @classmethod
+    def from_model(cls, model, processor, cfg: RetrievalConfig, device: str = "cpu") -> "Embedder":
+        """An Embedder around a model in memory (a training run's, validating as retrieval will use it)."""
+        self = cls.__new__(cls)
+        self._setup(cfg, model, processor, device, freeze=False)
+        return self
+
+    def _setup(self, cfg, model, processor, device, freeze: bool = True) -> None:
+        self.cfg, self.device, self.processor = cfg, device, processor
+        self.model = model.eval().requires_grad_(False) if freeze else model  # frozen once loaded
         width = self.model.config.hidden_size
         self.dim = 2 * width if cfg.pooling == "cls+mean" else width
         self.id = embedder_id(cfg, self.dim)
