@@ -1,10 +1,12 @@
 """Build SAM2 with the sam2 package: one builder for the tiny and the paper profile.
 
-``tiny`` shrinks SAM2.1 hiera-tiny through Hydra overrides (128 px images, 16-channel Hiera, 64-channel neck and
-decoder, 32-channel memory, one memory-attention layer: ~1.3M parameters, SAM2's real code), random-initialises it
-once with a fixed seed, saves ``{"model": state_dict}`` into the model cache and loads it back through
-``sam2.build_sam.build_sam2`` — the path the paper profile takes with the SAM2.1 hiera-large checkpoint (sam2 loads
-with ``weights_only=True``).
+``tiny`` shrinks SAM2.1 hiera-tiny through Hydra overrides (192 px images, 16-channel Hiera, 64-channel neck and
+decoder, 32-channel memory, one memory-attention layer: ~1.3M parameters, SAM2's real code). ``init: pretrained``
+(the default) loads the weights this project pretrained and ships (``weights/tiny/sam2/model.safetensors``, made by
+``rau pretrain sam2``; a safetensors state dict loaded into ``build_sam2``'s model, as strictly as sam2 loads its
+``.pt``); ``init: random`` random-initialises it once with a fixed seed, saves ``{"model": state_dict}`` into the
+model cache and loads it back through ``sam2.build_sam.build_sam2`` — the path the paper profile takes with the
+SAM2.1 hiera-large checkpoint (sam2 loads with ``weights_only=True``).
 The image embedding is computed once per image (``embed_image``) and reused by every prompt (``SAM2ImagePredictor``).
 Use: ``model = build_sam2_model(TINY)``; ``emb = embed_image(predictor_for(model), image)``.
 """
@@ -53,7 +55,7 @@ def tiny_overrides(image_size: int, embed_dim: int, hidden: int, mem_dim: int) -
 class Sam2Config:
     config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"  # a config of the sam2 package
     checkpoint: str = "tiny"  # "tiny" (built offline) or a SAM2.1 .pt file (a path, or an s3:// / gs:// URI)
-    image_size: int = 128  # SAM2's input side; the paper's 1024, tiny 128 (feature map 8x8)
+    image_size: int = 192  # SAM2's input side; the paper's 1024, tiny 192 (feature map 12x12, mask logits 48x48)
     # tiny shrink, used only when checkpoint == "tiny"
     embed_dim: int = 16  # Hiera stage-1 channels (x2 per stage)
     hidden_dim: int = 64  # neck / prompt encoder / mask decoder / memory attention width
@@ -62,7 +64,7 @@ class Sam2Config:
     device: str = "cpu"  # not part of the tiny cache key: one checkpoint serves CPU and GPU
     seed: int = 0  # the tiny random init; part of the cache key, so every process gets identical weights
     # tiny only: "pretrained" loads weights/tiny/sam2 (made by `rau pretrain sam2`), "random" a seeded fresh model
-    init: str = "random"
+    init: str = "pretrained"
 
     def validate(self) -> None:
         if self.image_size % 16:

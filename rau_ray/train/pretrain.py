@@ -78,6 +78,9 @@ def export(out: str | os.PathLike, write: Callable[[Path], None], facts: dict) -
         (tmp / "training.json").write_text(json.dumps(facts, indent=1, default=str))
         if (out / "README.md").is_file():
             shutil.copy2(out / "README.md", tmp / "README.md")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a weights folder is for everyone who can read the checkout
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -1,5 +1,7 @@
 """SpinalSAM-R1's CBAM + LoRA adapter on SAM2: what trains, what stays frozen, prompting still works."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -21,7 +23,7 @@ def test_cbam_keeps_shape_and_attention_in_unit_interval():
 
 def test_only_lora_and_cbam_train_and_frozen_weights_stay_bit_identical():
     rank = 4
-    plain = build_sam2_model(TINY)
+    plain = build_sam2_model(replace(TINY, init="random"))  # the adapter's mechanics, on a fresh model
     # hand count: every Hiera attention qkv / proj Linear gets A (r x in) and B (out x r)
     attn_linears = [m for n, m in plain.named_modules() if n.startswith("image_encoder.trunk.blocks.")
                     and n.endswith(("attn.qkv", "attn.proj"))]
