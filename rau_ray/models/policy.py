@@ -1,18 +1,13 @@
 """The policy: Qwen2.5-VL with LoRA (peft) and the project's ``<Seg>`` token.
 
-``tiny`` builds a 2-million-parameter Qwen2.5-VL from a config, with a byte-level BPE tokenizer trained in
+``tiny`` builds a few-hundred-thousand-parameter Qwen2.5-VL from a config, with a byte-level BPE tokenizer trained in
 code on the project's prompt vocabulary, Qwen2.5-VL's special tokens and chat template, saves it with
 ``save_pretrained`` and loads it back with ``from_pretrained`` — the path the paper profile takes with
-``Qwen/Qwen2.5-VL-7B-Instruct``. ``init: random`` (the default) builds that seeded random model into the cache;
-``init: pretrained`` loads the base the project trained on generic visual-language tasks (``rau pretrain policy``,
-shipped in ``weights/tiny/qwen2_5_vl`` with its model card). Use: ``policy = load_policy(PolicyConfig());
-policy.generate([messages])``.
+``Qwen/Qwen2.5-VL-7B-Instruct``. Use: ``policy = load_policy(PolicyConfig()); policy.generate([messages])``.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,20 +56,16 @@ class PolicyConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     min_pixels: int = 56 * 56  # processor bounds: images are resized to a multiple of 28 px within them;
     max_pixels: int = 224 * 224  # boxes in prompts/answers are pixels of that resized image
-    # model == "tiny": "pretrained" loads the shipped base (weights/tiny/qwen2_5_vl, trained by
-    # ``rau pretrain policy`` on generic visual-language tasks), "random" a seeded random init built into the cache
-    init: str = "random"
-    # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B, and
-    # large enough (2 M parameters) to learn to read images and boxes in its pretraining
-    hidden_size: int = 128
-    num_layers: int = 4
+    # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B
+    hidden_size: int = 64
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 384
-    vision_depth: int = 3
-    vision_hidden_size: int = 96
-    vision_heads: int = 3
-    vocab_size: int = 1536  # BPE merges learnt from the prompt and scene vocabulary (+ every coordinate 0..448)
+    intermediate_size: int = 128
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    vocab_size: int = 1024  # BPE merges learnt from the prompt vocabulary
     # weight init std of the tiny model. The 7B's 0.02 would leave a 64-wide model's frozen output head able to
     # reach logits of only about +-1, so no LoRA update could push the loss below ~log(vocab); 0.1 lets it peak
     init_std: float = 0.1
@@ -93,7 +84,6 @@ class PolicyConfig:
         if self.load_in_4bit and not torch.cuda.is_available():
             raise ConfigError("policy.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
         if self.model == pretrained.TINY:
-            pretrained.check_init(self.init, "policy")
             if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
                 raise ConfigError(f"policy: hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                                   f"({self.num_heads}), and num_heads of num_kv_heads ({self.num_kv_heads})")
@@ -110,17 +100,8 @@ PAPER = PolicyConfig(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", lora
                      min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
 
 
-MAX_COORD_TOKEN = 448  # every integer 0..448 (a box coordinate of any frame within max_pixels) is one token
-# the words of the generic scene tasks the tiny base is pretrained on (rau_ray.train.pretrain_policy)
-SCENE_WORDS = ("I see There is are a an the one two three four five shape shapes from left to right top bottom "
-               "middle centre on at in of and Image image 1 2 Where Which where which Describe describe "
-               "further higher up lower larger smaller so it its is centred x y px across wide does box "
-               "fall holds lies compared with than")
-
-
 def _tiny_corpus() -> list[str]:
     from rau_ray.data.phantoms import PHANTOMS
-    from rau_ray.data.scenes import KINDS, TONES
 
     names = [n for m in PHANTOMS.values() for n in m.LABELS.values()]
     example = {n: [10 * i, 20 + i, 30 + 10 * i, 90 + i] for i, n in enumerate(names)}
@@ -131,42 +112,13 @@ def _tiny_corpus() -> list[str]:
         for n in names:
             text.append(prompts.build_answer(task, label=n, box=example[n], boxes=example,
                                              think=f"The {n} lies left of and above the next structure."))
-    # coordinates as single tokens, with and without the leading space (JSON boxes: "[12, 40, ...]"), and the scene
-    # vocabulary: enough repeats that BPE merges all of them before rarer words
-    numbers = " ".join(f"[{i}, {i}]" for i in range(MAX_COORD_TOKEN + 1))
-    shapes = [f"{tone} {kind}" for tone in TONES for kind in KINDS]
-    scene = [numbers, " ".join(shapes), SCENE_WORDS, "system user assistant You are a helpful assistant.",
-             json.dumps({"answer": "image 1"}), json.dumps({"answer": "image 2"}),
-             json.dumps({"boxes": [{"label": n, "box": [0, 0, 1, 1]} for n in shapes]})]
-    return text * 3 + scene * 24
-
-
-@functools.lru_cache(maxsize=1)
-def corpus_digest() -> str:
-    """Identifies the tiny tokenizer: its merges are learnt from ``_tiny_corpus``."""
-    return hashlib.sha256(json.dumps(_tiny_corpus()).encode()).hexdigest()[:16]
-
-
-ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
-               "vision_hidden_size", "vision_heads", "vocab_size")
-
-
-def tiny_spec(cfg: PolicyConfig) -> dict:
-    """The tiny base a config asks for: its architecture and tokenizer (and, for ``init: random``, the seeded init
-    and the processor's pixel bounds it is saved with), the key of ``pretrained.resolve``. The shipped pretrained
-    folder holds the ``init: pretrained`` spec in ``rau_tiny_spec.json``."""
-    spec = {k: getattr(cfg, k) for k in ARCH_FIELDS}
-    spec.update(model=cfg.model, special_tokens=list(QWEN_SPECIAL), chat_template=CHAT_TEMPLATE,
-                tokenizer=corpus_digest())
-    if cfg.init != "pretrained":
-        spec.update(init_std=cfg.init_std, seed=cfg.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return spec
+    return text * 3
 
 
 def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, TokenizersBackend)
+                              Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -174,11 +126,8 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
     bpe.train_from_iterator(_tiny_corpus(), trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=list(QWEN_SPECIAL), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    # the generic fast tokenizer keeps this BPE's own byte-level pre-tokenizer (saved in tokenizer.json):
-    # Qwen2Tokenizer would replace it with Qwen's, which splits every number into digits; here each coordinate
-    # 0..448 is one token, which a model this small learns boxes with far better
-    tok = TokenizersBackend(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            unk_token=None, bos_token=None)
+    tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             unk_token=None, bos_token=None)
     bounds = {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}}
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**bounds), tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(**bounds), chat_template=CHAT_TEMPLATE)
@@ -215,8 +164,9 @@ def _load_base(cfg: PolicyConfig, processor_source: str | Path | None = None):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     cfg.validate()
-    path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), tiny_spec(cfg),
-                              init=cfg.init)
+    spec = {k: v for k, v in asdict(cfg).items() if not k.startswith("lora") and k not in ("dtype", "load_in_4bit")}
+    spec.update(special_tokens=QWEN_SPECIAL, chat_template=CHAT_TEMPLATE)  # a changed build gets a new folder
+    path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), spec)
     kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -371,9 +321,7 @@ class Policy:
         from rau_ray.config import from_dict
 
         folder = Path(folder)
-        saved = json.loads((folder / "policy_config.json").read_text())
-        saved.setdefault("init", "random")  # saved before the pretrained base existed: trained on a random one
-        cfg = from_dict(PolicyConfig, saved, str(folder))
+        cfg = from_dict(PolicyConfig, json.loads((folder / "policy_config.json").read_text()), str(folder))
         model, processor = _load_base(cfg, processor_source=folder / "processor")
         _add_project_tokens(model, processor)  # the saved tokenizer has <Seg> already: this only sizes the rows
         model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=trainable)
