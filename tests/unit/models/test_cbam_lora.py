@@ -23,7 +23,7 @@ def test_cbam_keeps_shape_and_attention_in_unit_interval():
 
 def test_only_lora_and_cbam_train_and_frozen_weights_stay_bit_identical():
     rank = 4
-    plain = build_sam2_model(replace(TINY, init="random"))  # the adapter's mechanics, on a fresh model
+    plain = build_sam2_model(replace(TINY, init="random", image_size=128))  # the adapter's mechanics, fresh model
     # hand count: every Hiera attention qkv / proj Linear gets A (r x in) and B (out x r)
     attn_linears = [m for n, m in plain.named_modules() if n.startswith("image_encoder.trunk.blocks.")
                     and n.endswith(("attn.qkv", "attn.proj"))]
@@ -40,7 +40,7 @@ def test_only_lora_and_cbam_train_and_frozen_weights_stay_bit_identical():
 
     model.train()
     opt = torch.optim.SGD(trainable.values(), lr=0.1)
-    images = torch.randn(1, 3, TINY.image_size, TINY.image_size)
+    images = torch.randn(1, 3, 128, 128)
     for _ in range(2):  # two steps: lora_B starts at zero, so lora_A moves only from the second step
         opt.zero_grad()
         out = model.forward_image(images)
