@@ -3,7 +3,7 @@
 Every figure is measured on phantom subjects / scenes made with seed 7777 (``BENCHMARK_SEED``), which no training
 run uses, through the code paths that serve requests (SAM2ImagePredictor, the video predictor, the Embedder + faiss
 bank, the policy's generate + the project's parser); means with 95 % bootstrap intervals over subjects.
-Run: ``.venv/bin/python benchmarks/backbones.py [--only sam2,dino] [--cbam CHECKPOINT] [--out FILE]``.
+Run: ``.venv/bin/python benchmarks/backbones.py [--only sam2,dino,policy] [--cbam CHECKPOINT] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ def measure(name: str) -> dict:
     if name == "dino":
         from rau_ray.train.pretrain_dino import quality
         return quality()
+    if name == "policy":
+        from rau_ray.train.pretrain_policy import quality
+        from rau_ray.models.pretrained import weights_root
+        return quality(str(weights_root() / "qwen2_5_vl"))
     raise SystemExit(f"unknown backbone {name!r}")
 
 
@@ -69,7 +73,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="sam2,dino", help="comma-separated: sam2, dino")
+    p.add_argument("--only", default="sam2,dino,policy", help="comma-separated: sam2, dino, policy")
     p.add_argument("--cbam", help="also measure this CBAM-LoRA checkpoint (rau train seg, mode cbam-lora)")
     p.add_argument("--out", default="runs/bench/backbones.json")
     a = p.parse_args()

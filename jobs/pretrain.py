@@ -11,6 +11,6 @@ from rau_ray.train.jobs import main
 
 if __name__ == "__main__":
     backbone = sys.argv.pop(1) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
-    if backbone not in ("sam2", "dino"):
-        sys.exit("usage: python jobs/pretrain.py sam2|dino --config FILE [--name N] [--max-steps N]")
+    if backbone not in ("sam2", "dino", "policy"):
+        sys.exit("usage: python jobs/pretrain.py sam2|dino|policy --config FILE [--name N] [--max-steps N]")
     main(f"pretrain-{backbone}")

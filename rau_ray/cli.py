@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_train)
 
-    pre = sub.add_parser("pretrain", help="pretrain a tiny backbone on Ray Train (sam2, dino) and export it "
+    pre = sub.add_parser("pretrain", help="pretrain a tiny backbone on Ray Train (sam2, dino, policy) and export it "
                                           "where the tiny profile loads it from (weights/tiny/)")
-    pre.add_argument("backbone", choices=("sam2", "dino"), help="which backbone")
+    pre.add_argument("backbone", choices=("sam2", "dino", "policy"), help="which backbone")
     add_arguments(pre)
     pre.set_defaults(func=_pretrain)
 

@@ -1,13 +1,18 @@
 """The policy: Qwen2.5-VL with LoRA (peft) and the project's ``<Seg>`` token.
 
-``tiny`` builds a few-hundred-thousand-parameter Qwen2.5-VL from a config, with a byte-level BPE tokenizer trained in
+``tiny`` builds a 2-million-parameter Qwen2.5-VL from a config, with a byte-level BPE tokenizer trained in
 code on the project's prompt vocabulary, Qwen2.5-VL's special tokens and chat template, saves it with
 ``save_pretrained`` and loads it back with ``from_pretrained`` — the path the paper profile takes with
-``Qwen/Qwen2.5-VL-7B-Instruct``. Use: ``policy = load_policy(PolicyConfig()); policy.generate([messages])``.
+``Qwen/Qwen2.5-VL-7B-Instruct``. ``init: random`` (the default) builds that seeded random model into the cache;
+``init: pretrained`` loads the base the project trained on generic visual-language tasks (``rau pretrain policy``,
+shipped in ``weights/tiny/qwen2_5_vl`` with its model card). Use: ``policy = load_policy(PolicyConfig());
+policy.generate([messages])``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,18 +59,27 @@ class PolicyConfig:
     # Linear layers of the *language model* that get LoRA (matched by a regex that excludes the vision tower,
     # whose blocks also have q/k/v-like names): attention only, the usual cheap choice for instruction tuning
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    min_pixels: int = 56 * 56  # processor bounds: images are resized to a multiple of 28 px within them;
-    max_pixels: int = 224 * 224  # boxes in prompts/answers are pixels of that resized image
-    # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B
-    hidden_size: int = 64
-    num_layers: int = 2
+    min_pixels: int = 56 * 56  # processor bounds: images are resized to a multiple of patch_size x 2 px within
+    max_pixels: int = 112 * 112  # them; boxes in prompts/answers are pixels of that resized image
+    # model == "tiny": "pretrained" loads the shipped base (weights/tiny/qwen2_5_vl, trained by
+    # ``rau pretrain policy`` on generic visual-language tasks), "random" a seeded random init built into the cache
+    init: str = "random"
+    # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B, and
+    # large enough (2 M parameters) to learn to read images and boxes in its pretraining
+    hidden_size: int = 128
+    num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_heads: int = 2
-    vocab_size: int = 1024  # BPE merges learnt from the prompt vocabulary
+    intermediate_size: int = 384
+    vision_depth: int = 3
+    vision_hidden_size: int = 96
+    vision_heads: int = 3
+    patch_size: int = 7  # vision patch side (the 7B's 14): with 2x2 merging a 112-px image is 8x8 visual tokens
+    # multimodal RoPE base. Its sections are contiguous bands of the head's frequencies, highest to time, lowest to
+    # width: at the 7B's 1e6 a 32-wide head gives height/width phases of < 0.01 rad a token, so a tiny model could
+    # not tell where an image token lies; at 10 the width band still turns 0.1-0.3 rad a token
+    rope_theta: float = 10.0
+    vocab_size: int = 1536  # BPE merges learnt from the prompt and scene vocabulary (+ every coordinate 0..448)
     # weight init std of the tiny model. The 7B's 0.02 would leave a 64-wide model's frozen output head able to
     # reach logits of only about +-1, so no LoRA update could push the loss below ~log(vocab); 0.1 lets it peak
     init_std: float = 0.1
@@ -84,6 +98,7 @@ class PolicyConfig:
         if self.load_in_4bit and not torch.cuda.is_available():
             raise ConfigError("policy.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on CPU")
         if self.model == pretrained.TINY:
+            pretrained.check_init(self.init, "policy")
             if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
                 raise ConfigError(f"policy: hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                                   f"({self.num_heads}), and num_heads of num_kv_heads ({self.num_kv_heads})")
@@ -100,8 +115,17 @@ PAPER = PolicyConfig(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", lora
                      min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
 
 
+MAX_COORD_TOKEN = 448  # every integer 0..448 (a box coordinate of any frame within max_pixels) is one token
+# the words of the generic scene tasks the tiny base is pretrained on (rau_ray.train.pretrain_policy)
+SCENE_WORDS = ("I see There is are a an the one two three four five shape shapes from left to right top bottom "
+               "middle centre on at in of and Image image 1 2 Where Which where which Describe describe "
+               "further higher up lower larger smaller so it its is centred x y px across wide does box "
+               "fall holds lies compared with than")
+
+
 def _tiny_corpus() -> list[str]:
     from rau_ray.data.phantoms import PHANTOMS
+    from rau_ray.data.scenes import KINDS, TONES
 
     names = [n for m in PHANTOMS.values() for n in m.LABELS.values()]
     example = {n: [10 * i, 20 + i, 30 + 10 * i, 90 + i] for i, n in enumerate(names)}
@@ -112,13 +136,74 @@ def _tiny_corpus() -> list[str]:
         for n in names:
             text.append(prompts.build_answer(task, label=n, box=example[n], boxes=example,
                                              think=f"The {n} lies left of and above the next structure."))
-    return text * 3
+    # coordinates as single tokens, with and without the leading space (JSON boxes: "[12, 40, ...]"), and the scene
+    # vocabulary: enough repeats that BPE merges all of them before rarer words
+    numbers = " ".join(f"[{i}, {i}]" for i in range(MAX_COORD_TOKEN + 1))
+    shapes = [f"{tone} {kind}" for tone in TONES for kind in KINDS]
+    scene = [numbers, " ".join(shapes), SCENE_WORDS, "system user assistant You are a helpful assistant.",
+             json.dumps({"answer": "image 1"}), json.dumps({"answer": "image 2"}),
+             json.dumps({"boxes": [{"label": n, "box": [0, 0, 1, 1]} for n in shapes]})]
+    return text * 3 + scene * 24
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_digest() -> str:
+    """Identifies the tiny tokenizer: its merges are learnt from ``_tiny_corpus``."""
+    return hashlib.sha256(json.dumps(_tiny_corpus()).encode()).hexdigest()[:16]
+
+
+ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
+               "vision_hidden_size", "vision_heads", "patch_size", "rope_theta", "vocab_size")
+
+
+def tiny_spec(cfg: PolicyConfig) -> dict:
+    """The tiny base a config asks for: its architecture and tokenizer (and, for ``init: random``, the seeded init
+    and the processor's pixel bounds it is saved with), the key of ``pretrained.resolve``. The shipped pretrained
+    folder holds the ``init: pretrained`` spec in ``rau_tiny_spec.json``."""
+    spec = {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    spec.update(model=cfg.model, special_tokens=list(QWEN_SPECIAL), chat_template=CHAT_TEMPLATE,
+                tokenizer=corpus_digest(), number_rows="fourier-16")
+    if cfg.init != "pretrained":
+        spec.update(init_std=cfg.init_std, seed=cfg.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return spec
+
+
+def number_tokens(tokenizer) -> dict[int, int]:
+    """Token id -> integer value for the coordinate tokens 0..MAX_COORD_TOKEN, with and without a leading space
+    (a JSON box's first number follows "[", the others ", ")."""
+    out = {}
+    for token, i in tokenizer.get_vocab().items():
+        text = token[1:] if token.startswith("\u0120") else token  # "\u0120": byte-level BPE's space
+        if text.isascii() and text.isdigit() and str(int(text)) == text and int(text) <= MAX_COORD_TOKEN:
+            out[i] = int(text)
+    return out
+
+
+@torch.no_grad()
+def _number_rows(model, tokenizer) -> None:
+    """Numbers start as smooth functions of their value: each coordinate token's input and output rows are Fourier
+    features of the number (periods 8..1024 px) in a random subspace, plus a little noise, so nearby values start
+    near each other and what a model learns for 40 carries over to 41 (a random init makes every number its own
+    class). Both spellings of a number (with or without a leading space) share the features."""
+    numbers = number_tokens(tokenizer)
+    if not numbers:
+        return
+    ids = torch.tensor(list(numbers))
+    values = torch.tensor(list(numbers.values()), dtype=torch.float32)
+    periods = torch.logspace(3, 10, 16, base=2.0)
+    angle = 2 * torch.pi * values[:, None] / periods[None]
+    features = torch.cat([angle.sin(), angle.cos()], 1) / 4.0  # unit norm
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        std = float(weight.std())
+        basis = torch.linalg.qr(torch.randn(weight.shape[1], features.shape[1]))[0]  # orthonormal columns
+        smooth = features @ basis.T * std * weight.shape[1] ** 0.5
+        weight[ids] = (0.8 * smooth + 0.2 * weight[ids]).to(weight.dtype)
 
 
 def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, TokenizersBackend)
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -126,9 +211,13 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
     bpe.train_from_iterator(_tiny_corpus(), trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=list(QWEN_SPECIAL), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                             unk_token=None, bos_token=None)
-    bounds = {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}}
+    # the generic fast tokenizer keeps this BPE's own byte-level pre-tokenizer (saved in tokenizer.json):
+    # Qwen2Tokenizer would replace it with Qwen's, which splits every number into digits; here each coordinate
+    # 0..448 is one token, which a model this small learns boxes with far better
+    tok = TokenizersBackend(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            unk_token=None, bos_token=None)
+    bounds = {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+              "patch_size": cfg.patch_size, "merge_size": 2}
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**bounds), tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(**bounds), chat_template=CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
@@ -140,20 +229,21 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": 4096,
             # multimodal RoPE: the rotary half of a head is split into (time, height, width) sections
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0,
-                                "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                "mrope_section": [half - 2 * (half * 7 // 16), half * 7 // 16, half * 7 // 16]},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False,
             "initializer_range": cfg.init_std},
         vision_config={"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden_size,
                        "intermediate_size": 2 * cfg.vision_hidden_size, "num_heads": cfg.vision_heads,
                        "out_hidden_size": cfg.hidden_size, "fullatt_block_indexes": [cfg.vision_depth - 1],
-                       "window_size": 112, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+                       "window_size": 8 * cfg.patch_size * 2, "patch_size": cfg.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False, initializer_range=cfg.init_std)
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    _number_rows(model, tok)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     pretrained.save_tiny_weights(model, folder)
@@ -164,9 +254,8 @@ def _load_base(cfg: PolicyConfig, processor_source: str | Path | None = None):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     cfg.validate()
-    spec = {k: v for k, v in asdict(cfg).items() if not k.startswith("lora") and k not in ("dtype", "load_in_4bit")}
-    spec.update(special_tokens=QWEN_SPECIAL, chat_template=CHAT_TEMPLATE)  # a changed build gets a new folder
-    path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), spec)
+    path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), tiny_spec(cfg),
+                              init=cfg.init)
     kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -321,7 +410,9 @@ class Policy:
         from rau_ray.config import from_dict
 
         folder = Path(folder)
-        cfg = from_dict(PolicyConfig, json.loads((folder / "policy_config.json").read_text()), str(folder))
+        saved = json.loads((folder / "policy_config.json").read_text())
+        saved.setdefault("init", "random")  # saved before the pretrained base existed: trained on a random one
+        cfg = from_dict(PolicyConfig, saved, str(folder))
         model, processor = _load_base(cfg, processor_source=folder / "processor")
         _add_project_tokens(model, processor)  # the saved tokenizer has <Seg> already: this only sizes the rows
         model = PeftModel.from_pretrained(model, folder / "adapter", is_trainable=trainable)

@@ -20,7 +20,8 @@ class ModelConfig:
     retrieval: retrieval.RetrievalConfig = field(default_factory=lambda: retrieval.TINY)
     policy: policy.PolicyConfig = field(default_factory=lambda: policy.TINY)
     sam2: sam2_builder.Sam2Config = field(default_factory=lambda: sam2_builder.TINY)
-    fusion: fusion.FusionConfig = field(default_factory=lambda: fusion.FusionConfig(llm_hidden_size=64))
+    fusion: fusion.FusionConfig = field(
+        default_factory=lambda: fusion.FusionConfig(llm_hidden_size=policy.TINY.hidden_size))
     cbam_lora: cbam_lora.CBAMLoRAConfig = field(default_factory=cbam_lora.CBAMLoRAConfig)
     max_new_tokens: int = 96  # a think + answer completion; longer ones are runaway generation
     embedding_cache: int = 32  # SAM2 image embeddings kept per process (keyed by image hash)

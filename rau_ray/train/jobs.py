@@ -44,7 +44,8 @@ def _pretrain_job(backbone: str) -> tuple:
 
 # backbone -> (config class, run function) of rau_ray/train/pretrain_<backbone>.py
 PRETRAIN_JOBS = {"sam2": ("Sam2PretrainConfig", "run_pretrain_sam2"),
-                 "dino": ("DinoPretrainConfig", "run_pretrain_dino")}
+                 "dino": ("DinoPretrainConfig", "run_pretrain_dino"),
+                 "policy": ("PolicyPretrainConfig", "run_pretrain_policy")}
 
 
 def summarise(result, kind: str, storage_path: str | None = None) -> dict:
