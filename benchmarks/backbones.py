@@ -40,11 +40,14 @@ def measure(name: str) -> dict:
         return quality()
     if name == "dino":
         from rau_ray.train.pretrain_dino import quality
-        return quality()
+        q = quality()
+        return {**q, **{f"pose@{k}": {"mean": q[f"recall@{k}"], "ci95": q[f"recall@{k}_ci95"], "n": q["queries"]}
+                        for k in (1, 5)}}
     if name == "policy":
         from rau_ray.train.pretrain_policy import quality
         from rau_ray.models.pretrained import weights_root
-        return quality(str(weights_root() / "qwen2_5_vl"))
+        q = quality(str(weights_root() / "qwen2_5_vl"), n=100)
+        return {**q, "ground_iou": q["grounding_iou"], "compare_acc": q["comparison_accuracy"]}
     raise SystemExit(f"unknown backbone {name!r}")
 
 

@@ -265,25 +265,20 @@ class EvalWorker:
         return [rec]
 
     def _ask(self, kind: str, ref, image, modality: str, regions: dict) -> tuple[list, list]:
-        from rau_ray.models import prompts
+        from rau_ray.models import pipeline
 
         policy = self.policy(kind)
-        ref_pil, tgt_pil = prompts.to_pil(ref.image, ref.modality), prompts.to_pil(image, modality)
-        ref_hw = prompts.resized_size(ref_pil.height, ref_pil.width, policy.processor)
-        tgt_hw = prompts.resized_size(tgt_pil.height, tgt_pil.width, policy.processor)
-        ref_boxes = {k: prompts.scale_box(b, (ref_pil.height, ref_pil.width), ref_hw)
-                     for k, b in label_boxes_of(ref).items()}
-        messages = [prompts.build_messages("label", ref_pil, ref_boxes, tgt_pil,
-                                           region=prompts.scale_box(b, (tgt_pil.height, tgt_pil.width), tgt_hw),
-                                           modality=modality) for b in regions.values()]
+        ref_boxes = label_boxes_of(ref)
+        questions = [pipeline.ask(policy.processor, "label", image, ref.image, ref_boxes, region=b, modality=modality,
+                                  reference_modality=ref.modality) for b in regions.values()]
         budget = self.spec["max_new_tokens"].get(kind) or self.model_config().max_new_tokens
         answers, seconds, step = [], [], self.spec["label_batch"]
-        for i in range(0, len(messages), step):
+        for i in range(0, len(questions), step):
             t0 = time.perf_counter()
-            texts = policy.generate(messages[i:i + step], max_new_tokens=budget)
+            texts = policy.generate([q.messages for q in questions[i:i + step]], max_new_tokens=budget)
             dt = (time.perf_counter() - t0) / len(texts)
-            for text in texts:
-                parsed = prompts.parse_answer(text, "label", image_size=(tgt_hw[1], tgt_hw[0]))
+            for question, text in zip(questions[i:i + step], texts):
+                parsed = question.parse(text)
                 answers.append(parsed.label if parsed else None)
                 seconds.append(dt)
         return answers, seconds

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rau_ray.data.manifest import ManifestRow, read_manifest
 from rau_ray.data.tasks import label_boxes
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.models import prompts
+from rau_ray.models import pipeline, prompts
 from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import ModelConfig
@@ -167,36 +167,28 @@ class RAUModel:
         if not ref_mask.any():
             raise DataError(f"structure {structure!r} has no pixels in the reference image")
 
-        ref_pil, tgt_pil = prompts.to_pil(reference.image, reference.modality), prompts.to_pil(target, modality)
-        ref_hw = prompts.resized_size(ref_pil.height, ref_pil.width, self.policy.processor)
-        tgt_hw = prompts.resized_size(tgt_pil.height, tgt_pil.width, self.policy.processor)
-        boxes = {k: prompts.scale_box(b, (ref_pil.height, ref_pil.width), ref_hw)
-                 for k, b in label_boxes(reference.label, reference.names).items()}
-        messages = prompts.build_messages("segment", ref_pil, boxes, tgt_pil, structure=structure, modality=modality)
+        question = pipeline.ask(self.policy.processor, "segment", target, reference.image,
+                                label_boxes(reference.label, reference.names), structure=structure,
+                                modality=modality, reference_modality=reference.modality)
         t0 = time.perf_counter()
-        completion = self.policy.generate([messages], max_new_tokens=self.cfg.max_new_tokens)[0]
+        completion = self.policy.generate([question.messages], max_new_tokens=self.cfg.max_new_tokens)[0]
         t["generate"] = time.perf_counter() - t0
-        parsed = prompts.parse_answer(completion, "segment", image_size=(tgt_hw[1], tgt_hw[0]))
-        forced = completion if parsed else prompts.build_answer("segment", label=structure)
+        parsed = question.parse(completion)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            seg_hidden = self.policy.seg_hidden_states(messages, forced)[:1]
+        seg_hidden = pipeline.seg_state(self.policy, question, completion)
         t["seg_hidden"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        ref_emb = self.image_embedding(np.asarray(ref_pil))
-        tgt_emb = self.image_embedding(np.asarray(tgt_pil))
+        ref_emb = self.image_embedding(np.asarray(prompts.to_pil(reference.image, reference.modality)))
+        tgt_emb = self.image_embedding(np.asarray(prompts.to_pil(target, modality)))
         t["embed"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         memory = self.segmenter.encode_reference(ref_emb, ref_mask)
         logits, score, attn = self.segmenter.predict(tgt_emb, seg_hidden, memory)
         mask = (logits > 0).cpu().numpy()
         t["decode"] = time.perf_counter() - t0
-        if parsed and parsed.box is not None:
-            box = prompts.scale_box(parsed.box, tgt_hw, (tgt_pil.height, tgt_pil.width))
-        else:
-            found = label_boxes(mask.astype(np.uint8), {1: "m"})
-            box = found.get("m")
+        box = parsed.box if parsed and parsed.box is not None else \
+            label_boxes(mask.astype(np.uint8), {1: "m"}).get("m")
         t["total"] = sum(t.values())
         ref_info = None if reference.row is None else {"id": reference.row["id"], "similarity": reference.similarity}
         return Prediction(structure=structure, label=parsed.label if parsed else structure, box=box, mask=mask,

@@ -189,44 +189,28 @@ class Policy:
     def answer_many(self, requests: list[dict]) -> list[dict]:
         """Questions -> answers, one generate() call for all: ``{task: segment|label, ref_image (H,W,3) uint8,
         ref_boxes {name: box in reference pixels}, target (H,W,3) uint8, structure | region, modality}``."""
-        import torch
-        from PIL import Image
-
-        from rau_ray.models import prompts
+        from rau_ray.models import pipeline
 
         self.batches.append(len(requests))
-        proc = self.policy.processor
-        built = []
-        for r in requests:
-            ref, tgt = Image.fromarray(r["ref_image"]), Image.fromarray(r["target"])
-            ref_hw = prompts.resized_size(ref.height, ref.width, proc)
-            tgt_hw = prompts.resized_size(tgt.height, tgt.width, proc)
-            boxes = {k: prompts.scale_box(b, (ref.height, ref.width), ref_hw) for k, b in r["ref_boxes"].items()}
-            region = r.get("region")
-            if region is not None:
-                region = prompts.scale_box(region, (tgt.height, tgt.width), tgt_hw)
-            messages = prompts.build_messages(r["task"], ref, boxes, tgt, structure=r.get("structure"),
-                                              region=region, modality=r.get("modality") or "CT")
-            built.append((messages, tgt_hw, (tgt.height, tgt.width)))
+        questions = [pipeline.ask(self.policy.processor, r["task"], r["target"], r["ref_image"], r["ref_boxes"],
+                                  structure=r.get("structure"), region=r.get("region"),
+                                  modality=r.get("modality") or "CT") for r in requests]
         t0 = time.perf_counter()
-        completions = self.policy.generate([m for m, _, _ in built], max_new_tokens=self.max_new_tokens)
+        completions = self.policy.generate([q.messages for q in questions], max_new_tokens=self.max_new_tokens)
         gen = (time.perf_counter() - t0) / len(requests)
         out = []
-        for r, (messages, tgt_hw, orig_hw), completion in zip(requests, built, completions):
-            parsed = prompts.parse_answer(completion, r["task"], image_size=(tgt_hw[1], tgt_hw[0]))
+        for r, question, completion in zip(requests, questions, completions):
+            parsed = question.parse(completion)
             res = {"completion": completion, "label": parsed.label if parsed else None,
                    "format_error": None if parsed else parsed.message, "box": None,
                    "timings": {"generate": gen, "batch": len(requests)}}
             if parsed and parsed.box is not None:
-                res["box"] = prompts.scale_box(parsed.box, tgt_hw, orig_hw)
+                res["box"] = parsed.box
             if parsed and parsed.boxes:
-                res["boxes"] = [(lab, prompts.scale_box(b, tgt_hw, orig_hw)) for lab, b in parsed.boxes]
+                res["boxes"] = parsed.boxes
             if r["task"] == "segment":
-                forced = completion if parsed else prompts.build_answer("segment", label=r["structure"])
                 t1 = time.perf_counter()
-                with torch.no_grad():
-                    hidden = self.policy.seg_hidden_states(messages, forced)[:1]
-                res["seg_hidden"] = hidden.float().cpu().numpy()
+                res["seg_hidden"] = pipeline.seg_state(self.policy, question, completion).float().cpu().numpy()
                 res["timings"]["seg_hidden"] = time.perf_counter() - t1
             out.append(res)
         return out

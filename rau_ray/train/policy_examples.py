@@ -1,7 +1,7 @@
 """Turn reference-target task items (``rau_ray.data.tasks.make_pairs``) into chat messages + target completions.
 
-Boxes are scaled into the processor's resized image, as the policy sees and answers them. Manifests and images are
-read once per process. Use: ``messages, completion = PolicyExamples(processor).example(item)``;
+The prompts and answers are the pipeline's (``rau_ray.models.pipeline``): boxes in the processor's resized image, as
+the policy sees and answers them. Manifests and images are read once per process. Use: ``messages, completion = PolicyExamples(processor).example(item)``;
 ``truth(item)`` -> what a right answer holds (label, box, all boxes, the resized image size), for scoring.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rau_ray.data.manifest import Manifests
 from rau_ray.data.tasks import label_boxes
-from rau_ray.models import prompts
+from rau_ray.models import pipeline
 
 
 class PolicyExamples:
@@ -17,28 +17,27 @@ class PolicyExamples:
         self.processor = processor
         self.manifests = Manifests()
 
-    def _sample(self, manifest_path: str, row_id: str):
-        row, image, label = self.manifests.sample(manifest_path, row_id)
-        pil = prompts.to_pil(image, row.modality)
-        hw = (pil.height, pil.width)
-        resized = prompts.resized_size(*hw, self.processor)
-        boxes = {k: prompts.scale_box(b, hw, resized) for k, b in label_boxes(label, row.label_names).items()}
-        return row, pil, boxes, resized
+    def question(self, item: dict):
+        """The pipeline's question for a task item, and the target's labelled boxes (its own pixels)."""
+        ref, ref_image, ref_label = self.manifests.sample(item["manifest"], item["reference"])
+        tgt, image, label = self.manifests.sample(item["manifest"], item["target"])
+        boxes = label_boxes(label, tgt.label_names)
+        structure, task = item["structure"], item["task"]
+        question = pipeline.ask(self.processor, task, image, ref_image, label_boxes(ref_label, ref.label_names),
+                                structure=structure, region=boxes.get(structure) if task == "label" else None,
+                                modality=tgt.modality, reference_modality=ref.modality)
+        return question, boxes
 
     def example(self, item: dict) -> tuple[list[dict], str]:
-        ref, ref_pil, ref_boxes, _ = self._sample(item["manifest"], item["reference"])
-        tgt, tgt_pil, tgt_boxes, _ = self._sample(item["manifest"], item["target"])
-        structure, task = item["structure"], item["task"]
-        region = tgt_boxes.get(structure) if task == "label" else None
-        messages = prompts.build_messages(task, ref_pil, ref_boxes, tgt_pil, structure=structure, region=region,
-                                          modality=tgt.modality)
-        think = (f"In the reference the {structure} is at {ref_boxes.get(structure)}; the target shows the same "
-                 f"anatomy, so it lies at the matching position relative to its neighbours.")
-        completion = prompts.build_answer(task, label=structure, box=tgt_boxes.get(structure), boxes=tgt_boxes,
-                                          think=think)
-        return messages, completion
+        question, boxes = self.question(item)
+        structure = item["structure"]
+        think = (f"In the reference the {structure} is at {question.reference_boxes.get(structure)}; the target "
+                 f"shows the same anatomy, so it lies at the matching position relative to its neighbours.")
+        return question.messages, question.completion(label=structure, box=boxes.get(structure), boxes=boxes,
+                                                      think=think)
 
     def truth(self, item: dict) -> dict:
-        _, _, boxes, (height, width) = self._sample(item["manifest"], item["target"])
-        return {"task": item["task"], "label": item["structure"], "box": boxes.get(item["structure"]),
-                "boxes": boxes, "image_size": [width, height]}
+        question, boxes = self.question(item)
+        frame = {k: question.to_frame(b) for k, b in boxes.items()}
+        return {"task": item["task"], "label": item["structure"], "box": frame.get(item["structure"]),
+                "boxes": frame, "image_size": [question.frame[1], question.frame[0]]}

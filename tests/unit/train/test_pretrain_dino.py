@@ -75,6 +75,35 @@ def test_batches_pair_neighbouring_slices_and_mask_other_subjects():
     assert np.array_equal(batch["anchor"][~vol], batch["positive"][~vol])  # a scene is its own positive
 
 
+def test_cross_volume_positives_share_the_scan_position_and_far_slices_of_other_volumes_are_negatives():
+    cfg = replace(SMALL, cross_volume=1.0, far=4, neighbour=1, phantom_fraction=1.0, slices_per_subject=40)
+    data = pd.render_items(pd.training_items(cfg), cfg)
+    index = {im.tobytes(): i for i, im in enumerate(data["images"])}
+    batch = pd.sample_batch(data, cfg, np.random.default_rng(0))
+    positive = np.array([index[p.tobytes()] for p in batch["positive"]])
+    # every positive: another volume, at most `neighbour` slice indices from its anchor
+    assert (data["group"][positive] != batch["group"]).all()
+    assert (np.abs(data["slice"][positive] - batch["slice"]) <= cfg.neighbour).all()
+    mask = pd.negatives_mask(batch["group"], batch["slice"], cfg.neighbour, cfg.far).numpy()
+    g, k = batch["group"], batch["slice"]
+    for i in range(len(g)):
+        for j in range(len(g)):
+            gap = abs(k[i] - k[j])
+            assert mask[i, j] == (gap > cfg.neighbour if g[i] == g[j] else gap >= cfg.far)
+    with pytest.raises(ConfigError, match="far .* above neighbour"):
+        from_dict(pd.DinoPretrainConfig, {"far": 2, "neighbour": 2}, "test")
+
+
+def test_pose_recall_by_anatomical_depth_an_oracle_finds_every_pose():
+    data = pd.val_set(4242, 24, 32)
+    oracle = np.stack([np.cos(data["anatomy"] / 200), np.sin(data["anatomy"] / 200)], 1)  # cosine falls with depth
+    hits, _ = pd.pose_hits(oracle, data["subject"], data["anatomy"], tolerance=pd.POSE_TOLERANCE_MM)
+    assert hits[1].all() and pd.pose_ceiling(data, tolerance=pd.POSE_TOLERANCE_MM, by="anatomy")["recall@1"] == 1.0
+    shuffled = oracle[np.random.default_rng(0).permutation(len(oracle))]
+    hits, _ = pd.pose_hits(shuffled, data["subject"], data["anatomy"], tolerance=pd.POSE_TOLERANCE_MM)
+    assert hits[1].mean() < 0.6
+
+
 def test_loss_falls_in_a_few_in_process_steps_and_the_export_loads_as_the_embedder(tmp_path):
     torch.set_num_threads(1)
     data = pd.render_items(pd.training_items(SMALL), SMALL)
