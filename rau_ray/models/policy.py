@@ -237,7 +237,9 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
         vision_config={"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden_size,
                        "intermediate_size": 2 * cfg.vision_hidden_size, "num_heads": cfg.vision_heads,
                        "out_hidden_size": cfg.hidden_size, "fullatt_block_indexes": [cfg.vision_depth - 1],
-                       "window_size": 8 * cfg.patch_size * 2, "patch_size": cfg.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2},
+                       # one attention window covers a whole 112-px image (8x8 merged tokens)
+                       "window_size": 8 * cfg.patch_size * 2, "patch_size": cfg.patch_size,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False, initializer_range=cfg.init_std)

@@ -1,7 +1,8 @@
 """Turn reference-target task items (``rau_ray.data.tasks.make_pairs``) into chat messages + target completions.
 
 The prompts and answers are the pipeline's (``rau_ray.models.pipeline``): boxes in the processor's resized image, as
-the policy sees and answers them. Manifests and images are read once per process. Use: ``messages, completion = PolicyExamples(processor).example(item)``;
+the policy sees and answers them. Manifests and images are read once per process.
+Use: ``messages, completion = PolicyExamples(processor).example(item)``;
 ``truth(item)`` -> what a right answer holds (label, box, all boxes, the resized image size), for scoring.
 """
 
