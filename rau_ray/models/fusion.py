@@ -5,7 +5,7 @@ attends over them; the fused token enters SAM2's mask decoder as a sparse prompt
 image's embedding (the LISA / Sa2VA route). The image encoder stays frozen; the projector, the fusion and the mask
 decoder train. The SAM2-Memory-Ref baseline and 3D propagation (SAM2's own video memory, no VLM) live in
 ``memory_ref`` and are re-exported here.
-Use: ``seg = RAUSegmenter(build_sam2_model(), FusionConfig(llm_hidden_size=64))``;
+Use: ``seg = RAUSegmenter(build_sam2_model(), FusionConfig(llm_hidden_size=128))``;
 ``logits, score, attn = seg.predict(seg.set_image(target), h_seg, seg.encode_reference(seg.set_image(ref), mask))``.
 """
 
@@ -29,7 +29,7 @@ PROJECTOR_DIMS = (128, 256, 512, 1024)
 
 @dataclass(frozen=True)
 class FusionConfig:
-    llm_hidden_size: int = 64  # the policy's hidden size (tiny 64, Qwen2.5-VL-7B 3584)
+    llm_hidden_size: int = 64  # the policy's hidden size (tiny 128, Qwen2.5-VL-7B 3584)
     projector_dim: int = 256  # RAU's projector width; Ray Tune sweeps 128/256/512/1024
     num_heads: int = 4  # attention heads of the <Seg> query over memory slots
     dropout: float = 0.0  # attention dropout; 0 keeps tiny runs deterministic, small data may want 0.1

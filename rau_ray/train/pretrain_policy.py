@@ -14,6 +14,12 @@ with boxes ``[x1, y1, x2, y2]`` in pixels of the image as the processor resizes 
 * ``transfer`` two images: "Where does the box [..] of image 1 fall in image 2?" -> the shape it holds, then its box
   in image 2.
 
+Two things make a model this small read the images at all (without them the loss settled on the average box and
+the answers ignored the image): a coordinate token's target is spread over its neighbouring values
+(``CompletionLoss``; number rows start as smooth functions of their value, ``policy._number_rows``), and
+training-only heads on the image tokens (``AuxHeads``: the shape under each token, its place in the image, its
+shape's box; dropped at export) give the image path a dense signal from the first step. Half the scenes hold one
+shape (``single_shape``), where a box is read before telling shapes apart.
 Every statement in a ``<think>`` is computed from the scene (positions by thirds of the frame, centres, sizes), so
 it is true by construction; ``quality`` measures how often the model's own are. Each worker renders its share of the
 scene stream (``data.seed``) once, then draws batches with fresh dihedral augmentations, tasks and questions from a
@@ -780,7 +786,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 OBJECTIVE = ("full-parameter next-token cross-entropy on the completion (<think> + JSON answer) of four generic "
-             "visual-language tasks on procedural scenes: ground, describe, compare two images, box transfer")
+             "visual-language tasks on procedural scenes (ground, describe, compare two images, box transfer), a "
+             "coordinate token's target spread over its neighbours (Gaussian, coord_sigma px), plus training-only "
+             "heads on the image tokens (the shape under each token, its place in the image, its shape's box)")
 
 
 def export_base(cfg: PolicyPretrainConfig, weights: dict[str, torch.Tensor], facts: dict):

@@ -21,6 +21,7 @@ from rau_ray.train.run import STATE, WEIGHTS, read_checkpoint, read_history
 # the SFT recipe of jobs/configs/sft-tiny.yaml: a random base learns in seconds with LoRA on the MLPs too
 MODEL = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64, "lora_targets": [
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}
+SFT_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def manifest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sft_checkpoint(manifest, tmp_path_factory):
     """A quick SFT start in this process (the SFT job has its own tests): the label answers of the train items,
-    teacher-forced until the policy writes them, saved in the training checkpoint layout."""
+    teacher-forced long enough that the policy answers in format but not so long that every sampled answer is right
+    (a group whose rewards are all equal has no advantage, and GRPO then rightly leaves the adapter as it is), saved
+    in the training checkpoint layout."""
     from safetensors.torch import save_file
 
     from rau_ray.train.policy_examples import PolicyExamples
@@ -44,7 +47,7 @@ def sft_checkpoint(manifest, tmp_path_factory):
     examples = PolicyExamples(policy.processor)
     pairs = [examples.example(i) for i in make_pairs(read_manifest(manifest), tasks=("label",))]
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=5e-3)
-    for step in range(150):
+    for step in range(SFT_STEPS):
         batch = [pairs[(2 * step + k) % len(pairs)] for k in range(2)]
         policy.model(**policy.inputs_for([m for m, _ in batch], [c for _, c in batch])).loss.backward()
         opt.step()
@@ -57,7 +60,7 @@ def sft_checkpoint(manifest, tmp_path_factory):
 
 def grpo_config(manifest, sft_checkpoint, tmp_path, **fields) -> GRPOJobConfig:
     base = dict(manifest=manifest, sft_checkpoint=str(sft_checkpoint), tasks=["label"], num_generations=4,
-                batch_size=4, temperature=0.5, max_completion_length=100, max_steps=2, log_every=1,
+                batch_size=4, temperature=1.0, max_completion_length=100, max_steps=2, log_every=1,
                 checkpoint_every=2, scale={"num_workers": 2, "storage_path": str(tmp_path / "runs"),
                                            "max_failures": 0})
     return from_dict(GRPOJobConfig, {**base, **fields}, "test")
@@ -78,6 +81,7 @@ def test_grpo_logs_rewards_saves_loadable_checkpoints_and_resumes(ray_cluster, m
     assert [row["step"] for row in history] == [1, 2]
     # the SFT start answers in format: the rewards are really computed on the workers' rollouts
     assert max(row["rewards/format/mean"] for row in history) > 0
+    assert max(row["reward_std"] for row in history) > 0  # some group had an advantage to learn from
 
     weights, state = read_checkpoint(result.checkpoint.path)
     assert state["step"] == 2 and state["config"]["model"] == MODEL  # the model the adapter fits

@@ -70,7 +70,7 @@ def test_bad_config_is_a_clear_error(manifest, tmp_path):
     with pytest.raises(ConfigError, match="zero_stage"):
         sft_config(manifest, tmp_path, zero_stage=1)
     with pytest.raises(ConfigError, match="hidden size"):  # caught on the driver, before any worker starts
-        run_sft(sft_config(manifest, tmp_path, model={"profile": "tiny", "policy": {"hidden_size": 128}}))
+        run_sft(sft_config(manifest, tmp_path, model={"profile": "tiny", "policy": {"hidden_size": 96}}))
     with pytest.raises(ConfigError, match="no held-out pairs"):
         run_sft(sft_config(manifest, tmp_path, val_split="nonexistent"))
 

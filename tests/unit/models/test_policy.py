@@ -94,8 +94,9 @@ def test_images_get_3d_rotary_positions_and_resized_size_matches_the_processor(p
     # 3D positions of an image advance by max(h, w)/2 instead of h*w/4: the text after it starts earlier
     assert policy.model.get_base_model().model.rope_deltas.item() < 0
     ref, tgt = (c["image"] for c in msgs[1]["content"] if c["type"] == "image")
+    patch = policy.processor.image_processor.patch_size
     for image, (_, h, w) in zip((ref, tgt), inputs["image_grid_thw"].tolist()):
-        assert prompts.resized_size(image.height, image.width, policy.processor) == (h * 14, w * 14)
+        assert prompts.resized_size(image.height, image.width, policy.processor) == (h * patch, w * patch)
 
 
 def test_gradients_reach_exactly_the_trainable_parameters(policy, example):
