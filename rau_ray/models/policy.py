@@ -3,10 +3,10 @@
 ``tiny`` builds a 2-million-parameter Qwen2.5-VL from a config, with a byte-level BPE tokenizer trained in
 code on the project's prompt vocabulary, Qwen2.5-VL's special tokens and chat template, saves it with
 ``save_pretrained`` and loads it back with ``from_pretrained`` — the path the paper profile takes with
-``Qwen/Qwen2.5-VL-7B-Instruct``. ``init: random`` (the default) builds that seeded random model into the cache;
-``init: pretrained`` loads the base the project trained on generic visual-language tasks (``rau pretrain policy``,
-shipped in ``weights/tiny/qwen2_5_vl`` with its model card). Use: ``policy = load_policy(PolicyConfig());
-policy.generate([messages])``.
+``Qwen/Qwen2.5-VL-7B-Instruct``. ``init: pretrained`` (the default) loads the base the project trained on generic
+visual-language tasks (``rau pretrain policy``, shipped in ``weights/tiny/qwen2_5_vl`` with its model card);
+``init: random`` builds the seeded random model of the same architecture into the cache.
+Use: ``policy = load_policy(PolicyConfig()); policy.generate([messages])``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class PolicyConfig:
     max_pixels: int = 112 * 112  # them; boxes in prompts/answers are pixels of that resized image
     # model == "tiny": "pretrained" loads the shipped base (weights/tiny/qwen2_5_vl, trained by
     # ``rau pretrain policy`` on generic visual-language tasks), "random" a seeded random init built into the cache
-    init: str = "random"
+    init: str = "pretrained"
     # tiny architecture, used only when model == "tiny": small enough for 2 CPU cores, same code as the 7B, and
     # large enough (2 M parameters) to learn to read images and boxes in its pretraining
     hidden_size: int = 128

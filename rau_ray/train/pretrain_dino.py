@@ -5,14 +5,15 @@ two augmented views go through the model, each view's retrieval embedding (the C
 each L2-normalised and concatenated, exactly what ``Embedder`` returns) through a small projection head, and a
 symmetric InfoNCE loss (SimCLR's NT-Xent) pulls each pair together (``OBJECTIVE``). A scene's pair is two
 augmentations of it, every other image a negative. A CT slice's pair is a slice of the same volume at most
-``neighbour`` slices away (the scan's own geometry, as time-contrastive learning pairs nearby video frames); its
-negatives are the farther slices of its own volume (``group_slices`` a volume in a batch), never another subject's
-slices (the same depth of another subject is what retrieval must find). The augmentations keep the layout of the
-anatomy: contrast / brightness / gamma jitter, blur, noise, small rotations, shifts, per-axis zooms and a smooth
-elastic field (no flips, no small crops). Images: generic procedural scenes (``rau_ray.data.scenes``) and every
-axial slice of the *train*-split subjects of the in-distribution phantoms made with the pretraining data seed
-(``PretrainData``), rendered once per worker from its Ray Data shard. Ultrasound, xray-msk, val/test subjects and
-the benchmark seed are never seen.
+``neighbour`` slices away (the scan's own geometry, as time-contrastive learning pairs nearby video frames) or,
+for a ``cross_volume`` share, a slice of another volume at the same scan position (+-``neighbour``): the same depth
+of another subject is what retrieval must find. Its negatives are the farther slices of its own volume
+(``group_slices`` a volume in a batch) and other volumes' slices at least ``far`` positions away. The augmentations
+keep the layout of the anatomy: contrast / brightness / gamma jitter, blur, noise, small rotations, shifts,
+per-axis zooms and a smooth elastic field (no flips, no small crops). Images: generic procedural scenes
+(``rau_ray.data.scenes``) and every axial slice of the *train*-split subjects of the in-distribution phantoms made
+with the pretraining data seed (``PretrainData``), rendered once per worker from its Ray Data shard. Ultrasound,
+xray-msk, val/test subjects and the benchmark seed are never seen.
 DDP over the workers (``ray.train.torch.prepare_model``); checkpoints (``rau_ray.train.run``) hold the model and the
 head (``model.*``, ``head.*``), so the same name again resumes (AdamW's moments restart). Validation: pose recall@1/@5
 of the embedding on phantom subjects of another seed (``val_seed``, not the benchmark's), half of them the bank,
@@ -21,13 +22,11 @@ half the queries, logged at step 0 and every ``eval_every`` steps. At the end th
 profile builds them, ``rau_tiny_spec.json``, ``training.json``) into ``out`` (``weights/tiny/dinov2``), where
 ``RetrievalConfig(init="pretrained")`` loads it from.
 ``quality(...)`` measures pose recall@1/@5 with 95 % bootstrap intervals on held-out ct-abdomen subjects (seed 7777).
-Status (2026-12-02, not shipped): the config's run, stopped at step ~600 of 1500 for lack of CPU time, lowered the
-loss (3.3 -> 1.8) but not the validation recall (24 subjects of seed 4242, 48 queries: 0.27/0.73 at step 0,
-0.21/0.65 at step 600). Its step-500 checkpoint on ``quality(subjects=40, size=128)`` (seed 7777, 80 queries):
-recall@1 0.34 [0.23, 0.45], @5 0.74 [0.65, 0.83], vs the random init 0.19 [0.10, 0.28], 0.70 [0.58, 0.81]; the
-oracle ceiling (true anatomical depth) there is 0.575 / 0.94, so recall@1 >= 0.60 is out of any embedding's reach
-on that set. Within-volume negatives never pull the same depth of two subjects together: subject identity stays in
-the embedding. Next to try: cross-volume nearest-neighbour positives (NNCLR-style, still label-free).
+Status (2026-12-02, shipped as weights/tiny/dinov2, the tiny embedder's default): the config's 600 steps (12.5 min)
+reach pose recall@1/@5 0.425 [0.31, 0.54] / 0.775 [0.69, 0.85] on ``quality()`` (40 subjects of seed 7777, 80
+queries, a hit within 10 mm of anatomical depth), vs the random init's 0.16 / 0.68; targets 0.60 / 0.90 missed.
+Within-volume negatives alone left subject identity in the embedding (validation recall did not rise over 600
+steps); the cross-volume positives at the same scan position are what made it rise (0.29 -> 0.42 at k = 1).
 Use: ``rau pretrain dino --config jobs/configs/pretrain-dino-tiny.yaml``; ``quality("weights/tiny/dinov2")``.
 """
 
@@ -49,9 +48,10 @@ from rau_ray.train.run import ScaleConfig
 
 OBJECTIVE = ("self-supervised InfoNCE (NT-Xent, temperature `temperature`) between two augmented views, of one image "
              "(scenes) or of two slices at most `neighbour` slices apart in one phantom volume (a depth-contrastive "
-             "positive, as time-contrastive learning pairs nearby video frames; the negatives of a slice are the "
-             "farther slices of its own volume), on the retrieval embedding (normalised CLS + mean patch token) "
-             "through a 2-layer projection head; no labels")
+             "positive, as time-contrastive learning pairs nearby video frames) or, for a `cross_volume` share, a "
+             "slice of another volume at the same scan position; a slice's negatives are the farther slices of its "
+             "own volume and other volumes' slices at least `far` positions away; on the retrieval embedding "
+             "(normalised CLS + mean patch token) through a 2-layer projection head; no labels")
 ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "pooling")  # RetrievalConfig fields `arch` may override
 VAL_SEED = 4242  # validation subjects: neither the pretraining data's seed nor the benchmark's
 # a retrieved slice shows the query's pose when its anatomical depth lies within this of the query's (2 slices of

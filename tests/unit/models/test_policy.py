@@ -1,6 +1,7 @@
 """The tiny Qwen2.5-VL policy: offline build through from_pretrained, <Seg>, LoRA, gradients, save/load."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ def example():
     return msgs, prompts.build_answer("segment", label="liver", box=[4, 8, 30, 40], think="left of the aorta")
 
 
-def test_tiny_is_built_offline_into_the_cache_and_loaded_with_from_pretrained(policy):
+def test_random_tiny_is_built_offline_into_the_cache_and_loaded_with_from_pretrained():
+    policy = load_policy(replace(TINY, init="random"))  # the default (init: pretrained) opens weights/tiny instead
     folder = Path(policy.model.get_base_model().name_or_path)
     assert folder.parent == Path(os.environ["RAU_CACHE"]) and (folder / ".complete").is_file()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):

@@ -1,6 +1,7 @@
 """DINOv2 embedder + faiss reference bank: offline build, Ray == local, persistence, filters, thresholds, recall."""
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_embedder_loads_offline_and_gives_deterministic_unit_vectors(embedder, d
     assert np.array_equal(a, Embedder(TINY).embed(images, [r.modality for r in rows]))  # reloaded: same weights
     windowed = embedder.embed([apply_window(images[0], "abdomen")], ["CT"])  # HU is windowed to 8 bits first
     assert np.allclose(windowed[0], a[0], atol=1e-6)
-    assert embedder.id == f"tiny|cls+mean|{embedder.dim}|seed0"
+    assert re.fullmatch(rf"tiny\|cls\+mean\|{embedder.dim}\|pretrained-[0-9a-f]{{12}}", embedder.id)  # the shipped
 
 
 def test_ray_build_equals_local_build(dataset, bank, ray_cluster):
@@ -123,9 +124,10 @@ def test_save_to_a_bucket_and_load_back(bank, embedder, s3_bucket):
 
 def test_load_with_another_embedder_is_refused(bank, tmp_path):
     bank.save(tmp_path / "bank")
-    for other in (replace(TINY, pooling="cls"), replace(TINY, seed=1)):  # other dimension; same dimension, other id
-        with pytest.raises(ConfigError, match=r"bank built with 'tiny\|cls\+mean\|128\|seed0' .* cannot be searched "
-                                              r"with 'tiny\|cls"):
+    # other dimension; same dimension, other weights
+    for other in (replace(TINY, pooling="cls"), replace(TINY, init="random")):
+        with pytest.raises(ConfigError, match=r"bank built with 'tiny\|cls\+mean\|128\|pretrained-[0-9a-f]+' .* cannot "
+                                              r"be searched with 'tiny\|cls"):
             ReferenceBank.load(tmp_path / "bank", Embedder(other))
 
 
@@ -163,7 +165,7 @@ def test_threshold_gives_no_hit_with_a_reason(bank):
     none = bank.search(q, k=3, exclude_subject=bank.rows[0]["subject"], min_similarity=1.01)
     assert none.hits == [] and none.reason.startswith("no suitable reference (best similarity ")
     assert none.reason.endswith(" < 1.010)")
-    # the default threshold (0.2) refuses a cross-modality match: a CT query when only angiograms are allowed
+    # the tiny profile's threshold (0.6) refuses a cross-modality match: a CT query when only angiograms are allowed
     cross = bank.search(q, modality="XA")
     assert cross.hits == [] and "no suitable reference" in cross.reason
 

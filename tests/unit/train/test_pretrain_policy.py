@@ -171,16 +171,19 @@ def test_a_coordinates_target_spreads_over_its_neighbours_of_the_same_spelling()
     assert cos(row["40"], row["\u012040"], 0) > 0.5
 
 
-def test_shipped_base_loads_with_init_pretrained_and_answers_in_the_project_format():
-    """The shipped weights/tiny/qwen2_5_vl: found by spec, loadable as the policy base, parseable answers on held-out
-    (seed 7777) scenes. Its model card gives the measured grounding/comparison figures; they do not yet reach the
-    targets, so the default stays init: random and no content bound is asserted here."""
+def test_shipped_base_is_the_default_loads_and_reads_the_image():
+    """The shipped weights/tiny/qwen2_5_vl: the default tiny policy base (found by spec), a model card, parseable
+    answers in the project's format on held-out (seed 7777) scenes, and boxes that follow the image: its grounding
+    IoU here is 0.23 (24 items; 0.233 [0.18, 0.29] on 100 in BENCHMARKS.md) where the random init parses nothing and
+    the image-blind answer (the training set's average box) scored 0.03-0.09 in the recipe's trials."""
     folder = pretrained.weights_root() / "qwen2_5_vl"
-    model, processor = _load_base(replace(TINY, init="pretrained"))
+    assert PolicyConfig().init == "pretrained"
+    model, processor = _load_base(TINY)
     assert model.name_or_path == str(folder) and (folder / "README.md").is_file()
     facts = json.loads((folder / "training.json").read_text())
     assert pp.BENCHMARK_SEED not in (facts["config"]["data"]["seed"], facts["config"]["val_seed"])
-    q = pp.quality(folder, n=8, tasks=("ground", "compare"))
-    assert q["parseable"]["mean"] == 1.0 and q["parseable"]["n"] == 16, q
+    q = pp.quality(folder, n=24, tasks=("ground", "compare"))
+    assert q["parseable"]["mean"] == 1.0 and q["parseable"]["n"] == 48, q
+    assert q["grounding_iou"]["mean"] > 0.15 and q["think_true"]["mean"] > 0.1, q
     with pytest.raises(ConfigError, match="another architecture"):
-        _load_base(replace(TINY, init="pretrained", hidden_size=64))
+        _load_base(replace(TINY, hidden_size=64))
