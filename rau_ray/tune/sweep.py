@@ -482,11 +482,20 @@ def summarise(prep: Prepared, wall: float, **extra) -> dict:
     if summary["interrupted"]:
         summary["resume"] = f"rau tune --config <this sweep's config> --resume   (sweep folder {exp})"
     else:
-        best = results.best_row(rows, metric, cfg.mode)
-        if best is None:
+        if results.best_row(rows, metric, cfg.mode) is None:
             raise RauError(f"sweep {cfg.name}: no trial reported {metric}; see the trials under {exp}")
+        # ASHA may stop a trial at a rung before its first checkpoint: the export is the best trial that has one
+        saved = [r for r in rows if _latest(join(prep.runs_dir, r["trial_id"]))[1] is not None]
+        best = results.best_row(saved, metric, cfg.mode)
+        if best is None:
+            raise RauError(f"sweep {cfg.name}: no trial saved a checkpoint (checkpoint_every larger than the steps "
+                           f"ASHA lets a trial run?); see the trials under {exp}")
         summary["best"] = results.export_best(best, {p: best[p] for p in paths}, join(prep.runs_dir, best["trial_id"]),
                                               exp, metric, job=cfg.job)
+        overall = results.best_row(rows, metric, cfg.mode)
+        if overall["trial_id"] != best["trial_id"]:
+            summary["best_unsaved"] = {"trial_id": overall["trial_id"], metric: overall[metric],
+                                       "step": overall["step"], "status": overall["status"]}
     storage.write_text(join(exp, "summary.json"), json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -51,8 +51,11 @@ def check_best_export(sweep_dir: Path, summary: dict) -> None:
     best = json.loads((sweep_dir / "best.json").read_text())
     assert best == summary["best"] and best["metric"] == "val_dice" and 0 <= best["value"] <= 1
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
-    ranked = [r for r in rows if r["val_dice"]]
+    saved = {p.parent.name for p in (sweep_dir / "runs").glob("*/checkpoint_*")}  # ASHA may stop one before any
+    ranked = [r for r in rows if r["val_dice"] and r["trial_id"] in saved]
     assert best["trial_id"] == max(ranked, key=lambda r: float(r["val_dice"]))["trial_id"]
+    if "best_unsaved" in summary:  # a better trial stopped before its first checkpoint: named, not exported
+        assert summary["best_unsaved"]["val_dice"] >= best["value"] and summary["best_unsaved"]["trial_id"] not in saved
     ck = read_checkpoint(sweep_dir / "best")
     assert ck.kind == "seg" and ck.step == best["checkpoint_step"] == 2
     assert ck.config["name"] == best["trial_id"]
