@@ -9,16 +9,29 @@ from rau_ray.models.cbam_lora import CBAM, CBAMLoRAConfig, add_cbam_lora
 from rau_ray.models.sam2_builder import TINY, build_sam2_model, embed_image, predict_with_prompts, predictor_for
 
 
-def test_cbam_keeps_shape_and_attention_in_unit_interval():
+def test_cbam_starts_as_the_identity_and_keeps_shape_and_attention_in_range():
     cbam = CBAM(32, reduction=8)
     x = torch.randn(2, 32, 9, 11)
+    assert torch.equal(cbam(x), x)  # an adapter on pretrained features: exactly the identity before training
+    with torch.no_grad():
+        for p in cbam.parameters():
+            p.normal_(0, 0.5)
     y = cbam(x)
     channel, spatial = cbam.last_attention
     assert y.shape == x.shape
     assert channel.shape == (2, 32, 1, 1) and spatial.shape == (2, 1, 9, 11)
     for a in (channel, spatial):
-        assert (a > 0).all() and (a < 1).all()
+        assert (a > 0).all() and (a < 2).all() and a.std() > 0
     assert torch.allclose(y, x * channel * spatial)
+
+
+def test_the_adapter_leaves_the_pretrained_sam2_as_it_is_before_training():
+    image = torch.randn(1, 3, TINY.image_size, TINY.image_size)
+    plain = build_sam2_model(TINY).eval()
+    with torch.no_grad():
+        want = plain.forward_image(image)["backbone_fpn"]
+        got = add_cbam_lora(build_sam2_model(TINY)).eval().forward_image(image)["backbone_fpn"]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(want, got))
 
 
 def test_only_lora_and_cbam_train_and_frozen_weights_stay_bit_identical():
