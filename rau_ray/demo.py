@@ -78,10 +78,15 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
         data["scale"] = {**data.get("scale", {}), "storage_path": str(out / "train")}
         if run == "grpo":
             data["sft_checkpoint"] = results["sft"]["checkpoint"]
+        if run == "seg":  # the segmenter learns the <Seg> states of the policy it will serve with
+            data["policy_checkpoint"] = (results.get("grpo") or results.get("sft") or {}).get("checkpoint")
         tmp = out / "train" / f"{run}.yaml"
         atomic_write_text(tmp, yaml.safe_dump(data))
         print(f"training: {run} ({steps[run]} steps)", flush=True)
+        t0 = time.perf_counter()
         results[run] = run_job(run.split("-")[0], str(tmp))
+        results[run]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"training: {run} done in {results[run]['seconds']} s", flush=True)
     return results
 
 
@@ -379,10 +384,13 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
     report["imported"] = import_dataset(ImportConfig(dataset_json=str(vol_dir / "dataset.json"),
                                                      out=str(out / "data" / "ct-abdomen-3d-imported"), every=4))
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
-    report["models"] = run_models(out)
-    report["train"] = run_training(out, train_steps)
-    report["eval"] = run_evaluation(out, report["train"], seed, eval_targets)
-    report["serve"] = run_serving(out, report["train"], port=port, keep_running=serve_forever)
+    stages = report["stage_seconds"] = {"data": round(time.perf_counter() - t0, 1)}
+    for stage, run in (("models", lambda: run_models(out)), ("train", lambda: run_training(out, train_steps)),
+                       ("eval", lambda: run_evaluation(out, report["train"], seed, eval_targets)),
+                       ("serve", lambda: run_serving(out, report["train"], port=port, keep_running=serve_forever))):
+        t = time.perf_counter()
+        report[stage] = run()
+        stages[stage] = round(time.perf_counter() - t, 1)
     try:
         report["seconds"] = round(time.perf_counter() - t0, 1)
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

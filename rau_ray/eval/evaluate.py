@@ -260,9 +260,48 @@ class EvalWorker:
             return [rec]
         rec.update(reference=ref.row["id"], similarity=ref.similarity, ref_boxes=label_boxes(ref.label, ref.names),
                    ref_size=[int(ref.label.shape[1]), int(ref.label.shape[0])])
+        rec.update(predicted={}, reasked={})
         for p in policies:
             rec["answers"][p], rec["seconds"][p] = self._ask(p, ref, image, row.modality, regions)
+            rec["predicted"][p], rec["reasked"][p] = self._boxes(p, ref, image, row.modality, rec)
         return [rec]
+
+    def _generate(self, kind: str, questions: list, budget: int) -> list[str]:
+        step, texts = self.spec["label_batch"], []
+        for i in range(0, len(questions), step):
+            texts += self.policy(kind).generate([q.messages for q in questions[i:i + step]], max_new_tokens=budget)
+        return texts
+
+    def _boxes(self, kind: str, ref, image, modality: str, rec: dict) -> tuple[list | None, dict]:
+        """The policy's all-boxes answer ([[label, box]] in target pixels, None when malformed) and, for the
+        transport rows (GRPO), its grounding answers to every label transport leaves doubtful (the re-ask
+        fallback of ``matching.assign_with_fallback``; which labels those are does not depend on the answers)."""
+        from rau_ray.eval.matching import MatchConfig, assign_with_fallback
+        from rau_ray.eval.tables import match_available
+        from rau_ray.models import pipeline
+
+        processor, ref_boxes = self.policy(kind).processor, label_boxes_of(ref)
+        budget = self.spec["max_new_tokens"].get(kind) or self.model_config().max_new_tokens
+        q = pipeline.ask(processor, "all_boxes", image, ref.image, ref_boxes, modality=modality,
+                         reference_modality=ref.modality)
+        parsed = q.parse(self._generate(kind, [q], budget + 24 * len(ref_boxes))[0])  # ~24 tokens a box
+        predicted = [[label, [float(v) for v in box]] for label, box in parsed.boxes] if parsed else None
+        if kind != "grpo":
+            return predicted, {}
+        pred = predicted or []
+        doubtful: list[str] = []
+        for method in [m for m in ("emd", "fgw") if match_available(m)]:
+            assign_with_fallback([b for _, b in pred], tuple(rec["size"]), rec["ref_boxes"], tuple(rec["ref_size"]),
+                                 lambda label: doubtful.append(label), MatchConfig(method=method),
+                                 predicted_labels=[label for label, _ in pred])
+        doubtful = sorted(set(doubtful))
+        questions = [pipeline.ask(processor, "ground", image, ref.image, ref_boxes, structure=s, modality=modality,
+                                  reference_modality=ref.modality) for s in doubtful]
+        reasked = {}
+        for s, question, text in zip(doubtful, questions, self._generate(kind, questions, budget)):
+            answer = question.parse(text)
+            reasked[s] = None if not answer or answer.box is None else [float(v) for v in answer.box]
+        return predicted, reasked
 
     def _ask(self, kind: str, ref, image, modality: str, regions: dict) -> tuple[list, list]:
         from rau_ray.models import pipeline
@@ -400,7 +439,7 @@ class Plan:
 
 
 def resolve_checkpoints(cfg: EvalConfig) -> dict:
-    from rau_ray.models.checkpoint import read_checkpoint
+    from rau_ray.models.checkpoint import check_pair, read_checkpoint
 
     found: dict = {}
     for kind in KINDS:
@@ -414,6 +453,8 @@ def resolve_checkpoints(cfg: EvalConfig) -> dict:
         found[ck.kind] = ck
     if cfg.seg_policy != "segmenter" and cfg.seg_policy not in found and "seg" in found:
         raise ConfigError(f"seg_policy {cfg.seg_policy!r} needs a {cfg.seg_policy} checkpoint")
+    if cfg.seg_policy != "segmenter" and "seg" in found:
+        check_pair(found[cfg.seg_policy], found["seg"])  # the VLM+SAM2 rows pair them
     return found
 
 

@@ -234,3 +234,17 @@ def per_label_dice(
             f"pred_labelmap and gt_labelmap must have the same shape, got pred {p.shape} and gt {g.shape}"
         )
     return {int(i): dice(p == i, g == i, ignore_empty=ignore_empty) for i in label_ids}
+
+
+def grouped_bootstrap(values: Sequence[float], groups: Sequence, n: int = 2000, seed: int = 0) -> list[float] | None:
+    """95 % percentile-bootstrap interval of the mean of ``values``, resampling whole groups (subjects: the items of
+    one subject move together, so a subject's many slices do not narrow the interval). None without values."""
+    values, groups = np.asarray(values, float), np.asarray(groups)
+    if len(values) == 0:
+        return None
+    ids = np.unique(groups)
+    sums = np.array([values[groups == g].sum() for g in ids])
+    counts = np.array([(groups == g).sum() for g in ids], float)
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]

@@ -26,7 +26,8 @@ from rau_ray.atomic import atomic_write_figure, atomic_write_text
 from rau_ray.eval import tables as T
 
 COLOURS = {"SFT": "#8da0cb", "GRPO": "#66c2a5", "OT (boxes only)": "#b3b3b3", "GRPO+OT": "#fc8d62",
-           "GRPO+FGW": "#e78ac3"}
+           "GRPO+FGW": "#e78ac3", "SFT boxes": "#c6d0e6", "GRPO boxes": "#b3e2d3",
+           "GRPO+OT (given boxes)": "#fdc7ac"}
 
 
 # -- header ------------------------------------------------------------------------------------------------------------
@@ -81,6 +82,14 @@ def _f(x, digits: int = 3) -> str:
     return str(x)
 
 
+def _with_ci(row: dict | None) -> str | None:
+    """An accuracy cell: "0.812 [0.700, 0.900]" (the row's 95 % interval when it has one)."""
+    if not row or row.get("accuracy") is None:
+        return None
+    ci = row.get("ci95")
+    return f"{row['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def _table(head: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
@@ -103,9 +112,12 @@ def markdown_tables(t: dict, hdr: dict) -> str:
         if lab is None:
             rows.append([n, dist[n], "n/a", *["n/a"] * len(T.LABEL_ROWS)])
             continue
-        rows.append([n, dist[n], lab["regions"], *[(r or {}).get("accuracy") if r else None
-                                                   for r in (lab["rows"].get(name) for name, _, _ in T.LABEL_ROWS)]])
-    parts.append(_table(["dataset", "distribution", "regions", *[name for name, _, _ in T.LABEL_ROWS]], rows))
+        rows.append([n, dist[n], lab["regions"], *[_with_ci(lab["rows"].get(name)) for name, *_ in T.LABEL_ROWS]])
+    parts.append(_table(["dataset", "distribution", "regions", *[name for name, *_ in T.LABEL_ROWS]], rows))
+    parts.append("\nGRPO+OT, GRPO+FGW, SFT boxes, GRPO boxes: from the policy's predicted boxes (its all-boxes answer; a "
+                 f"true structure is right when a box matches it at IoU >= {T.MATCH_IOU} and carries its label; "
+                 "transport re-labels the boxes, a doubtful label is re-asked alone). SFT, GRPO, OT (boxes only), "
+                 "GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over subjects]\n")
     valid = [[n, *[(t["labeling"][n]["rows"].get(p) or {}).get("valid") for p in ("SFT", "GRPO")]]
              for n in order if n in t["labeling"]]
     if valid:

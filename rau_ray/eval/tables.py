@@ -12,12 +12,18 @@ Records (dicts):
   memory slot covered by the reference structure (for the attention diagnostics).
 - ``volume``: one (volume, structure) propagated from one annotated slice. ``truth`` / ``pred`` (Z, H, W) bool,
   ``spacing`` [z, y, x] mm.
-Labeling rows: SFT and GRPO are the policies' own answers, one region at a time; GRPO+OT / GRPO+FGW re-assign the
-GRPO answers jointly over the target's regions by optimal transport (``rau_ray.eval.matching.assign``, the answers
-as its label bonus, the reference's boxes as prototypes; a region left unassigned or matched at a cost above
-``MatchConfig.unmatched_cost`` falls back to the policy's answer for that region alone); "OT (boxes only)" is the
-same transport without answers,
-the baseline a policy must beat. FGW appears when ``MatchConfig`` accepts ``"fgw"`` (n/a otherwise).
+  ``predicted`` {policy: [[label, box], ...] or None}: the policy's all-boxes answer (every structure it finds,
+  target pixels; None: malformed), ``reasked`` {policy: {label: box or None}}: its grounding answers to the labels
+  transport left doubtful (the re-ask fallback; None: answered absent or malformed).
+Labeling rows, as the paper scores them — from the policy's *predicted* boxes: a true structure counts as correct
+when a predicted box matches it (Hungarian on IoU, IoU >= 0.5) and carries its label; an unmatched one is wrong.
+"SFT boxes" / "GRPO boxes": the labels of the all-boxes answer as written; GRPO+OT / GRPO+FGW: those boxes
+re-labelled jointly by optimal transport against the reference's boxes (``matching.assign_with_fallback``, the
+answered labels as its bonus), a label left unassigned or doubtful re-asked alone (its grounding answer's box).
+On the *given* true boxes: SFT and GRPO name one region at a time (the label task); "OT (boxes only)" is transport
+on the true boxes without any answer, the geometry baseline a policy must beat; "GRPO+OT (given boxes)" re-assigns
+the GRPO region answers by transport (a doubtful region keeps its answer). FGW appears when ``MatchConfig``
+accepts ``"fgw"`` (n/a otherwise). Each row: accuracy over regions with a 95 % bootstrap interval over subjects.
 Use: ``labeling_table(records)``, ``segmentation_table(records)``, ``latency_table(records)``, ``volume_table(...)``.
 """
 
@@ -29,13 +35,16 @@ from collections import defaultdict
 import numpy as np
 
 from rau_ray.eval import metrics
-from rau_ray.eval.matching import MatchConfig, assign
+from rau_ray.eval.matching import MatchConfig, assign, assign_with_fallback
 
-# (row name, the policy whose answers it scores, the transport method that re-assigns them or None). "OT (boxes
-# only)" is transport without any policy answer: what box geometry against the reference alone gets right, so a
-# GRPO+OT gain over it is the policy's
-LABEL_ROWS = (("SFT", "sft", None), ("GRPO", "grpo", None), ("OT (boxes only)", None, "emd"),
-              ("GRPO+OT", "grpo", "emd"), ("GRPO+FGW", "grpo", "fgw"))
+# (row name, the policy whose answers it scores, the transport method that re-assigns them or None, which boxes:
+# "predicted" by the policy's all-boxes answer or the "given" true ones). "OT (boxes only)" is transport without any
+# policy answer: what box geometry against the reference alone gets right, so a GRPO+OT gain over it is the policy's
+LABEL_ROWS = (("SFT", "sft", None, "given"), ("GRPO", "grpo", None, "given"),
+              ("OT (boxes only)", None, "emd", "given"), ("GRPO+OT", "grpo", "emd", "predicted"),
+              ("GRPO+FGW", "grpo", "fgw", "predicted"), ("SFT boxes", "sft", None, "predicted"),
+              ("GRPO boxes", "grpo", None, "predicted"), ("GRPO+OT (given boxes)", "grpo", "emd", "given"))
+MATCH_IOU = 0.5  # a predicted box finds a true structure at this IoU or more (Hungarian matching)
 SEG_METHODS = ("SAM2-Memory-Ref", "VLM+SAM2", "CBAM-LoRA SAM2 (box)")
 
 
@@ -58,20 +67,59 @@ def _nan_to_none(x):
 
 
 # -- labeling ----------------------------------------------------------------------------------------------------------
-def row_labels(record: dict, policy: str | None, method: str | None) -> list[str | None] | None:
+def match_regions(entries: list, regions: list[dict], min_iou: float = MATCH_IOU) -> list[str | None]:
+    """The label each true region gets from labelled predicted boxes ``entries`` [(label, box)]: one-to-one
+    (Hungarian on IoU), a pair counting only at ``min_iou`` or more; None for a region no box matches."""
+    from scipy.optimize import linear_sum_assignment
+
+    out: list[str | None] = [None] * len(regions)
+    if not entries or not regions:
+        return out
+    iou = np.atleast_2d(metrics.box_iou(np.asarray([b for _, b in entries], float).reshape(-1, 4),
+                                        np.asarray([r["box"] for r in regions], float).reshape(-1, 4)))
+    for i, j in zip(*linear_sum_assignment(-iou)):
+        if iou[i, j] >= min_iou:
+            out[j] = entries[i][0]
+    return out
+
+
+def predicted_entries(record: dict, policy: str, method: str | None) -> list | None:
+    """The labelled boxes a predicted-boxes row scores: the policy's all-boxes answer, re-labelled by ``method``
+    with the re-ask fallback (its recorded grounding answers) when given. None: the record has no such answer."""
+    predicted = record.get("predicted", {})
+    if policy not in predicted:
+        return None
+    pred = [(str(label), [float(v) for v in box]) for label, box in (predicted[policy] or [])]
+    if method is None:
+        return pred
+    reasked = (record.get("reasked") or {}).get(policy) or {}
+    grounded = assign_with_fallback([b for _, b in pred], tuple(record["size"]), record["ref_boxes"],
+                                    tuple(record["ref_size"]), lambda label: reasked.get(label),
+                                    MatchConfig(method=method), predicted_labels=[label for label, _ in pred])
+    return list(grounded.boxes.items())
+
+
+def row_labels(record: dict, policy: str | None, method: str | None, boxes: str = "given") -> list[str | None] | None:
     """The labels a row gives the record's regions; None when the row cannot be computed (no such policy's answers,
     or the transport method is not available). ``policy`` None: transport on the boxes alone."""
+    if method is not None and not match_available(method):
+        return None
+    if boxes == "predicted":
+        if policy not in record.get("predicted", {}) and not record.get("error"):
+            return None
+        if record.get("error"):
+            return [None] * len(record["regions"])
+        return match_regions(predicted_entries(record, policy, method), record["regions"])
     answers = record.get("answers", {}).get(policy) if policy else None
-    if (policy and answers is None) or (method is not None and not match_available(method)):
+    if policy and answers is None:
         return None
     if record.get("error"):
         return [None] * len(record["regions"])
     if method is None:
         return list(answers)
-    boxes = [r["box"] for r in record["regions"]]
     cfg = MatchConfig(method=method)
-    plan = assign(boxes, tuple(record["size"]), record["ref_boxes"], tuple(record["ref_size"]), cfg,
-                  predicted_labels=list(answers) if answers else None)
+    plan = assign([r["box"] for r in record["regions"]], tuple(record["size"]), record["ref_boxes"],
+                  tuple(record["ref_size"]), cfg, predicted_labels=list(answers) if answers else None)
     if not answers:
         return plan.labels
     # the fallback: a region the transport leaves unassigned, or assigns at a cost above ``unmatched_cost`` (low
@@ -80,23 +128,34 @@ def row_labels(record: dict, policy: str | None, method: str | None) -> list[str
             for label, cost, answer in zip(plan.labels, plan.costs, answers)]
 
 
+def _valid_share(recs: list[dict], policy: str | None, boxes: str) -> float | None:
+    if policy is None:
+        return None
+    if boxes == "predicted":
+        answered = [r["predicted"][policy] for r in recs if not r.get("error") and policy in r.get("predicted", {})]
+    else:
+        answered = [a for r in recs if not r.get("error") for a in r["answers"][policy]]
+    return sum(a is not None for a in answered) / len(answered) if answered else None
+
+
 def labeling_table(records: list[dict]) -> dict:
-    """{dataset: {"targets", "regions", "rows": {row: {"accuracy", "correct", "valid"} or None}}}, micro-averaged
-    over regions; "valid": share of the policy's answers that parsed."""
+    """{dataset: {"targets", "regions", "rows": {row: {"accuracy", "ci95", "correct", "valid"} or None}}},
+    micro-averaged over regions, the interval resampling subjects; "valid": share of the policy's answers that
+    parsed (per region for the label task, per target for the all-boxes answer)."""
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():
         n = sum(len(r["regions"]) for r in recs)
         rows = {}
-        for name, policy, method in LABEL_ROWS:
-            per = [row_labels(r, policy, method) for r in recs]
+        for name, policy, method, boxes in LABEL_ROWS:
+            per = [row_labels(r, policy, method, boxes) for r in recs]
             if any(p is None for p in per) or not recs:
                 rows[name] = None
                 continue
-            correct = sum(same_label(lab, reg["structure"]) for r, p in zip(recs, per)
-                          for lab, reg in zip(p, r["regions"]))
-            answered = [a for r in recs if not r.get("error") for a in r["answers"][policy]] if policy else []
-            rows[name] = {"accuracy": correct / n if n else None, "correct": int(correct),
-                          "valid": sum(a is not None for a in answered) / len(answered) if answered else None}
+            hits = [float(same_label(lab, reg["structure"])) for p, r in zip(per, recs)
+                    for lab, reg in zip(p, r["regions"])]
+            subjects = [r.get("subject") or r["target"] for r in recs for _ in r["regions"]]
+            rows[name] = {"accuracy": sum(hits) / n if n else None, "ci95": metrics.grouped_bootstrap(hits, subjects),
+                          "correct": int(sum(hits)), "valid": _valid_share(recs, policy, boxes)}
         out[ds] = {"targets": len(recs), "regions": n, "failed_retrieval": sum(bool(r.get("error")) for r in recs),
                    "rows": rows}
     return out
@@ -107,8 +166,8 @@ def per_label_accuracy(records: list[dict]) -> dict:
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():
         table: dict = {}
-        for name, policy, method in LABEL_ROWS:
-            per = [row_labels(r, policy, method) for r in recs]
+        for name, policy, method, boxes in LABEL_ROWS:
+            per = [row_labels(r, policy, method, boxes) for r in recs]
             if not recs or any(p is None for p in per):
                 continue
             counts: dict = defaultdict(lambda: [0, 0])
@@ -227,8 +286,8 @@ def latency_table(records: list[dict]) -> dict:
     """Per request (one structure of one target; one answer of the label task), over all datasets: median and p95
     in ms; for VLM+SAM2 also its stages (retrieval, generate, seg_hidden, embed, decode)."""
     out: dict = {}
-    for name, policy, method in LABEL_ROWS:
-        if method is None:
+    for name, policy, method, boxes in LABEL_ROWS:
+        if method is None and boxes == "given":
             secs = [s for r in records if r["kind"] == "label" for s in r.get("seconds", {}).get(policy, [])]
             if secs:
                 out[f"label answer ({name})"] = _stats_ms(secs)

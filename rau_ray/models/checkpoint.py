@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rau_ray import storage
-from rau_ray.errors import ConfigError, DataError
+from rau_ray.errors import ConfigError, DataError, RauError
 
 # the names rau_ray.train.run writes (models never import train)
 WEIGHTS = "weights.safetensors"
@@ -42,6 +42,7 @@ class Checkpoint:
     config: dict  # the training job's config (train_state.json)
     weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     source: str = ""  # what was asked for (a run folder, a URI), for reports
+    digest: str = field(default="", repr=False)  # weights_digest, computed once
 
     @property
     def model_section(self) -> dict:
@@ -176,13 +177,69 @@ def load_adapter_weights(policy, weights: dict[str, torch.Tensor], where: str) -
     set_peft_model_state_dict(policy.model, weights)
 
 
+def weights_digest(ck: Checkpoint) -> str:
+    """The first 16 hex digits of the sha256 of the checkpoint's weights file: what names a trained policy wherever
+    its folder is copied (a segmenter records the digest of the policy it learned from)."""
+    import hashlib
+
+    if not ck.digest:
+        h = hashlib.sha256()
+        with open(ck.path / WEIGHTS, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        ck.digest = h.hexdigest()[:16]
+    return ck.digest
+
+
+def trained_policy(segmenter: Checkpoint) -> str:
+    """In words, the policy a seg checkpoint's segmenter learned its ``<Seg>`` states from."""
+    if any(k.startswith(POLICY_PREFIX) for k in segmenter.weights):
+        return "its own policy adapter (trained jointly, kept in the checkpoint)"
+    path = segmenter.config.get("policy_checkpoint")
+    if path:
+        return f"the policy checkpoint {path} (weights sha256 {segmenter.config.get('policy_sha256') or '?'})"
+    return "the profile's base policy (no policy_checkpoint)"
+
+
+def check_pair(policy: Checkpoint | None, segmenter: Checkpoint | None) -> None:
+    """A ConfigError naming both unless ``segmenter`` (a seg checkpoint) learned from ``policy`` (sft / grpo): the
+    projector maps one policy's ``<Seg>`` states into SAM2's space, another policy's states are noise to it."""
+    if policy is None or segmenter is None or segmenter.kind != "seg" or policy.kind not in ("sft", "grpo"):
+        return
+    recorded = segmenter.config.get("policy_sha256") or None
+    own = any(k.startswith(POLICY_PREFIX) for k in segmenter.weights)
+    if own or recorded != weights_digest(policy):
+        raise ConfigError(
+            f"the segmenter {segmenter.source} was trained on the <Seg> states of {trained_policy(segmenter)}, not "
+            f"on the {policy.kind} policy {policy.source} (weights sha256 {weights_digest(policy)}): serve each "
+            f"segmenter with its own policy (leave the policy out to use it), or train one on this policy "
+            f"(rau train seg with policy_checkpoint: {policy.source})")
+
+
 def load_policy_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu", model_cfg=None):
-    """The policy (Qwen2.5-VL + LoRA) of an sft / grpo checkpoint, or the one a seg checkpoint trained with."""
+    """The policy (Qwen2.5-VL + LoRA) of an sft / grpo checkpoint, or the one a seg checkpoint trained with (its
+    recorded ``policy_checkpoint``, whose digest must still match; its own adapter when it trained one)."""
     from rau_ray.models.policy import load_policy
 
     if ck.kind == "cbam":
         raise ConfigError(f"{ck.source}: a cbam checkpoint holds no policy")
     cfg = model_cfg or ck.model_config()
+    if ck.kind == "seg" and ck.config.get("policy_checkpoint"):
+        try:
+            base = read_checkpoint(ck.config["policy_checkpoint"])
+        except RauError as e:
+            raise DataError(f"{ck.source}: the policy checkpoint its segmenter was trained with cannot be read "
+                            f"({e}); give that policy explicitly") from None
+        if weights_digest(base) != ck.config.get("policy_sha256"):
+            raise ConfigError(f"{ck.source}: its policy checkpoint {base.source} has changed since the segmenter "
+                              f"was trained (weights sha256 {weights_digest(base)}, recorded "
+                              f"{ck.config.get('policy_sha256')})")
+        policy = load_policy_checkpoint(base, device, replace(cfg, policy=base.model_config().policy))
+        adapter = {k[len(POLICY_PREFIX):]: v for k, v in ck.weights.items() if k.startswith(POLICY_PREFIX)}
+        if adapter:
+            load_adapter_weights(policy, adapter, str(ck.path))
+        policy.model.to(device).eval()
+        return policy
     torch.manual_seed(int(ck.config.get("seed", 0)))  # a seg checkpoint's untrained adapter as the job built it
     policy = load_policy(cfg.policy)
     weights = ck.weights if ck.kind in ("sft", "grpo") else {
@@ -231,6 +288,7 @@ def combined_config(policy: Checkpoint | None = None, segmenter: Checkpoint | No
     fusion), with the policy checkpoint's policy section; either alone: its own; neither: ``profile``."""
     from rau_ray.models.profiles import get_profile
 
+    check_pair(policy, segmenter)
     if segmenter is not None:
         cfg = segmenter.model_config()
         if policy is not None:

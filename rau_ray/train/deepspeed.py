@@ -11,8 +11,11 @@ import os
 
 
 def deepspeed_config(zero_stage: int, micro_batch: int, lr: float, bf16: bool = False,
-                     grad_clip: float = 1.0, grad_accumulation: int = 1) -> dict:
-    """Concrete values (no "auto"): the Trainer checks them against its arguments, which must say the same."""
+                     grad_clip: float = 1.0, grad_accumulation: int = 1, torch_adam: bool = False) -> dict:
+    """Concrete values (no "auto"): the Trainer checks them against its arguments, which must say the same.
+    ``torch_adam``: torch's AdamW steps the (sharded) parameters instead of DeepSpeed's fused Adam, which on a CPU
+    worker is a C++ op compiled on first use (about a minute on 2 cores, and again whenever its flags change); for
+    a LoRA's few parameters the two are equally fast."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
     zero = {"stage": zero_stage, "overlap_comm": False}
@@ -26,7 +29,7 @@ def deepspeed_config(zero_stage: int, micro_batch: int, lr: float, bf16: bool = 
         "train_micro_batch_size_per_gpu": micro_batch,  # per worker, GPU or not (DeepSpeed's name)
         "gradient_accumulation_steps": grad_accumulation,
         "gradient_clipping": grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, **({"torch_adam": True} if torch_adam else {})}},
         "zero_optimization": zero,  # ZeRO-2: optimizer state + gradients sharded; ZeRO-3: the parameters too
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # progress goes to Ray Train metrics, not DeepSpeed's log

@@ -292,7 +292,8 @@ def train_loop_per_worker(config: dict) -> None:
         return  # a finished run restarted: nothing left to do
 
     use_ds = cfg.deepspeed
-    ds_config = deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu) if use_ds else None
+    ds_config = deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu,
+                                 torch_adam=not cfg.scale.use_gpu) if use_ds else None
     if use_ds and not cfg.scale.use_gpu:
         use_deepspeed_on_cpu()
     tb_dir = tensorboard_dir(cfg)

@@ -38,6 +38,7 @@ from rau_ray.train.run import ScaleConfig
 
 MODES = ("rau", "cbam-lora")
 FIRST_PROMPTS = ("box", "point", "mixed")
+ANSWERS = ("canonical", "generated")
 POLICY_PREFIX = "policy."  # mode rau with train_policy_lora: the peft adapter's keys in weights.safetensors
 
 
@@ -70,6 +71,11 @@ class SegJobConfig:
     checkpoint_every: int = 100  # steps between checkpoints (the last step always saves)
     seed: int = 0  # data order, click sampling and the init of new layers (the same on every worker)
     structures: tuple[str, ...] = ()  # train and validate on these structures only (SpinalSAM-R1: vertebrae); all
+    policy_checkpoint: str | None = None  # rau: the sft / grpo checkpoint whose <Seg> states the segmenter learns
+    #                                       (the policy it will serve with); None: the profile's base policy
+    answers: str = "canonical"  # rau: which answer's <Seg> state: "canonical" (teacher-forced) or "generated" (the
+    #                             policy's own greedy answer, as at inference; the canonical one where it is malformed)
+    policy_sha256: str = ""  # set by run_seg: the digest of policy_checkpoint's weights (what eval and serve check)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +95,13 @@ class SegJobConfig:
                               f"{self.focal_weight} and {self.dice_weight}")
         if self.train_policy_lora and self.mode != "rau":
             raise ConfigError("train_policy_lora applies to mode 'rau' only (cbam-lora has no policy)")
+        if self.answers not in ANSWERS:
+            raise ConfigError(f"answers must be one of {', '.join(ANSWERS)}, got {self.answers!r}")
+        if self.mode != "rau" and (self.policy_checkpoint or self.answers != "canonical"):
+            raise ConfigError("policy_checkpoint and answers apply to mode 'rau' only (cbam-lora has no policy)")
+        if self.answers == "generated" and self.train_policy_lora:
+            raise ConfigError("answers: generated needs a frozen policy (its answers are generated once and "
+                              "cached); with train_policy_lora the canonical answer is trained")
         self.scale.validate()
 
     def model_config(self):
@@ -334,7 +347,8 @@ class RAUSegTrainer(SegTrainer):
         model_cfg = cfg.model_config()
         model_cfg.validate()
         torch.manual_seed(cfg.seed)  # the same LoRA on every worker (DDP broadcasts rank 0's when it trains)
-        self.policy = load_policy(model_cfg.policy)
+        self.policy = trained_policy(cfg, self.device, model_cfg) if cfg.policy_checkpoint else load_policy(
+            model_cfg.policy)
         torch.manual_seed(cfg.seed)  # the same new layers whether or not the tiny policy was just built
         self.policy.model.to(self.device)
         if not cfg.train_policy_lora:
@@ -343,6 +357,7 @@ class RAUSegTrainer(SegTrainer):
         self.segmenter = RAUSegmenter(build_sam2_model(replace(model_cfg.sam2, device=str(self.device))),
                                       model_cfg.fusion).to(self.device)
         self.examples = PolicyExamples(self.policy.processor)
+        self.max_new_tokens = model_cfg.max_new_tokens
         self._hidden: OrderedDict = OrderedDict()
         self.seg_call, self.policy_call = self.segmenter, self.policy.model  # replaced by their DDP wrappers
         self._make_optimizer()
@@ -365,11 +380,14 @@ class RAUSegTrainer(SegTrainer):
             self.policy.model.train(on)
 
     def _policy_inputs(self, items):
-        from rau_ray.models import prompts
-
-        messages = [self.examples.example({**it, "task": "segment", "region": None})[0] for it in items]
-        completions = [prompts.build_answer("segment", label=it["structure"]) for it in items]
-        return self.policy.inputs_for(messages, completions)
+        """The policy's inputs for the items' segment answers: canonical, or its own greedy ones (``answers``)."""
+        questions = [self.examples.question({**it, "task": "segment"})[0] for it in items]
+        if self.cfg.answers == "generated":
+            generated = self.policy.generate([q.messages for q in questions], max_new_tokens=self.max_new_tokens)
+            completions = [q.forced(c) for q, c in zip(questions, generated)]
+        else:
+            completions = [q.forced("") for q in questions]
+        return self.policy.inputs_for([q.messages for q in questions], completions)
 
     def _seg_hidden_states(self, inputs, out) -> torch.Tensor:
         ids = inputs["input_ids"]
@@ -549,6 +567,42 @@ class CBAMLoRASegTrainer(SegTrainer):
         self.model.sam.load_state_dict(weights, strict=False)
 
 
+def trained_policy(cfg: SegJobConfig, device, model_cfg):
+    """The policy of ``cfg.policy_checkpoint``, checked against the digest the driver recorded (a checkpoint
+    replaced between the driver and the workers would train a segmenter on another policy)."""
+    from rau_ray.models.checkpoint import load_policy_checkpoint, read_checkpoint, weights_digest
+
+    ck = read_checkpoint(cfg.policy_checkpoint)
+    if cfg.policy_sha256 and weights_digest(ck) != cfg.policy_sha256:
+        raise ConfigError(f"{cfg.policy_checkpoint}: weights sha256 {weights_digest(ck)}, not the "
+                          f"{cfg.policy_sha256} this run recorded; the checkpoint changed under it")
+    return load_policy_checkpoint(ck, device, model_cfg)
+
+
+def with_policy_checkpoint(cfg: SegJobConfig) -> SegJobConfig:
+    """``cfg`` with its policy checkpoint resolved (an absolute path or a URI), its digest recorded and the model
+    section's policy taken from that checkpoint (the rest as the job gives it); a ConfigError when it is no policy
+    checkpoint or another profile's."""
+    from rau_ray.models.checkpoint import locate_checkpoint, read_checkpoint, weights_digest
+
+    if not cfg.policy_checkpoint:
+        return cfg
+    where = locate_checkpoint(cfg.policy_checkpoint)
+    ck = read_checkpoint(where)
+    if ck.kind not in ("sft", "grpo"):
+        raise ConfigError(f"policy_checkpoint {cfg.policy_checkpoint}: a {ck.kind} checkpoint, not a policy "
+                          "(sft / grpo) one")
+    mine, theirs = cfg.model.get("profile", "tiny"), ck.model_section.get("profile", "tiny")
+    if mine != theirs:
+        raise ConfigError(f"policy_checkpoint {cfg.policy_checkpoint} is a {theirs}-profile policy, this job's "
+                          f"model is the {mine} profile")
+    if "policy" in cfg.model and cfg.model["policy"] != ck.model_section.get("policy", cfg.model["policy"]):
+        raise ConfigError(f"model.policy and policy_checkpoint {cfg.policy_checkpoint} disagree: the policy "
+                          "section comes from the checkpoint, leave it out")
+    model = {**cfg.model, **({"policy": ck.model_section["policy"]} if "policy" in ck.model_section else {})}
+    return replace(cfg, policy_checkpoint=where, policy_sha256=weights_digest(ck), model=model)
+
+
 def _check_keys(weights: dict, expected: dict) -> None:
     if set(weights) != set(expected):
         differ = sorted(set(weights) ^ set(expected))
@@ -658,6 +712,7 @@ def run_seg(cfg: SegJobConfig):
     from rau_ray.train import run
 
     cfg.validate()
+    cfg = with_policy_checkpoint(cfg)
     cfg.model_config()  # a bad model section fails here, not in every worker
     manifest = read_manifest(cfg.manifest)
     items = job_items(cfg, manifest, cfg.train_split, cfg.seed)

@@ -232,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
         seed=cfg.seed, bf16=cfg.scale.use_gpu, gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},  # LoRA: the frozen inputs need no grad
         deepspeed=deepspeed_config(cfg.zero_stage, cfg.batch_size, cfg.lr, bf16=cfg.scale.use_gpu,
-                                   grad_accumulation=cfg.grad_accumulation),
+                                   grad_accumulation=cfg.grad_accumulation, torch_adam=not cfg.scale.use_gpu),
         accelerator_config={"use_configured_state": True} if not cfg.scale.use_gpu else None,
         dataloader_num_workers=0, disable_tqdm=True)
     batches = ShardBatches(ray.train.get_dataset_shard("train"), policy, cfg.batch_size, cfg.seed,

@@ -32,6 +32,10 @@ def _label_map(boxes: dict) -> np.ndarray:
     return lab
 
 
+def _shift(box, dx=1) -> list[int]:
+    return [box[0] + dx, box[1], box[2] + dx, box[3]]
+
+
 def _mask(box, shift=0) -> np.ndarray:
     m = np.zeros((SIZE, SIZE), bool)
     x1, y1, x2, y2 = box
@@ -91,9 +95,14 @@ class OracleWorker(EvalWorker):
                "regions": [{"structure": s, "box": b} for s, b in TARGET.items()], "seconds": {}}
         if item["target"] == "toy-s3":
             return [{**rec, "reference": None, "ref_boxes": {}, "error": "no suitable reference",
-                     "answers": {"sft": [None, None], "grpo": [None, None]}}]
+                     "answers": {"sft": [None, None], "grpo": [None, None]}, "predicted": {}, "reasked": {}}]
         return [{**rec, "reference": "toy-s0", "ref_boxes": REFERENCE, "error": None,
                  "answers": {"sft": [" a ", None], "grpo": ["A", "A"]},
+                 # all-boxes answers: SFT's B box is off (IoU 1/3 < 0.5: B wrong though named B); GRPO's boxes
+                 # both match (IoU 9/11) but both say A: transport re-labels the second B
+                 "predicted": {"sft": [["A", TARGET["A"]], ["B", [38, 45, 48, 55]]],
+                               "grpo": [["A", _shift(TARGET["A"])], ["A", _shift(TARGET["B"])]]},
+                 "reasked": {"grpo": {}},
                  "seconds": {"sft": [0.010, 0.030], "grpo": [0.020, 0.020]}}]
 
     def segment(self, item):
@@ -154,6 +163,27 @@ def test_a_region_transport_leaves_unassigned_falls_back_to_the_policys_own_answ
     assert plan.labels[2] is None  # transport alone leaves it out
     assert tables.row_labels(record, "grpo", "emd") == ["A", "B", "C"]
     assert tables.row_labels(record, None, "emd")[2] is None  # without a policy there is nothing to fall back to
+
+
+def test_labeling_scores_the_policys_predicted_boxes_with_the_reask_fallback():
+    """A known case where predicted and true boxes differ: a true structure is right only when a predicted box
+    matches it (IoU >= 0.5) and carries its label; a label the all-boxes answer leaves out is re-asked alone."""
+    base = {"kind": "label", "size": [SIZE, SIZE], "ref_size": [SIZE, SIZE], "ref_boxes": REFERENCE, "error": None,
+            "regions": [{"structure": s, "box": b} for s, b in TARGET.items()], "answers": {"grpo": ["A", "B"]}}
+    # right names, B's box 10 px off (IoU 0): on the true boxes both would be right, on the predicted ones B is not
+    off = {**base, "predicted": {"grpo": [["A", TARGET["A"]], ["B", _shift(TARGET["B"], 10)]]}}
+    assert tables.row_labels(off, "grpo", None, "given") == ["A", "B"]
+    assert tables.row_labels(off, "grpo", None, "predicted") == ["A", None]
+    # B left out of the all-boxes answer: transport leaves it, the re-asked grounding answer's box is scored
+    left_out = {**base, "predicted": {"grpo": [["A", _shift(TARGET["A"])]]}, "reasked": {"grpo": {"B": TARGET["B"]}}}
+    assert tables.row_labels(left_out, "grpo", "emd", "predicted") == ["A", "B"]
+    assert tables.row_labels(left_out, "grpo", None, "predicted") == ["A", None]  # no transport, no re-ask
+    absent = {**left_out, "reasked": {"grpo": {"B": None}}}  # re-asked, answered absent
+    assert tables.row_labels(absent, "grpo", "emd", "predicted") == ["A", None]
+    malformed = {**base, "predicted": {"grpo": None}, "reasked": {"grpo": {"A": TARGET["A"], "B": TARGET["B"]}}}
+    assert tables.row_labels(malformed, "grpo", "emd", "predicted") == ["A", "B"]  # every label re-asked
+    assert tables.row_labels(base, "grpo", "emd", "predicted") is None  # no all-boxes answer recorded: n/a
+    assert tables.match_regions([("A", TARGET["A"]), ("B", TARGET["A"])], base["regions"]) == ["A", None]
 
 
 def test_plan_holds_out_test_subjects(manifest, volumes, tmp_path):
@@ -238,16 +268,20 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
     # labeling over 4 regions (s3 found no reference: its 2 regions count wrong)
     lab = t["labeling"]["toy"]
     assert lab["regions"] == 4 and lab["targets"] == 2 and lab["failed_retrieval"] == 1
-    assert lab["rows"]["SFT"] == {"accuracy": 0.25, "correct": 1, "valid": 0.5}  # " a " counts (case, blanks)
-    assert lab["rows"]["GRPO"] == {"accuracy": 0.25, "correct": 1, "valid": 1.0}  # A, A: the second is wrong
-    assert lab["rows"]["GRPO+OT"]["accuracy"] == 0.5  # transport: A, B
-    assert lab["rows"]["OT (boxes only)"]["accuracy"] == 0.5 and lab["rows"]["OT (boxes only)"]["valid"] is None
+    assert lab["rows"]["SFT"] == {"accuracy": 0.25, "ci95": [0.0, 0.5], "correct": 1,
+                                  "valid": 0.5}  # " a " counts (case, blanks); interval over the 2 subjects
+    assert lab["rows"]["GRPO"]["accuracy"] == 0.25 and lab["rows"]["GRPO"]["valid"] == 1.0  # A, A: 2nd wrong
+    assert lab["rows"]["GRPO+OT (given boxes)"]["accuracy"] == 0.5  # transport: A, B
+    assert lab["rows"]["SFT boxes"] == {"accuracy": 0.25, "ci95": [0.0, 0.5], "correct": 1, "valid": 1.0}
+    assert lab["rows"]["GRPO boxes"]["accuracy"] == 0.25  # its boxes match, its second label is wrong
+    assert lab["rows"]["GRPO+OT"]["accuracy"] == 0.5  # on its predicted boxes, re-labelled: A, B    assert lab["rows"]["OT (boxes only)"]["accuracy"] == 0.5 and lab["rows"]["OT (boxes only)"]["valid"] is None
     if tables.match_available("fgw"):
         assert 0 <= lab["rows"]["GRPO+FGW"]["accuracy"] <= 0.5
     else:
         assert lab["rows"]["GRPO+FGW"] is None
     assert t["per_label"]["toy"]["GRPO"]["B"] == {"n": 2, "correct": 0, "accuracy": 0.0}
     assert t["per_label"]["toy"]["GRPO+OT"]["B"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert t["per_label"]["toy"]["SFT boxes"]["B"] == {"n": 2, "correct": 0, "accuracy": 0.0}
 
     # segmentation: VLM+SAM2 exact on A, B shifted 5 columns (|P ∩ G| = 50 of 100 each)
     vlm = t["segmentation"]["toy"]["VLM+SAM2"]
@@ -278,7 +312,8 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
     # the report: header, tables, pictures
     md = (out / "report.md").read_text()
     assert "| command | `rau eval --toy` |" in md and "| seed | 0 |" in md and "| sft checkpoint | n/a |" in md
-    assert "| toy | in | 4 | 0.250 | 0.250 | 0.500 | 0.500 |" in md
+    assert "| toy | in | 4 | 0.250 [0.000, 0.500] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 0.500 [0.000, " \
+           "1.000] |" in md
     assert "toy: SAM2-Memory-Ref returned an empty mask on 1 of 2 items" in md
     assert "toy: GRPO+OT (0.500) is no better than transport on the boxes alone" in md
     assert "| toy | in | CBAM-LoRA SAM2 (box) | n/a |" in md

@@ -88,17 +88,54 @@ def test_segmenter_and_rau_model_from_checkpoints(tmp_path, trained_adapter):
     torch.manual_seed(3)
     seg = RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion)
     weights = {k: v + 0.5 for k, v in seg.trainable_state_dict().items()}
-    seg_dir = write(tmp_path / "seg", weights, SEG)
+    sft_model = {"profile": "tiny", "policy": {"lora_rank": 4}}
+    sft_dir = write(tmp_path / "sft", trained_adapter, {**SFT, "model": sft_model})
+    digest = ck.weights_digest(ck.read_checkpoint(sft_dir))
+    seg_dir = write(tmp_path / "seg", weights, {**SEG, "model": sft_model, "policy_checkpoint": str(sft_dir),
+                                                "policy_sha256": digest})
     loaded = ck.load_segmenter_checkpoint(ck.read_checkpoint(seg_dir))
     assert all(torch.equal(loaded.trainable_state_dict()[k], weights[k]) for k in weights)
-    sft_dir = write(tmp_path / "sft", trained_adapter, {**SFT, "model": {"profile": "tiny",
-                                                                          "policy": {"lora_rank": 4}}})
     model = RAUModel.from_checkpoint(policy=str(sft_dir), segmenter=str(seg_dir))
     assert model.cfg.policy.lora_rank == 4 and [c["kind"] for c in model.checkpoints] == ["sft", "seg"]
     policy_weights = get_peft_model_state_dict(model.policy.model)
     assert all(torch.equal(policy_weights[k], trained_adapter[k]) for k in trained_adapter)
+    alone = RAUModel.from_checkpoint(segmenter=str(seg_dir))  # the policy it recorded
+    assert all(torch.equal(get_peft_model_state_dict(alone.policy.model)[k], trained_adapter[k])
+               for k in trained_adapter)
     with pytest.raises(ConfigError, match="not a policy"):
         RAUModel.from_checkpoint(policy=ck.read_checkpoint(seg_dir))
     with pytest.raises(ConfigError, match="not a cbam-lora"):
         ck.load_cbam_checkpoint(ck.read_checkpoint(seg_dir))
     assert asdict(ck.combined_config(None, None, "tiny")) == asdict(cfg)
+
+
+def test_a_segmenter_refuses_a_policy_it_was_not_trained_on(tmp_path, trained_adapter):
+    sft_model = {"profile": "tiny", "policy": {"lora_rank": 4}}
+    own = write(tmp_path / "own", trained_adapter, {**SFT, "model": sft_model})
+    other = write(tmp_path / "other", {k: v * 2 for k, v in trained_adapter.items()}, {**SFT, "model": sft_model})
+    digest = ck.weights_digest(ck.read_checkpoint(own))
+    assert digest != ck.weights_digest(ck.read_checkpoint(other)) and len(digest) == 16
+    seg_weights = {"projector.0.weight": torch.zeros(1)}  # check_pair reads configs and digests only
+    seg = ck.read_checkpoint(write(tmp_path / "seg", seg_weights, {**SEG, "model": sft_model,
+                                                                   "policy_checkpoint": str(own),
+                                                                   "policy_sha256": digest}))
+    ck.check_pair(ck.read_checkpoint(own), seg)  # its own policy, from any copy of the folder
+    with pytest.raises(ConfigError, match=rf"seg was trained on .*{own}.*{digest}.*not on the sft policy "
+                                          rf".*other \(weights sha256"):
+        ck.check_pair(ck.read_checkpoint(other), seg)
+    base_seg = ck.read_checkpoint(write(tmp_path / "base-seg", seg_weights, SEG))  # trained on the base policy
+    with pytest.raises(ConfigError, match="the profile's base policy"):
+        ck.combined_config(ck.read_checkpoint(own), base_seg)
+    joint = ck.read_checkpoint(write(tmp_path / "joint", {**seg_weights, "policy.x": torch.zeros(1)}, SEG))
+    with pytest.raises(ConfigError, match="its own policy adapter"):
+        ck.check_pair(ck.read_checkpoint(own), joint)
+    ck.check_pair(None, base_seg)  # alone: it brings its own policy
+    # the recorded policy changed after the segmenter trained: loading the segmenter alone says so
+    save_file({k: (v * 3).contiguous() for k, v in trained_adapter.items()}, str(own / ck.WEIGHTS))
+    with pytest.raises(ConfigError, match="has changed since the segmenter was trained"):
+        ck.load_policy_checkpoint(ck.read_checkpoint(tmp_path / "seg"))
+    import shutil
+
+    shutil.rmtree(own)
+    with pytest.raises(DataError, match="the policy checkpoint its segmenter was trained with cannot be read"):
+        ck.load_policy_checkpoint(ck.read_checkpoint(tmp_path / "seg"))

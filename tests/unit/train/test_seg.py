@@ -30,6 +30,65 @@ def test_bad_configs_are_clear_errors(manifest):
         job(manifest, focal_weight=0.0, dice_weight=0.0)
     with pytest.raises(ConfigError, match="unknown field"):
         job(manifest, learning_rate=1.0)
+    with pytest.raises(ConfigError, match="answers must be one of canonical, generated"):
+        job(manifest, answers="sampled")
+    with pytest.raises(ConfigError, match="answers: generated needs a frozen policy"):
+        job(manifest, answers="generated", train_policy_lora=True)
+    with pytest.raises(ConfigError, match="apply to mode 'rau' only"):
+        job(manifest, mode="cbam-lora", policy_checkpoint="runs/train/grpo")
+
+
+def _policy_checkpoint(folder, model: dict, config: dict | None = None):
+    """An sft checkpoint folder whose adapter differs from the fresh one (as training leaves it)."""
+    import json
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from rau_ray.models.policy import load_policy
+    from rau_ray.models.profiles import model_config_from
+
+    torch.manual_seed(5)
+    policy = load_policy(model_config_from(model).policy)
+    adapter = {k: (v + 0.02 * torch.randn_like(v)).contiguous()
+               for k, v in get_peft_model_state_dict(policy.model).items()}
+    folder.mkdir(parents=True)
+    save_file(adapter, str(folder / "weights.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps({"step": 3, "config": config or {
+        "manifest": "m.jsonl", "name": "sft", "model": model, "zero_stage": 2, "tasks": ["segment"], "seed": 0}}))
+    return folder, adapter
+
+
+def test_a_policy_checkpoint_feeds_the_segmenter_its_own_answers(manifest, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from rau_ray.models.checkpoint import read_checkpoint, weights_digest
+    from rau_ray.train.seg import with_policy_checkpoint
+
+    model = {"profile": "tiny", "policy": {"lora_rank": 4}}
+    folder, adapter = _policy_checkpoint(tmp_path / "sft", model)
+    cfg = with_policy_checkpoint(job(manifest, policy_checkpoint=str(folder), answers="generated",
+                                     model={"profile": "tiny"}))
+    assert cfg.policy_sha256 == weights_digest(read_checkpoint(folder)) and cfg.model == model  # its policy section
+    trainer = build_seg_trainer(cfg)
+    loaded = get_peft_model_state_dict(trainer.policy.model)
+    assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)  # the policy it will serve with, frozen
+    assert not any(p.requires_grad for p in trainer.policy.model.parameters())
+    items = seg_items(manifest, "val", "rau")[:2]
+    inputs = trainer._policy_inputs(items)
+    completions = trainer.policy.tokenizer.batch_decode(inputs["input_ids"])
+    assert all("<Seg>" in c for c in completions)  # a malformed generated answer falls back to the canonical one
+    states, _ = trainer.seg_hidden(items)
+    assert states.shape[:2] == (2, 1) and torch.isfinite(states).all()
+
+    with pytest.raises(ConfigError, match="a seg checkpoint, not a policy"):
+        seg_folder, _ = _policy_checkpoint(tmp_path / "segck", model, {"mode": "rau", "model": model})
+        with_policy_checkpoint(job(manifest, policy_checkpoint=str(seg_folder)))
+    with pytest.raises(ConfigError, match="a tiny-profile policy, this job's model is the paper profile"):
+        with_policy_checkpoint(job(manifest, policy_checkpoint=str(folder), model={"profile": "paper"}))
+    with pytest.raises(ConfigError, match="model.policy and policy_checkpoint .* disagree"):
+        with_policy_checkpoint(job(manifest, policy_checkpoint=str(folder),
+                                   model={"profile": "tiny", "policy": {"lora_rank": 8}}))
 
 
 def test_items_pair_every_shared_structure(manifest):
