@@ -36,13 +36,21 @@ def choose_reference(target, candidates: list, rng: np.random.Generator):
     return pool[int(rng.integers(len(pool)))]
 
 
+ABSENT_SHARE = 0.2  # ground items asking for a structure the reference shows and the target lacks (answer: null)
+
+
 def make_pairs(manifest, split: str = "train", reference_split: str = "train", tasks: tuple[str, ...] = TASKS,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, absent_share: float = ABSENT_SHARE) -> list[dict]:
     """Reference-target task items for the policy, one per (target, task): plain dicts, so Ray Data can shard them.
 
     Each item names the manifest, the two row ids, the task and its subject (a structure present in the reference,
-    picked at random; ``label`` also gives the structure's box in the target as the region to name)."""
+    picked at random; ``label`` also gives the structure's box in the target as the region to name). Where the
+    reference shows a structure the target lacks (resected, or out of the slice), a ``ground`` item asks for it
+    with probability ``absent_share``: its right answer is ``null``."""
+    if not 0 <= absent_share <= 1:
+        raise ValueError(f"absent_share must be in [0, 1], got {absent_share}")
     rng = np.random.default_rng(seed)
+    absent_rng = np.random.default_rng([seed, 1])  # its own stream: the other items do not depend on the share
     references = manifest.select(split=reference_split)
     items = []
     for target in manifest.select(split=split):
@@ -55,8 +63,11 @@ def make_pairs(manifest, split: str = "train", reference_split: str = "train", t
         shared = sorted(in_ref & set(in_tgt))
         if not shared:
             continue
+        missing = sorted(in_ref - set(in_tgt))
         for task in tasks:
             structure = shared[int(rng.integers(len(shared)))]
+            if task == "ground" and missing and absent_rng.random() < absent_share:
+                structure = missing[int(absent_rng.integers(len(missing)))]
             items.append({"manifest": str(manifest.path.resolve()), "reference": ref.id, "target": target.id,
                           "task": task, "structure": structure,
                           "region": in_tgt[structure] if task == "label" else None})

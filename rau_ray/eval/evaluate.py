@@ -260,9 +260,10 @@ class EvalWorker:
             return [rec]
         rec.update(reference=ref.row["id"], similarity=ref.similarity, ref_boxes=label_boxes(ref.label, ref.names),
                    ref_size=[int(ref.label.shape[1]), int(ref.label.shape[0])])
-        rec.update(predicted={}, reasked={})
+        rec.update(predicted={}, reasked={}, reasoning={})
         for p in policies:
-            rec["answers"][p], rec["seconds"][p] = self._ask(p, ref, image, row.modality, regions)
+            rec["answers"][p], rec["seconds"][p], rec["reasoning"][p] = self._ask(p, ref, image, row.modality,
+                                                                                   regions)
             rec["predicted"][p], rec["reasked"][p] = self._boxes(p, ref, image, row.modality, rec)
         return [rec]
 
@@ -303,7 +304,11 @@ class EvalWorker:
             reasked[s] = None if not answer or answer.box is None else [float(v) for v in answer.box]
         return predicted, reasked
 
-    def _ask(self, kind: str, ref, image, modality: str, regions: dict) -> tuple[list, list]:
+    def _ask(self, kind: str, ref, image, modality: str, regions: dict) -> tuple[list, list, list]:
+        """The policy's label answers to each region, seconds per answer, and per answer the relative-position
+        statements of its ``<think>`` [made, true] (``eval.reasoning``; the target's regions and the reference's
+        boxes decide)."""
+        from rau_ray.eval import reasoning
         from rau_ray.models import pipeline
 
         policy = self.policy(kind)
@@ -311,7 +316,7 @@ class EvalWorker:
         questions = [pipeline.ask(policy.processor, "label", image, ref.image, ref_boxes, region=b, modality=modality,
                                   reference_modality=ref.modality) for b in regions.values()]
         budget = self.spec["max_new_tokens"].get(kind) or self.model_config().max_new_tokens
-        answers, seconds, step = [], [], self.spec["label_batch"]
+        answers, seconds, checked, step = [], [], [], self.spec["label_batch"]
         for i in range(0, len(questions), step):
             t0 = time.perf_counter()
             texts = policy.generate([q.messages for q in questions[i:i + step]], max_new_tokens=budget)
@@ -320,7 +325,9 @@ class EvalWorker:
                 parsed = question.parse(text)
                 answers.append(parsed.label if parsed else None)
                 seconds.append(dt)
-        return answers, seconds
+                said = reasoning.check(parsed.think if parsed else "", regions, ref_boxes)
+                checked.append([len(said.statements), said.true])
+        return answers, seconds, checked
 
     # -- segmentation ------------------------------------------------------------------------------------------------
     def segment(self, item: dict) -> list[dict]:
@@ -479,7 +486,10 @@ def plan_eval(cfg: EvalConfig) -> Plan:
     cfg.validate()
     cks = resolve_checkpoints(cfg)
     policy_ck = cks.get("grpo") or cks.get("sft")
-    model = combined_config(policy_ck, cks.get("seg"), cfg.profile) if (policy_ck or cks.get("seg")) else None
+    if "seg" in cks:  # the VLM+SAM2 model: the segmenter with its own policy, or the one seg_policy names
+        model = combined_config(cks.get(cfg.seg_policy), cks["seg"], cfg.profile)
+    else:
+        model = policy_ck.model_config() if policy_ck else None
     if model is None:
         from rau_ray.models.profiles import get_profile
 

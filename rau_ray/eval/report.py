@@ -70,7 +70,8 @@ def compute(records: list[dict], recall: dict, seg_scores: list[dict] | None = N
         seg_scores = [T.score_segment(r) for r in records if r["kind"] == "segment"]
     out = {"retrieval": recall, "labeling": T.labeling_table(records), "per_label": T.per_label_accuracy(records),
            "segmentation": T.segmentation_table(records, seg_scores), "volumes": T.volume_table(records),
-           "latency": T.latency_table(records), "attention": T.attention_summary(records)}
+           "latency": T.latency_table(records), "attention": T.attention_summary(records),
+           "reasoning": T.reasoning_table(records)}
     return out
 
 
@@ -123,6 +124,13 @@ def markdown_tables(t: dict, hdr: dict) -> str:
     if valid:
         parts += ["\nShare of answers in the valid `<think>/<answer>` format:\n", _table(["dataset", "SFT", "GRPO"],
                                                                                           valid)]
+    reasoning = [[n, name, r["answers"], r["with_statements"], r["statements"],
+                  _with_ci({"accuracy": r["share"], "ci95": r["ci95"]})]
+                 for n in order for name, r in t.get("reasoning", {}).get(n, {}).items()]
+    if reasoning:
+        parts += ["\n## Reasoning: relative-position statements in `<think>` (label answers), checked against the "
+                  "true boxes\n", _table(["dataset", "policy", "answers", "with statements", "statements",
+                                          "share true [95 % interval]"], reasoning)]
     parts.append("\n## Segmentation (2D): per (target, structure)\n")
     rows = []
     for n in order:

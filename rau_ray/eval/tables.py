@@ -180,6 +180,29 @@ def per_label_accuracy(records: list[dict]) -> dict:
     return out
 
 
+def reasoning_table(records: list[dict]) -> dict:
+    """{dataset: {"SFT" / "GRPO": {"answers", "with_statements", "statements", "true", "share", "ci95"}}}: the
+    relative-position statements of the label answers' ``<think>`` (``eval.reasoning``), the share true with a 95 %
+    interval over subjects. From ``reasoning`` {policy: [[made, true] per answer]} of the label records."""
+    out: dict = {}
+    for ds, recs in _by_dataset(records, "label").items():
+        table = {}
+        for name, policy in (("SFT", "sft"), ("GRPO", "grpo")):
+            per = [(r.get("subject") or r["target"], c) for r in recs for c in (r.get("reasoning") or {}).get(policy, [])]
+            if not per:
+                continue
+            hits = [float(k < true) for _, (made, true) in per for k in range(made)]
+            groups = [subject for subject, (made, _) in per for _ in range(made)]
+            made = sum(c[0] for _, c in per)
+            table[name] = {"answers": len(per), "with_statements": sum(c[0] > 0 for _, c in per),
+                           "statements": made, "true": int(sum(hits)),
+                           "share": sum(hits) / made if made else None,
+                           "ci95": metrics.grouped_bootstrap(hits, groups)}
+        if table:
+            out[ds] = table
+    return out
+
+
 # -- segmentation ------------------------------------------------------------------------------------------------------
 def attention_stats(attention, ref_grid) -> dict | None:
     """The ``<Seg>`` query's attention over memory slots: normalised entropy (1 = spread evenly, 0 = one slot), the

@@ -1,7 +1,9 @@
 """Turn reference-target task items (``rau_ray.data.tasks.make_pairs``) into chat messages + target completions.
 
 The prompts and answers are the pipeline's (``rau_ray.models.pipeline``): boxes in the processor's resized image, as
-the policy sees and answers them. Manifests and images are read once per process.
+the policy sees and answers them. The ``<think>`` text places the structure in the reference (its box) and in the
+target relative to its nearest neighbour (``eval.reasoning.relative_statement``: true by construction, what the
+reasoning check reads back). Manifests and images are read once per process.
 Use: ``messages, completion = PolicyExamples(processor).example(item)``;
 ``truth(item)`` -> what a right answer holds (label, box, all boxes, the resized image size), for scoring.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from rau_ray.data.manifest import Manifests
 from rau_ray.data.tasks import label_boxes
+from rau_ray.eval.reasoning import relative_statement
 from rau_ray.models import pipeline
 
 
@@ -32,8 +35,10 @@ class PolicyExamples:
     def example(self, item: dict) -> tuple[list[dict], str]:
         question, boxes = self.question(item)
         structure = item["structure"]
-        think = (f"In the reference the {structure} is at {question.reference_boxes.get(structure)}; the target "
-                 f"shows the same anatomy, so it lies at the matching position relative to its neighbours.")
+        placed = relative_statement(structure, boxes)  # a true relative-position claim about the target
+        think = (f"In the reference the {structure} is at {question.reference_boxes.get(structure)}; in the target "
+                 + (f"{placed}." if placed else f"there is no {structure}." if structure not in boxes else
+                    f"the {structure} is alone."))
         return question.messages, question.completion(label=structure, box=boxes.get(structure), boxes=boxes,
                                                       think=think)
 

@@ -103,6 +103,7 @@ class OracleWorker(EvalWorker):
                  "predicted": {"sft": [["A", TARGET["A"]], ["B", [38, 45, 48, 55]]],
                                "grpo": [["A", _shift(TARGET["A"])], ["A", _shift(TARGET["B"])]]},
                  "reasked": {"grpo": {}},
+                 "reasoning": {"sft": [[2, 1], [0, 0]], "grpo": [[1, 1], [1, 1]]},  # [statements, true] per answer
                  "seconds": {"sft": [0.010, 0.030], "grpo": [0.020, 0.020]}}]
 
     def segment(self, item):
@@ -230,6 +231,11 @@ def test_checkpoint_kinds_and_bad_input(manifest, tmp_path):
         plan_eval(EvalConfig(manifests=(str(manifest),), grpo=str(sft)))
     with pytest.raises(DataError, match="not a training checkpoint"):
         plan_eval(EvalConfig(manifests=(str(manifest),), checkpoints=(str(tmp_path),)))
+    seg = fake_checkpoint(tmp_path / "seg", {"manifest": "m", "train_split": "train", "mode": "rau",
+                                             "model": {"profile": "tiny"}})
+    with pytest.raises(ConfigError, match=r"seg was trained on the <Seg> states of the profile's base policy .*not "
+                                          r"on the grpo policy .*b \(weights sha256"):
+        plan_eval(EvalConfig(manifests=(str(manifest),), checkpoints=(str(grpo), str(seg)), seg_policy="grpo"))
     with pytest.raises(DataError, match="no rows in split 'nope'"):
         plan_eval(EvalConfig(manifests=(str(manifest),), split="nope"))
 
@@ -281,6 +287,9 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
         assert lab["rows"]["GRPO+FGW"] is None
     assert t["per_label"]["toy"]["GRPO"]["B"] == {"n": 2, "correct": 0, "accuracy": 0.0}
     assert t["per_label"]["toy"]["GRPO+OT"]["B"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert t["reasoning"]["toy"]["SFT"] == {"answers": 2, "with_statements": 1, "statements": 2, "true": 1,
+                                           "share": 0.5, "ci95": [0.5, 0.5]}
+    assert t["reasoning"]["toy"]["GRPO"]["share"] == 1.0
     assert t["per_label"]["toy"]["SFT boxes"]["B"] == {"n": 2, "correct": 0, "accuracy": 0.0}
 
     # segmentation: VLM+SAM2 exact on A, B shifted 5 columns (|P ∩ G| = 50 of 100 each)
