@@ -42,7 +42,8 @@ def test_shipped_sweep_configs_prepare(config):
 
 
 def test_prepare_applies_overrides_resources_and_absolute_manifest(tmp_path):
-    cfg = sweep(tmp_path, overrides={"train_policy_lora": True, "max_steps": 3},
+    cfg = sweep(tmp_path, overrides={"train_policy_lora": True, "max_steps": 3, "answers": "canonical",
+                                     "policy_checkpoint": None},
                 resources={"num_workers": 1, "cpus_per_worker": 0.25})
     prep = prepare(cfg)
     assert prep.base["train_policy_lora"] is True and prep.max_steps == 3
