@@ -267,6 +267,10 @@ class EvalWorker:
             rec["predicted"][p], rec["reasked"][p] = self._boxes(p, ref, image, row.modality, rec)
         return [rec]
 
+    def _budget(self, kind: str) -> int:
+        """New tokens a policy's answer may take: the eval's setting, else its checkpoint's own budget."""
+        return self.spec["max_new_tokens"].get(kind) or self.model_config().max_new_tokens
+
     def _generate(self, kind: str, questions: list, budget: int) -> list[str]:
         step, texts = self.spec["label_batch"], []
         for i in range(0, len(questions), step):
@@ -281,8 +285,7 @@ class EvalWorker:
         from rau_ray.eval.tables import match_available
         from rau_ray.models import pipeline
 
-        processor, ref_boxes = self.policy(kind).processor, label_boxes_of(ref)
-        budget = self.spec["max_new_tokens"].get(kind) or self.model_config().max_new_tokens
+        processor, ref_boxes, budget = self.policy(kind).processor, rec["ref_boxes"], self._budget(kind)
         q = pipeline.ask(processor, "all_boxes", image, ref.image, ref_boxes, modality=modality,
                          reference_modality=ref.modality)
         parsed = q.parse(self._generate(kind, [q], budget + 24 * len(ref_boxes))[0])  # ~24 tokens a box
@@ -292,7 +295,7 @@ class EvalWorker:
         pred = predicted or []
         doubtful: list[str] = []
         for method in [m for m in ("emd", "fgw") if match_available(m)]:
-            assign_with_fallback([b for _, b in pred], tuple(rec["size"]), rec["ref_boxes"], tuple(rec["ref_size"]),
+            assign_with_fallback([b for _, b in pred], tuple(rec["size"]), ref_boxes, tuple(rec["ref_size"]),
                                  lambda label: doubtful.append(label), MatchConfig(method=method),
                                  predicted_labels=[label for label, _ in pred])
         doubtful = sorted(set(doubtful))
@@ -315,11 +318,10 @@ class EvalWorker:
         ref_boxes = label_boxes_of(ref)
         questions = [pipeline.ask(policy.processor, "label", image, ref.image, ref_boxes, region=b, modality=modality,
                                   reference_modality=ref.modality) for b in regions.values()]
-        budget = self.spec["max_new_tokens"].get(kind) or self.model_config().max_new_tokens
         answers, seconds, checked, step = [], [], [], self.spec["label_batch"]
         for i in range(0, len(questions), step):
             t0 = time.perf_counter()
-            texts = policy.generate([q.messages for q in questions[i:i + step]], max_new_tokens=budget)
+            texts = self._generate(kind, questions[i:i + step], self._budget(kind))
             dt = (time.perf_counter() - t0) / len(texts)
             for question, text in zip(questions[i:i + step], texts):
                 parsed = question.parse(text)

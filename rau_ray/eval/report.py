@@ -115,10 +115,10 @@ def markdown_tables(t: dict, hdr: dict) -> str:
             continue
         rows.append([n, dist[n], lab["regions"], *[_with_ci(lab["rows"].get(name)) for name, *_ in T.LABEL_ROWS]])
     parts.append(_table(["dataset", "distribution", "regions", *[name for name, *_ in T.LABEL_ROWS]], rows))
-    parts.append("\nGRPO+OT, GRPO+FGW, SFT boxes, GRPO boxes: from the policy's predicted boxes (its all-boxes answer; a "
-                 f"true structure is right when a box matches it at IoU >= {T.MATCH_IOU} and carries its label; "
-                 "transport re-labels the boxes, a doubtful label is re-asked alone). SFT, GRPO, OT (boxes only), "
-                 "GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over subjects]\n")
+    parts.append("\nGRPO+OT, GRPO+FGW, SFT boxes, GRPO boxes: from the policy's predicted boxes (its all-boxes "
+                 f"answer; a true structure is right when a box matches it at IoU >= {T.MATCH_IOU} and carries its "
+                 "label; transport re-labels the boxes, a doubtful label is re-asked alone). SFT, GRPO, "
+                 "OT (boxes only), GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over subjects]\n")
     valid = [[n, *[(t["labeling"][n]["rows"].get(p) or {}).get("valid") for p in ("SFT", "GRPO")]]
              for n in order if n in t["labeling"]]
     if valid:

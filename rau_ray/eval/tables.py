@@ -83,13 +83,10 @@ def match_regions(entries: list, regions: list[dict], min_iou: float = MATCH_IOU
     return out
 
 
-def predicted_entries(record: dict, policy: str, method: str | None) -> list | None:
+def predicted_entries(record: dict, policy: str, method: str | None) -> list:
     """The labelled boxes a predicted-boxes row scores: the policy's all-boxes answer, re-labelled by ``method``
-    with the re-ask fallback (its recorded grounding answers) when given. None: the record has no such answer."""
-    predicted = record.get("predicted", {})
-    if policy not in predicted:
-        return None
-    pred = [(str(label), [float(v) for v in box]) for label, box in (predicted[policy] or [])]
+    with the re-ask fallback (its recorded grounding answers) when given."""
+    pred = [(str(label), [float(v) for v in box]) for label, box in (record["predicted"][policy] or [])]
     if method is None:
         return pred
     reasked = (record.get("reasked") or {}).get(policy) or {}
@@ -188,7 +185,8 @@ def reasoning_table(records: list[dict]) -> dict:
     for ds, recs in _by_dataset(records, "label").items():
         table = {}
         for name, policy in (("SFT", "sft"), ("GRPO", "grpo")):
-            per = [(r.get("subject") or r["target"], c) for r in recs for c in (r.get("reasoning") or {}).get(policy, [])]
+            per = [(r.get("subject") or r["target"], c) for r in recs
+                   for c in (r.get("reasoning") or {}).get(policy, [])]
             if not per:
                 continue
             hits = [float(k < true) for _, (made, true) in per for k in range(made)]

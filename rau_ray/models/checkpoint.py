@@ -191,9 +191,14 @@ def weights_digest(ck: Checkpoint) -> str:
     return ck.digest
 
 
+def own_adapter(segmenter: Checkpoint) -> dict[str, torch.Tensor]:
+    """The policy adapter a seg checkpoint trained jointly (``policy.``-prefixed keys, prefix removed); {} if none."""
+    return {k[len(POLICY_PREFIX):]: v for k, v in segmenter.weights.items() if k.startswith(POLICY_PREFIX)}
+
+
 def trained_policy(segmenter: Checkpoint) -> str:
     """In words, the policy a seg checkpoint's segmenter learned its ``<Seg>`` states from."""
-    if any(k.startswith(POLICY_PREFIX) for k in segmenter.weights):
+    if own_adapter(segmenter):
         return "its own policy adapter (trained jointly, kept in the checkpoint)"
     path = segmenter.config.get("policy_checkpoint")
     if path:
@@ -207,13 +212,26 @@ def check_pair(policy: Checkpoint | None, segmenter: Checkpoint | None) -> None:
     if policy is None or segmenter is None or segmenter.kind != "seg" or policy.kind not in ("sft", "grpo"):
         return
     recorded = segmenter.config.get("policy_sha256") or None
-    own = any(k.startswith(POLICY_PREFIX) for k in segmenter.weights)
-    if own or recorded != weights_digest(policy):
+    if own_adapter(segmenter) or recorded != weights_digest(policy):
         raise ConfigError(
             f"the segmenter {segmenter.source} was trained on the <Seg> states of {trained_policy(segmenter)}, not "
             f"on the {policy.kind} policy {policy.source} (weights sha256 {weights_digest(policy)}): serve each "
             f"segmenter with its own policy (leave the policy out to use it), or train one on this policy "
             f"(rau train seg with policy_checkpoint: {policy.source})")
+
+
+def recorded_policy(path: str, sha256: str | None, where: str) -> Checkpoint:
+    """The policy checkpoint a segmenter recorded (``policy_checkpoint``), unchanged since (``sha256``, its
+    ``weights_digest``; None: not checked): a DataError when it cannot be read, a ConfigError when it changed."""
+    try:
+        ck = read_checkpoint(path)
+    except RauError as e:
+        raise DataError(f"{where}: the policy checkpoint its segmenter was trained with cannot be read ({e}); give "
+                        "that policy explicitly") from None
+    if sha256 and weights_digest(ck) != sha256:
+        raise ConfigError(f"{where}: its policy checkpoint {ck.source} has changed since the segmenter was trained "
+                          f"(weights sha256 {weights_digest(ck)}, recorded {sha256})")
+    return ck
 
 
 def load_policy_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu", model_cfg=None):
@@ -224,26 +242,16 @@ def load_policy_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu", m
     if ck.kind == "cbam":
         raise ConfigError(f"{ck.source}: a cbam checkpoint holds no policy")
     cfg = model_cfg or ck.model_config()
+    weights = ck.weights if ck.kind in ("sft", "grpo") else own_adapter(ck)
     if ck.kind == "seg" and ck.config.get("policy_checkpoint"):
-        try:
-            base = read_checkpoint(ck.config["policy_checkpoint"])
-        except RauError as e:
-            raise DataError(f"{ck.source}: the policy checkpoint its segmenter was trained with cannot be read "
-                            f"({e}); give that policy explicitly") from None
-        if weights_digest(base) != ck.config.get("policy_sha256"):
-            raise ConfigError(f"{ck.source}: its policy checkpoint {base.source} has changed since the segmenter "
-                              f"was trained (weights sha256 {weights_digest(base)}, recorded "
-                              f"{ck.config.get('policy_sha256')})")
+        base = recorded_policy(ck.config["policy_checkpoint"], ck.config.get("policy_sha256") or "?", ck.source)
         policy = load_policy_checkpoint(base, device, replace(cfg, policy=base.model_config().policy))
-        adapter = {k[len(POLICY_PREFIX):]: v for k, v in ck.weights.items() if k.startswith(POLICY_PREFIX)}
-        if adapter:
-            load_adapter_weights(policy, adapter, str(ck.path))
+        if weights:
+            load_adapter_weights(policy, weights, str(ck.path))
         policy.model.to(device).eval()
         return policy
     torch.manual_seed(int(ck.config.get("seed", 0)))  # a seg checkpoint's untrained adapter as the job built it
     policy = load_policy(cfg.policy)
-    weights = ck.weights if ck.kind in ("sft", "grpo") else {
-        k[len(POLICY_PREFIX):]: v for k, v in ck.weights.items() if k.startswith(POLICY_PREFIX)}
     if weights or ck.kind in ("sft", "grpo"):
         load_adapter_weights(policy, weights, str(ck.path))
     policy.model.to(device).eval()

@@ -35,10 +35,12 @@ class PolicyExamples:
     def example(self, item: dict) -> tuple[list[dict], str]:
         question, boxes = self.question(item)
         structure = item["structure"]
-        placed = relative_statement(structure, boxes)  # a true relative-position claim about the target
-        think = (f"In the reference the {structure} is at {question.reference_boxes.get(structure)}; in the target "
-                 + (f"{placed}." if placed else f"there is no {structure}." if structure not in boxes else
-                    f"the {structure} is alone."))
+        if structure not in boxes:
+            placed = f"there is no {structure}"
+        else:  # a true relative-position claim about the target
+            placed = relative_statement(structure, boxes) or f"the {structure} is alone"
+        think = (f"In the reference the {structure} is at {question.reference_boxes.get(structure)}; "
+                 f"in the target {placed}.")
         return question.messages, question.completion(label=structure, box=boxes.get(structure), boxes=boxes,
                                                       think=think)
 

@@ -264,12 +264,9 @@ def pose_hits(emb: np.ndarray, subject: np.ndarray, pose: np.ndarray, ks=(1, 5),
 
 def bootstrap(hits: np.ndarray, groups: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
     """95 % percentile interval of the mean of ``hits``, resampling whole groups (query subjects)."""
-    ids = np.unique(groups)
-    sums = np.array([hits[groups == g].sum() for g in ids], float)
-    counts = np.array([(groups == g).sum() for g in ids], float)
-    pick = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
-    means = sums[pick].sum(1) / counts[pick].sum(1)
-    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+    from rau_ray.eval.metrics import grouped_bootstrap
+
+    return grouped_bootstrap(hits, groups, n, seed)
 
 
 def recall(embedder, data: dict, ks=(1, 5), tolerance_mm: float = POSE_TOLERANCE_MM, intervals: bool = False) -> dict:

@@ -570,13 +570,10 @@ class CBAMLoRASegTrainer(SegTrainer):
 def trained_policy(cfg: SegJobConfig, device, model_cfg):
     """The policy of ``cfg.policy_checkpoint``, checked against the digest the driver recorded (a checkpoint
     replaced between the driver and the workers would train a segmenter on another policy)."""
-    from rau_ray.models.checkpoint import load_policy_checkpoint, read_checkpoint, weights_digest
+    from rau_ray.models.checkpoint import load_policy_checkpoint, recorded_policy
 
-    ck = read_checkpoint(cfg.policy_checkpoint)
-    if cfg.policy_sha256 and weights_digest(ck) != cfg.policy_sha256:
-        raise ConfigError(f"{cfg.policy_checkpoint}: weights sha256 {weights_digest(ck)}, not the "
-                          f"{cfg.policy_sha256} this run recorded; the checkpoint changed under it")
-    return load_policy_checkpoint(ck, device, model_cfg)
+    return load_policy_checkpoint(recorded_policy(cfg.policy_checkpoint, cfg.policy_sha256 or None, cfg.name),
+                                  device, model_cfg)
 
 
 def with_policy_checkpoint(cfg: SegJobConfig) -> SegJobConfig:
