@@ -118,7 +118,8 @@ def markdown_tables(t: dict, hdr: dict) -> str:
     parts.append("\nGRPO+OT, GRPO+FGW, SFT boxes, GRPO boxes: from the policy's predicted boxes (its all-boxes "
                  f"answer; a true structure is right when a box matches it at IoU >= {T.MATCH_IOU} and carries its "
                  "label; transport re-labels the boxes, a doubtful label is re-asked alone). SFT, GRPO, "
-                 "OT (boxes only), GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over subjects]\n")
+                 "OT (boxes only), GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over "
+                 "subjects]\n")
     valid = [[n, *[(t["labeling"][n]["rows"].get(p) or {}).get("valid") for p in ("SFT", "GRPO")]]
              for n in order if n in t["labeling"]]
     if valid:
