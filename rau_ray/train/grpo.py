@@ -333,8 +333,9 @@ def run_grpo(cfg: GRPOJobConfig):
     if cfg.sft_checkpoint:  # the exact checkpoint (absolute: workers have another cwd), recorded in the config
         cfg = replace(cfg, sft_checkpoint=_sft_checkpoint(cfg.sft_checkpoint))
     cfg = replace(cfg, model=cfg.model_section())  # resolved: checkpoints record the model they fit
-    model_config_from(cfg.model)  # a bad model section fails here, not in every worker
-    items = make_pairs(read_manifest(cfg.manifest), split=cfg.split, tasks=cfg.tasks, seed=cfg.seed)
+    retrieval = model_config_from(cfg.model).retrieval  # a bad model section fails here, not in every worker
+    items = make_pairs(read_manifest(cfg.manifest), split=cfg.split, tasks=cfg.tasks, seed=cfg.seed,
+                       retrieval=retrieval)  # references as the DINOv2 bank retrieves them at inference
     if cfg.structures is not None:
         items = [i for i in items if i["structure"] in cfg.structures]
     if not items:

@@ -113,11 +113,13 @@ class SegJobConfig:
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
-def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: str = "train") -> list[dict]:
+def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: str = "train",
+              retrieval=None) -> list[dict]:
     """Training/validation items as plain dicts (Ray Data rows), one per (sample, structure).
 
     ``rau``: ``make_pairs`` reference-target pairs (segment task), one item per structure annotated in both, with
-    keys manifest, reference, target, structure. ``cbam-lora``: every row of ``split`` and each of its structures
+    keys manifest, reference, target, structure (references retrieved by ``retrieval``'s embedder when given, as at
+    inference). ``cbam-lora``: every row of ``split`` and each of its structures
     (reference None)."""
     from rau_ray.data.manifest import read_manifest
     from rau_ray.data.tasks import label_boxes, make_pairs
@@ -134,7 +136,8 @@ def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: s
     items = []
     if mode == "rau":
         seen = set()
-        for pair in make_pairs(m, split=split, reference_split=reference_split, tasks=("segment",), seed=seed):
+        for pair in make_pairs(m, split=split, reference_split=reference_split, tasks=("segment",), seed=seed,
+                               retrieval=retrieval):
             if (pair["reference"], pair["target"]) in seen:
                 continue
             seen.add((pair["reference"], pair["target"]))
@@ -150,7 +153,7 @@ def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: s
 
 def job_items(cfg: SegJobConfig, manifest, split: str, seed: int) -> list[dict]:
     """``seg_items`` of the job's mode, kept to ``cfg.structures`` when it names any."""
-    items = seg_items(manifest, split, cfg.mode, seed=seed)
+    items = seg_items(manifest, split, cfg.mode, seed=seed, retrieval=cfg.model_config().retrieval)
     return [it for it in items if it["structure"] in cfg.structures] if cfg.structures else items
 
 

@@ -250,10 +250,12 @@ def run_sft(cfg: SFTConfig):
     from rau_ray.train import run
 
     cfg.validate()
-    model_config_from(cfg.model, "sft config: model")  # a bad model section fails here, not in every worker
+    retrieval = model_config_from(cfg.model, "sft config: model").retrieval  # a bad model section fails here
     manifest = read_manifest(cfg.manifest)
-    items = make_pairs(manifest, split=cfg.split, tasks=cfg.tasks, seed=cfg.seed)
-    val_items = make_pairs(manifest, split=cfg.val_split, tasks=cfg.tasks, seed=cfg.seed + 1)[:cfg.eval_items]
+    # references retrieved by the profile's DINOv2 bank, as at inference
+    items = make_pairs(manifest, split=cfg.split, tasks=cfg.tasks, seed=cfg.seed, retrieval=retrieval)
+    val_items = make_pairs(manifest, split=cfg.val_split, tasks=cfg.tasks, seed=cfg.seed + 1,
+                           retrieval=retrieval)[:cfg.eval_items]
     if not items:
         raise ConfigError(f"{cfg.manifest}: no reference-target pairs in split {cfg.split!r}")
     if not val_items:

@@ -51,3 +51,24 @@ def test_an_absent_structure_trains_a_null_answer_with_true_reasoning(ct_manifes
     question, boxes = examples.question(label)
     said = check(prompts.parse_answer(completion, "label").think, boxes, question.reference_boxes)
     assert said.statements and said.share == 1.0  # the SFT target's relative-position claim is true
+
+
+def test_retrieved_references_are_the_banks_best_hit_of_another_subject(ct_manifest):
+    from rau_ray.models.profiles import get_profile
+    from rau_ray.models.retrieval import Embedder, ReferenceBank
+
+    m = read_manifest(ct_manifest(6, 64, 4))
+    retrieval = get_profile("tiny").retrieval
+    items = make_pairs(m, split="train", tasks=("segment",), retrieval=retrieval)
+    assert items
+    rows = {r.id: r for r in m.rows}
+    bank = ReferenceBank.build(m.path, retrieval, split="train", backend="local", progress=False)
+    embedder = Embedder(retrieval)
+    for item in items:
+        target = rows[item["target"]]
+        assert rows[item["reference"]].subject != target.subject
+        query = embedder.embed([m.load(target)[0]], [target.modality])[0]
+        best = bank.search(query, k=1, modality=target.modality, exclude_subject=target.subject, min_similarity=-1)
+        assert best.hits[0].row["id"] == item["reference"]  # what inference would retrieve for this target
+    nearest = make_pairs(m, split="train", tasks=("segment",))
+    assert [i["reference"] for i in items] != [i["reference"] for i in nearest]
