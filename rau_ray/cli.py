@@ -27,7 +27,7 @@ def _data_make(a: argparse.Namespace) -> dict:
     from rau_ray.data.make import MakeConfig, make_dataset
 
     cfg = MakeConfig(modality=a.modality, n=a.n, out=a.out, seed=a.seed, dims=a.dims, size=a.size,
-                     slices_per_subject=a.slices_per_subject)
+                     slices_per_subject=a.slices_per_subject, held_out=a.held_out)
     return make_dataset(cfg, backend=a.backend)
 
 
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="2: PNG samples + manifest.jsonl; 3: NIfTI volumes + dataset.json (ct-abdomen)")
     make.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
     make.add_argument("--slices-per-subject", type=int, default=4, help="ct-abdomen 2D: axial slices per subject")
+    make.add_argument("--held-out", action="store_true",
+                      help="every subject in the test split (a held-out set: use a seed no training run used)")
     make.add_argument("--backend", choices=("ray", "local"), default="ray", help="ray (parallel) or local")
     make.set_defaults(func=_data_make)
 

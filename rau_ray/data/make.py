@@ -32,6 +32,7 @@ class MakeConfig:
     size: int = 256  # image side in pixels (the tiny profile uses 112-256)
     slices_per_subject: int = 4  # ct-abdomen 2D: axial slices per subject, one per stratum of the abdomen
     subjects_per_task: int = 0  # Ray task size; 0 lets the writer choose (about 4 tasks per CPU)
+    held_out: bool = False  # every subject in the test split: a held-out set, made with a seed no training used
 
     def validate(self) -> None:
         phantom = get_phantom(self.modality)
@@ -84,7 +85,8 @@ def make_dataset(cfg: MakeConfig, backend: str = "ray", progress: bool = True) -
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ids = [subject_id(i) for i in range(cfg.n)]
-    splits = {sid: "test" for sid in ids} if phantom.OUT_OF_DISTRIBUTION else assign_splits(ids, cfg.seed)
+    all_test = phantom.OUT_OF_DISTRIBUTION or cfg.held_out
+    splits = {sid: "test" for sid in ids} if all_test else assign_splits(ids, cfg.seed)
     t0 = time.perf_counter()
     rows, n_files = write_all(partial(make_subject, cfg), [(i, splits[sid]) for i, sid in enumerate(ids)], out,
                               backend=backend, desc=cfg.modality, unit="subject", progress=progress,

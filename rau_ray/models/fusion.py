@@ -1,10 +1,13 @@
-"""RAU's segmentation route: ``<Seg>`` hidden state -> MLP projector -> attention over reference memory -> SAM2.
+"""RAU's segmentation route: ``<Seg>`` hidden state -> MLP projector -> SAM2 memory attention -> SAM2 mask decoder.
 
-The reference image + mask go through SAM2's own memory encoder into memory slots; the projected ``<Seg>`` query
-attends over them; the fused token enters SAM2's mask decoder as a sparse prompt embedding together with the target
-image's embedding (the LISA / Sa2VA route). The image encoder stays frozen; the projector, the fusion and the mask
-decoder train. The SAM2-Memory-Ref baseline and 3D propagation (SAM2's own video memory, no VLM) live in
-``memory_ref`` and are re-exported here.
+The paper's critical path, on SAM2's own modules. The reference image + mask go through SAM2's memory encoder into
+memory slots. The target's image features are conditioned on them by SAM2's memory attention, exactly as SAM2's
+video path conditions a frame on a prompted frame (SAM2-Memory-Ref's route: what memory propagation knows). The
+projected ``<Seg>`` query retrieves memory slots by dot-product attention (RAU Eq. 6-7) into a fused token that
+says *which* structure; the mask decoder takes the conditioned features, SAM2's no-prompt tokens and that token.
+The image encoder, memory encoder and memory attention stay frozen (SAM2's, pretrained); the projector, the fusion
+and the mask decoder train. The SAM2-Memory-Ref baseline and 3D propagation (SAM2's own video memory, no VLM) live
+in ``memory_ref`` and are re-exported here.
 Use: ``seg = RAUSegmenter(build_sam2_model(), FusionConfig(llm_hidden_size=128))``;
 ``logits, score, attn = seg.predict(seg.set_image(target), h_seg, seg.encode_reference(seg.set_image(ref), mask))``.
 """
@@ -33,7 +36,7 @@ class FusionConfig:
     projector_dim: int = 256  # RAU's projector width; Ray Tune sweeps 128/256/512/1024
     num_heads: int = 4  # attention heads of the <Seg> query over memory slots
     dropout: float = 0.0  # attention dropout; 0 keeps tiny runs deterministic, small data may want 0.1
-    train_memory_encoder: bool = False  # the memory encoder is SAM2's and frozen unless asked
+    train_memory_encoder: bool = False  # SAM2's memory encoder frozen unless asked (its memory attention always)
 
     def validate(self) -> None:
         if self.projector_dim % self.num_heads:
@@ -112,14 +115,35 @@ class RAUSegmenter(nn.Module):
         with torch.set_grad_enabled(self.cfg.train_memory_encoder and torch.is_grad_enabled()):
             return self._memory(ref.features["image_embed"], m)
 
+    def condition(self, image_embed: torch.Tensor, memory: ReferenceMemory) -> torch.Tensor:
+        """(B, C, h, w) target features as set_image gives them -> conditioned on the reference memory by SAM2's
+        memory attention, as SAM2's video path does for a frame after a prompted one
+        (``SAM2Base._prepare_memory_conditioned_features`` with one conditioning frame, no object pointers)."""
+        sam = self.sam
+        pix = image_embed - sam.no_mem_embed.view(1, -1, 1, 1) if sam.directly_add_no_mem_embed else image_embed
+        b, c, h, w = pix.shape
+        pos = sam.image_encoder.neck.position_encoding(pix).to(pix.dtype)
+        mem_pos = memory.pos + sam.maskmem_tpos_enc[sam.num_maskmem - 1].view(1, 1, -1)  # a conditioning frame
+        with torch.set_grad_enabled(self.cfg.train_memory_encoder and torch.is_grad_enabled()):
+            out = sam.memory_attention(curr=[pix.flatten(2).permute(2, 0, 1)],
+                                       curr_pos=[pos.flatten(2).permute(2, 0, 1)],
+                                       memory=memory.slots.transpose(0, 1).expand(-1, b, -1),
+                                       memory_pos=mem_pos.transpose(0, 1).expand(-1, b, -1), num_obj_ptr_tokens=0)
+        return out.permute(1, 2, 0).reshape(b, c, h, w)
+
     def _decode(self, image_embed, high_res, seg_hidden, memory: ReferenceMemory):
         b = image_embed.shape[0]
         query = self.projector(seg_hidden)  # (B, n, P)
         tokens, attn = self.fusion(query, memory.slots.expand(b, -1, -1), memory.pos.expand(b, -1, -1))
+        conditioned = self.condition(image_embed, memory)
         pe = self.sam.sam_prompt_encoder
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *image_embed.shape[-2:])
+        # SAM2's tokens for "no prompt" (its video path on a frame without clicks), then the fused <Seg> token
+        no_prompt, dense = pe(points=(torch.zeros(b, 1, 2, device=conditioned.device),
+                                      -torch.ones(b, 1, dtype=torch.int32, device=conditioned.device)),
+                              boxes=None, masks=None)
         low_res, iou, _, _ = self.sam.sam_mask_decoder(
-            image_embeddings=image_embed, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=tokens,
+            image_embeddings=conditioned, image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=torch.cat([no_prompt.to(tokens.dtype), tokens], 1),
             dense_prompt_embeddings=dense, multimask_output=False, repeat_image=False,
             high_res_features=high_res if self.sam.use_high_res_features_in_sam else None)
         return low_res, iou[:, 0], attn

@@ -103,3 +103,15 @@ def test_ct_2d_slice_equals_volume_slice():
 def test_unknown_phantom_is_a_clear_error():
     with pytest.raises(DataError, match="unknown phantom modality 'mri-brain'.*ct-abdomen"):
         get_phantom("mri-brain")
+
+
+def test_a_held_out_set_puts_every_subject_in_the_test_split(tmp_path):
+    from rau_ray.data.make import MakeConfig, make_dataset
+    from rau_ray.data.manifest import read_manifest
+
+    make_dataset(MakeConfig("ct-abdomen", n=4, out=str(tmp_path / "held"), seed=7777, size=64, held_out=True),
+                 backend="local", progress=False)
+    make_dataset(MakeConfig("ct-abdomen", n=4, out=str(tmp_path / "plain"), seed=7777, size=64),
+                 backend="local", progress=False)
+    assert {r.split for r in read_manifest(tmp_path / "held" / "manifest.jsonl").rows} == {"test"}
+    assert "train" in {r.split for r in read_manifest(tmp_path / "plain" / "manifest.jsonl").rows}
