@@ -38,6 +38,26 @@ def test_predict_shapes_and_memory_slots(segmenter, images):
     assert not torch.allclose(memory.slots, other.slots)  # the mask shapes the memory
 
 
+def test_the_decoder_sees_target_features_conditioned_by_sams_memory_attention(segmenter, images):
+    ref, ref_mask, tgt = images
+    target = segmenter.set_image(tgt)
+    embed = target.features["image_embed"]
+    memory = segmenter.encode_reference(segmenter.set_image(ref), ref_mask)
+    conditioned = segmenter.condition(embed, memory)
+    assert conditioned.shape == embed.shape and not torch.allclose(conditioned, embed)
+    other = segmenter.condition(embed, segmenter.encode_reference(segmenter.set_image(ref), ~ref_mask))
+    assert not torch.allclose(conditioned, other)  # which structure the reference marks reaches the features
+    # the same module call SAM2's video path makes for a frame after its prompted frame
+    sam = segmenter.sam
+    pix = embed - sam.no_mem_embed.view(1, -1, 1, 1)
+    pos = sam.image_encoder.neck.position_encoding(pix)
+    direct = sam.memory_attention(curr=[pix.flatten(2).permute(2, 0, 1)], curr_pos=[pos.flatten(2).permute(2, 0, 1)],
+                                  memory=memory.slots.transpose(0, 1),
+                                  memory_pos=(memory.pos + sam.maskmem_tpos_enc[sam.num_maskmem - 1].view(1, 1, -1))
+                                  .transpose(0, 1))
+    assert torch.allclose(conditioned, direct.permute(1, 2, 0).reshape(embed.shape), atol=1e-5)
+
+
 def test_predict_takes_several_tokens_and_batches(segmenter, images):
     ref, ref_mask, tgt = images
     target, memory = segmenter.set_image(tgt), segmenter.encode_reference(segmenter.set_image(ref), ref_mask)
