@@ -38,7 +38,7 @@ import torch
 from rau_ray.data.manifest import Manifests
 from rau_ray.errors import ConfigError, DataError, RauError
 
-KINDS = ("sft", "grpo", "seg", "cbam")
+KINDS = ("sft", "grpo", "seg", "cbam", "memref")
 SEG_POLICIES = ("segmenter", "grpo", "sft")
 
 
@@ -51,6 +51,7 @@ class EvalConfig:
     grpo: str | None = None
     seg: str | None = None
     cbam: str | None = None
+    memref: str | None = None  # a seg checkpoint of mode memory-ref: the SAM2-Memory-Ref-SFT row
     profile: str = "tiny"  # the models no checkpoint supplies (retrieval, the SAM2 baseline) come from this profile
     split: str = "test"  # held-out targets
     reference_split: str = "train"  # references (the bank); a manifest without it (test-only, OOD): all rows
@@ -223,6 +224,12 @@ class EvalWorker:
         return None if ck is None else self._once("cbam", lambda: predictor_for(
             load_cbam_checkpoint(ck, self.spec["device"])))
 
+    def memref(self):
+        from rau_ray.models.checkpoint import load_memref_checkpoint
+
+        ck = self.checkpoint("memref")
+        return None if ck is None else self._once("memref", lambda: load_memref_checkpoint(ck, self.spec["device"]))
+
     def sample(self, manifest_path: str, row_id: str):
         return self._samples.sample(manifest_path, row_id)
 
@@ -340,8 +347,8 @@ class EvalWorker:
         row, image, label = self.sample(item["manifest"], item["target"])
         by_name = {v: k for k, v in row.label_names.items()}
         tgt_u8 = _u8(image, row.modality)
-        rau, cbam = self.rau(), self.cbam()
-        cbam_embedding = None
+        rau, cbam, memref = self.rau(), self.cbam(), self.memref()
+        cbam_embedding = memref_embedding = None
         slots = (self.model_config().sam2.image_size // 16) ** 2
         out = []
         for s in item["structures"]:
@@ -349,7 +356,8 @@ class EvalWorker:
             rec = {"kind": "segment", "dataset": item["dataset"], "manifest": item["manifest"], "target": row.id,
                    "structure": s, "spacing": list(row.spacing), "truth": truth, "reference": None, "error": None,
                    "preds": {}}
-            methods = ["SAM2-Memory-Ref"] + (["VLM+SAM2"] if rau else []) + (["CBAM-LoRA SAM2 (box)"] if cbam else [])
+            methods = (["SAM2-Memory-Ref"] + (["SAM2-Memory-Ref-SFT"] if memref else []) + (["VLM+SAM2"] if rau else [])
+                       + (["CBAM-LoRA SAM2 (box)"] if cbam else []))
             t0 = time.perf_counter()
             try:
                 ref = self.retriever(item["dataset"]).retrieve(image, row.modality, structure=s,
@@ -368,6 +376,14 @@ class EvalWorker:
             mask = memory_ref_baseline(self.video_predictor(), ref_u8, _resize(ref_mask, truth.shape, True), tgt_u8)
             rec["preds"]["SAM2-Memory-Ref"] = {"mask": mask, "box": mask_to_box(mask),
                                                "seconds": time.perf_counter() - t0 + t_retrieval}
+            if memref:  # the same memory route after fine-tuning on the training pairs, no <Seg> query
+                t0 = time.perf_counter()
+                if memref_embedding is None:
+                    memref_embedding = memref.set_image(tgt_u8)
+                memory = memref.encode_reference(memref.set_image(ref_u8), _resize(ref_mask, truth.shape, True))
+                m = np.asarray(memref.predict(memref_embedding, None, memory)[0]) > 0
+                rec["preds"]["SAM2-Memory-Ref-SFT"] = {"mask": m, "box": mask_to_box(m),
+                                                       "seconds": time.perf_counter() - t0 + t_retrieval}
             if rau:
                 p = rau.predict(image, s, reference=ref, modality=row.modality)
                 timings = {**p.timings, "retrieval": t_retrieval}
@@ -659,8 +675,8 @@ def run_eval(cfg: EvalConfig, command: str | None = None, worker_cls=EvalWorker,
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="eval config YAML (fields of rau_ray.eval.evaluate.EvalConfig)")
     parser.add_argument("--manifest", action="append", help="a dataset's manifest.jsonl (or folder); repeat for more")
-    parser.add_argument("--checkpoint", action="append", help="a checkpoint or run folder (sft, grpo, seg or cbam: "
-                                                              "read from it); repeat for more")
+    parser.add_argument("--checkpoint", action="append", help="a checkpoint or run folder (sft, grpo, seg, cbam or "
+                                                              "memref: read from it); repeat for more")
     for kind in KINDS:
         parser.add_argument(f"--{kind}", help=f"the {kind} checkpoint or run folder (instead of --checkpoint)")
     parser.add_argument("--out", help="report folder (default: runs/eval)")

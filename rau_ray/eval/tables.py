@@ -45,7 +45,7 @@ LABEL_ROWS = (("SFT", "sft", None, "given"), ("GRPO", "grpo", None, "given"),
               ("GRPO+FGW", "grpo", "fgw", "predicted"), ("SFT boxes", "sft", None, "predicted"),
               ("GRPO boxes", "grpo", None, "predicted"), ("GRPO+OT (given boxes)", "grpo", "emd", "given"))
 MATCH_IOU = 0.5  # a predicted box finds a true structure at this IoU or more (Hungarian matching)
-SEG_METHODS = ("SAM2-Memory-Ref", "VLM+SAM2", "CBAM-LoRA SAM2 (box)")
+SEG_METHODS = ("SAM2-Memory-Ref", "SAM2-Memory-Ref-SFT", "VLM+SAM2", "CBAM-LoRA SAM2 (box)")
 
 
 def match_available(method: str) -> bool:

@@ -74,7 +74,7 @@ class Checkpoint:
 
 
 def checkpoint_kind(config: dict, where: str = "checkpoint") -> str:
-    """sft / grpo / seg / cbam from the job config a checkpoint recorded."""
+    """sft / grpo / seg / cbam / memref from the job config a checkpoint recorded."""
     if not isinstance(config, dict):
         raise DataError(f"{where}: train_state.json has no job config")
     if "mode" in config:
@@ -82,6 +82,8 @@ def checkpoint_kind(config: dict, where: str = "checkpoint") -> str:
             return "seg"
         if config["mode"] == "cbam-lora":
             return "cbam"
+        if config["mode"] == "memory-ref":
+            return "memref"
         raise DataError(f"{where}: unknown segmenter mode {config['mode']!r}")
     if "num_generations" in config:
         return "grpo"
@@ -289,6 +291,21 @@ def load_cbam_checkpoint(ck: Checkpoint, device: str = "cpu"):
     _check_names(ck.weights, expected, str(ck.path))
     sam.load_state_dict(ck.weights, strict=False)
     return sam.to(device).eval()
+
+
+def load_memref_checkpoint(ck: Checkpoint, device: str = "cpu"):
+    """SAM2-Memory-Ref-SFT (seg mode memory-ref): the RAUSegmenter with its fine-tuned decoder, used with
+    ``seg_hidden=None`` (``predict(target, None, memory)``)."""
+    from rau_ray.models.fusion import RAUSegmenter
+    from rau_ray.models.sam2_builder import build_sam2_model
+
+    if ck.kind != "memref":
+        raise ConfigError(f"{ck.source}: a {ck.kind} checkpoint, not a memory-ref segmenter one")
+    cfg = ck.model_config()
+    seg = RAUSegmenter(build_sam2_model(replace(cfg.sam2, device=str(device))), cfg.fusion).memory_only()
+    _check_names(ck.weights, seg.trainable_state_dict(), str(ck.path))
+    seg.load_state_dict(ck.weights, strict=False)
+    return seg.to(device).eval()
 
 
 def combined_config(policy: Checkpoint | None = None, segmenter: Checkpoint | None = None, profile: str = "tiny"):

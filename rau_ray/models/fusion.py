@@ -91,6 +91,15 @@ class RAUSegmenter(nn.Module):
             p.requires_grad = name.startswith("sam_mask_decoder.") or (
                 cfg.train_memory_encoder and name.startswith("memory_encoder."))
 
+    def train(self, mode: bool = True) -> "RAUSegmenter":
+        """Frozen SAM2 parts stay in eval mode (SAM2's memory attention has dropout): training only what trains."""
+        super().train(mode)
+        self.sam.image_encoder.eval()
+        self.sam.memory_attention.eval()
+        if not self.cfg.train_memory_encoder:
+            self.sam.memory_encoder.eval()
+        return self
+
     # -- one image at a time (serving, eval) --------------------------------------------------------------------
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
         """The expensive part, once per image: SAM2's image encoder."""
@@ -131,19 +140,28 @@ class RAUSegmenter(nn.Module):
                                        memory_pos=mem_pos.transpose(0, 1).expand(-1, b, -1), num_obj_ptr_tokens=0)
         return out.permute(1, 2, 0).reshape(b, c, h, w)
 
+    def memory_only(self) -> "RAUSegmenter":
+        """SAM2-Memory-Ref-SFT: no ``<Seg>`` query (``seg_hidden=None`` everywhere); only the decoder trains."""
+        self.projector.requires_grad_(False)
+        self.fusion.requires_grad_(False)
+        return self
+
     def _decode(self, image_embed, high_res, seg_hidden, memory: ReferenceMemory):
+        """``seg_hidden`` None: memory propagation alone (SAM2-Memory-Ref-SFT), no fused token, no attention."""
         b = image_embed.shape[0]
-        query = self.projector(seg_hidden)  # (B, n, P)
-        tokens, attn = self.fusion(query, memory.slots.expand(b, -1, -1), memory.pos.expand(b, -1, -1))
         conditioned = self.condition(image_embed, memory)
+        tokens = attn = None
+        if seg_hidden is not None:
+            query = self.projector(seg_hidden)  # (B, n, P)
+            tokens, attn = self.fusion(query, memory.slots.expand(b, -1, -1), memory.pos.expand(b, -1, -1))
         pe = self.sam.sam_prompt_encoder
         # SAM2's tokens for "no prompt" (its video path on a frame without clicks), then the fused <Seg> token
         no_prompt, dense = pe(points=(torch.zeros(b, 1, 2, device=conditioned.device),
                                       -torch.ones(b, 1, dtype=torch.int32, device=conditioned.device)),
                               boxes=None, masks=None)
+        sparse = no_prompt if tokens is None else torch.cat([no_prompt.to(tokens.dtype), tokens], 1)
         low_res, iou, _, _ = self.sam.sam_mask_decoder(
-            image_embeddings=conditioned, image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=torch.cat([no_prompt.to(tokens.dtype), tokens], 1),
+            image_embeddings=conditioned, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense, multimask_output=False, repeat_image=False,
             high_res_features=high_res if self.sam.use_high_res_features_in_sam else None)
         return low_res, iou[:, 0], attn
@@ -156,15 +174,15 @@ class RAUSegmenter(nn.Module):
         (B, n, llm_hidden): B queries on the same target -> (B, H, W), (B,) scores, (B, n, slots).
         """
         embed = target.features["image_embed"]
-        h = seg_hidden.to(embed.device, embed.dtype)
-        b = h.shape[0] if h.dim() == 3 else 1
+        h = None if seg_hidden is None else seg_hidden.to(embed.device, embed.dtype)
+        b = h.shape[0] if h is not None and h.dim() == 3 else 1
         low_res, iou, attn = self._decode(embed.expand(b, -1, -1, -1),
                                           [f.expand(b, -1, -1, -1) for f in target.features["high_res_feats"]],
-                                          h.reshape(b, -1, h.shape[-1]), memory)
+                                          None if h is None else h.reshape(b, -1, h.shape[-1]), memory)
         logits = self.predictor._transforms.postprocess_masks(low_res, target.orig_hw)[:, 0]
-        if h.dim() == 3:
+        if h is not None and h.dim() == 3:
             return logits, iou, attn
-        return logits[0], float(iou[0]), attn[0]  # SAM2.1 predicts IoU through a sigmoid already
+        return logits[0], float(iou[0]), None if attn is None else attn[0]  # SAM2.1's IoU is a sigmoid already
 
     # -- batches (training) ------------------------------------------------------------------------------------
     def images_to_tensor(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -188,15 +206,16 @@ class RAUSegmenter(nn.Module):
 
     def forward(self, target_images: torch.Tensor, seg_hidden: torch.Tensor, ref_images: torch.Tensor,
                 ref_masks: torch.Tensor) -> torch.Tensor:
-        """Training: (B,3,S,S) targets, (B,n,llm) <Seg> states, (B,3,S,S) references, (B,H,W) masks ->
-        mask logits (B, 1, S, S)."""
+        """Training: (B,3,S,S) targets, (B,n,llm) <Seg> states (None: memory alone), (B,3,S,S) references,
+        (B,H,W) masks -> mask logits (B, 1, S, S)."""
         t_embed, t_high = self._encode(target_images)
         r_embed, _ = self._encode(ref_images)
         logits = []
         for i in range(target_images.shape[0]):  # one reference memory per sample
             with torch.set_grad_enabled(self.cfg.train_memory_encoder and torch.is_grad_enabled()):
                 memory = self._memory(r_embed[i:i + 1], ref_masks[i:i + 1])
-            low, _, _ = self._decode(t_embed[i:i + 1], [h[i:i + 1] for h in t_high], seg_hidden[i:i + 1], memory)
+            low, _, _ = self._decode(t_embed[i:i + 1], [h[i:i + 1] for h in t_high],
+                                     None if seg_hidden is None else seg_hidden[i:i + 1], memory)
             logits.append(low)
         s = target_images.shape[-1]
         return F.interpolate(torch.cat(logits), size=(s, s), mode="bilinear", align_corners=False)

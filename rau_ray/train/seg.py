@@ -36,7 +36,7 @@ from rau_ray.errors import ConfigError, DataError
 from rau_ray.models.losses import focal_dice_loss, sample_corrective_points
 from rau_ray.train.run import ScaleConfig
 
-MODES = ("rau", "cbam-lora")
+MODES = ("rau", "cbam-lora", "memory-ref")
 FIRST_PROMPTS = ("box", "point", "mixed")
 ANSWERS = ("canonical", "generated")
 POLICY_PREFIX = "policy."  # mode rau with train_policy_lora: the peft adapter's keys in weights.safetensors
@@ -46,7 +46,8 @@ POLICY_PREFIX = "policy."  # mode rau with train_policy_lora: the peft adapter's
 class SegJobConfig:
     manifest: str  # manifest.jsonl: `train_split` rows train, `val_split` rows give the validation Dice
     name: str = "seg"  # run name: the folder under scale.storage_path; the same name again resumes
-    mode: str = "rau"  # "rau": <Seg> -> projector -> memory fusion -> SAM2 decoder; "cbam-lora": prompted SAM2
+    mode: str = "rau"  # "rau": <Seg> -> projector -> memory fusion -> SAM2 decoder; "cbam-lora": prompted SAM2;
+    #                    "memory-ref": SAM2-Memory-Ref-SFT, the rau pairs through SAM2's memory alone (no policy)
     model: dict = field(default_factory=lambda: {"profile": "tiny"})  # profile + overrides (models.profiles)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     train_split: str = "train"
@@ -94,11 +95,11 @@ class SegJobConfig:
             raise ConfigError(f"focal_weight and dice_weight must be >= 0 and not both 0, got "
                               f"{self.focal_weight} and {self.dice_weight}")
         if self.train_policy_lora and self.mode != "rau":
-            raise ConfigError("train_policy_lora applies to mode 'rau' only (cbam-lora has no policy)")
+            raise ConfigError(f"train_policy_lora applies to mode 'rau' only ({self.mode} has no policy)")
         if self.answers not in ANSWERS:
             raise ConfigError(f"answers must be one of {', '.join(ANSWERS)}, got {self.answers!r}")
         if self.mode != "rau" and (self.policy_checkpoint or self.answers != "canonical"):
-            raise ConfigError("policy_checkpoint and answers apply to mode 'rau' only (cbam-lora has no policy)")
+            raise ConfigError(f"policy_checkpoint and answers apply to mode 'rau' only ({self.mode} has no policy)")
         if self.answers == "generated" and self.train_policy_lora:
             raise ConfigError("answers: generated needs a frozen policy (its answers are generated once and "
                               "cached); with train_policy_lora the canonical answer is trained")
@@ -134,7 +135,7 @@ def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: s
         return set(label_boxes(m.load(rows[row_id])[1], rows[row_id].label_names))
 
     items = []
-    if mode == "rau":
+    if mode in ("rau", "memory-ref"):
         seen = set()
         for pair in make_pairs(m, split=split, reference_split=reference_split, tasks=("segment",), seed=seed,
                                retrieval=retrieval):
@@ -486,6 +487,28 @@ class RAUSegTrainer(SegTrainer):
         self._hidden.clear()
 
 
+class MemoryRefSegTrainer(RAUSegTrainer):
+    """Mode memory-ref, the SAM2-Memory-Ref-SFT baseline: the rau pairs and losses through SAM2's memory alone (the
+    reference memory conditions the target's features; no policy, no <Seg> query); SAM2's mask decoder trains."""
+
+    def __init__(self, cfg: SegJobConfig, device="cpu"):
+        from rau_ray.models.fusion import RAUSegmenter
+        from rau_ray.models.sam2_builder import build_sam2_model
+
+        SegTrainer.__init__(self, cfg, device)
+        model_cfg = cfg.model_config()
+        model_cfg.validate()
+        torch.manual_seed(cfg.seed)
+        self.segmenter = RAUSegmenter(build_sam2_model(replace(model_cfg.sam2, device=str(self.device))),
+                                      model_cfg.fusion).memory_only().to(self.device)
+        self.seg_call = self.segmenter
+        self._hidden: OrderedDict = OrderedDict()
+        self._make_optimizer()
+
+    def seg_hidden(self, items):
+        return None, None
+
+
 class CBAMLoRASegTrainer(SegTrainer):
     """Mode cbam-lora: SAM2 + CBAM + LoRA, box/point prompt then interactive corrective rounds."""
 
@@ -612,7 +635,8 @@ def _check_keys(weights: dict, expected: dict) -> None:
 
 def build_seg_trainer(cfg: SegJobConfig, device="cpu") -> SegTrainer:
     cfg.validate()
-    return (RAUSegTrainer if cfg.mode == "rau" else CBAMLoRASegTrainer)(cfg, device)
+    return {"rau": RAUSegTrainer, "cbam-lora": CBAMLoRASegTrainer, "memory-ref": MemoryRefSegTrainer}[cfg.mode](
+        cfg, device)
 
 
 def seg_trainer_from_checkpoint(folder: str | Path, device="cpu") -> SegTrainer:

@@ -36,6 +36,8 @@ def test_bad_configs_are_clear_errors(manifest):
         job(manifest, answers="generated", train_policy_lora=True)
     with pytest.raises(ConfigError, match="apply to mode 'rau' only"):
         job(manifest, mode="cbam-lora", policy_checkpoint="runs/train/grpo")
+    with pytest.raises(ConfigError, match="memory-ref has no policy"):
+        job(manifest, mode="memory-ref", policy_checkpoint="runs/train/grpo")
 
 
 def _policy_checkpoint(folder, model: dict, config: dict | None = None):
@@ -116,7 +118,7 @@ def test_items_pair_every_shared_structure(manifest):
     assert len(spine) == len([it for it in cbam if it["structure"] == "vertebrae"])
 
 
-@pytest.mark.parametrize("mode", ["rau", "cbam-lora"])
+@pytest.mark.parametrize("mode", ["rau", "cbam-lora", "memory-ref"])
 def test_loss_falls_on_a_fixed_batch_and_weights_round_trip(manifest, mode):
     # the adapter starts as the identity on the pretrained SAM2 (already low loss): the job config's rate, not 1e-2
     cfg = job(manifest, mode=mode, interactive_rounds=1, **({"lr": 1e-3} if mode == "cbam-lora" else {}))
@@ -135,6 +137,8 @@ def test_loss_falls_on_a_fixed_batch_and_weights_round_trip(manifest, mode):
     assert scores["n"] == len(val) and 0 <= scores["dice"] <= scores["n"]
 
     weights = trainer.weights()
+    if mode == "memory-ref":  # SAM2-Memory-Ref-SFT: no <Seg> query, only SAM2's decoder trains
+        assert weights and all(k.startswith("sam.sam_mask_decoder.") for k in weights)
     trainable = [p for p in trainer.parameters()]
     assert len(weights) == len(trainable) and sum(v.numel() for v in weights.values()) == sum(
         p.numel() for p in trainable)
