@@ -56,10 +56,10 @@ def checkpoints(data, tmp_path_factory):
     _write(root / "sft" / "checkpoint_000", get_peft_model_state_dict(policy.model), sft)
     grpo = GRPOJobConfig(manifest=data["ct"], model={"profile": "tiny"}, max_completion_length=48)
     _write(root / "grpo" / "checkpoint_000", adapter_state(policy.model), grpo)
-    for mode, name in (("rau", "seg"), ("cbam-lora", "cbam")):
+    for mode, name in (("rau", "seg"), ("cbam-lora", "cbam"), ("memory-ref", "memref")):
         cfg = SegJobConfig(manifest=data["ct"], mode=mode)
         _write(root / name / "checkpoint_000", build_seg_trainer(cfg).weights(), cfg)
-    return {k: str(root / k) for k in ("sft", "grpo", "seg", "cbam")}
+    return {k: str(root / k) for k in ("sft", "grpo", "seg", "cbam", "memref")}
 
 
 def test_eval_job_report(run_cli, data, checkpoints, tmp_path):
@@ -68,7 +68,7 @@ def test_eval_job_report(run_cli, data, checkpoints, tmp_path):
     config.write_text(yaml.safe_dump({"manifests": [data["ct"], data["us"]], "volumes": [data["volumes"]],
                                       "volume_structures": ["liver"], "max_targets": 2, "seg_structures": 2,
                                       "workers": 2, "seed": 3}))
-    args = ["eval", "--config", config, "--out", out] + [a for k in ("sft", "grpo", "seg", "cbam")
+    args = ["eval", "--config", config, "--out", out] + [a for k in ("sft", "grpo", "seg", "cbam", "memref")
                                                          for a in ("--checkpoint", checkpoints[k])]
     r = run_cli(*args, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -81,7 +81,7 @@ def test_eval_job_report(run_cli, data, checkpoints, tmp_path):
     t = json.loads((out / "tables.json").read_text())
     hdr = t["header"]
     assert hdr["seed"] == 3 and hdr["command"].startswith("rau eval --config")
-    assert set(hdr["checkpoints"]) == {"sft", "grpo", "seg", "cbam"}
+    assert set(hdr["checkpoints"]) == {"sft", "grpo", "seg", "cbam", "memref"}
     assert hdr["checkpoints"]["sft"]["path"].endswith("sft/checkpoint_000")
     assert {n: d["distribution"] for n, d in hdr["datasets"].items()} == {"ct": "in", "us": "out"}
 
@@ -105,7 +105,7 @@ def test_eval_job_report(run_cli, data, checkpoints, tmp_path):
     # segmentation: 2 targets x 2 structures, three methods, metrics in range, consistent with each other
     for ds in ("ct", "us"):
         seg = t["segmentation"][ds]
-        assert set(seg) == {"SAM2-Memory-Ref", "VLM+SAM2", "CBAM-LoRA SAM2 (box)"}
+        assert set(seg) == {"SAM2-Memory-Ref", "SAM2-Memory-Ref-SFT", "VLM+SAM2", "CBAM-LoRA SAM2 (box)"}
         for method, row in seg.items():
             assert row["n"] == 4 and row["failed"] == 0, method
             for key in ("dice", "giou", "ciou", "box_iou"):

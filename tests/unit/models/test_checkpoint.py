@@ -67,6 +67,7 @@ def test_strict_names_and_shapes(tmp_path, trained_adapter):
 def test_kinds_and_not_a_checkpoint(tmp_path, trained_adapter):
     assert ck.checkpoint_kind({"num_generations": 4}) == "grpo"
     assert ck.checkpoint_kind({"mode": "cbam-lora"}) == "cbam" and ck.checkpoint_kind(SEG) == "seg"
+    assert ck.checkpoint_kind({"mode": "memory-ref"}) == "memref"
     with pytest.raises(DataError, match="cannot tell which training job"):
         ck.checkpoint_kind({"lr": 1})
     with pytest.raises(DataError, match="not a training checkpoint"):
