@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 
-from rau_ray.serve import codecs
+from rau_ray.errors import ConfigError
+from rau_ray.serve import codecs, refusal
 from rau_ray.serve.codecs import BadInput
 from rau_ray.serve.deployments import Commander, Policy, Retriever, Segmenter
 from rau_ray.serve.sessions import (SessionError, SessionGone, SessionLimit, SessionNotFound, SessionStore,
@@ -57,6 +58,7 @@ class Settings:
     max_structures: int = 16
     request_timeout_s: float = 120.0
     retries: int = 3
+    refusal: str | None = None  # set by build_graph for a mismatched checkpoint pair: every route but /healthz -> 503
 
 
 MULTIPART_OR_JSON = {
@@ -79,7 +81,16 @@ MULTIPART_OR_JSON = {
                 "labels": {"type": "object"}}},
             "boxes": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}}}}}
 
-app = FastAPI(title="RAU-Ray", version="0.1.0",
+_ALWAYS_ANSWERED = ("/healthz", "/docs", "/openapi.json")
+
+
+async def _refuse_a_mismatched_pair(request: Request) -> None:
+    """A checkpoint pair that does not belong together serves nothing: 503 with the reason, naming both."""
+    if refusal.REASON and request.url.path not in _ALWAYS_ANSWERED:
+        raise ApiError(503, refusal.REASON[0])
+
+
+app = FastAPI(title="RAU-Ray", version="0.1.0", dependencies=[Depends(_refuse_a_mismatched_pair)],
               description="Reference-based anatomical understanding on Ray Serve: retrieval (DINOv2 + faiss) -> "
                           "policy (Qwen2.5-VL + LoRA, <Seg>) -> SAM2 + memory fusion; interactive sessions with "
                           "natural-language commands.")
@@ -258,6 +269,9 @@ class Ingress:
 
         self.h = {"retriever": retriever, "policy": policy, "segmenter": segmenter, "commander": commander}
         self.settings = Settings(**(settings or {}))
+        refusal.REASON[:] = [self.settings.refusal] if self.settings.refusal else []
+        if self.settings.refusal:
+            log.error("refusing every request: %s", self.settings.refusal)
         self.sessions = SessionStore(self.settings.session_ttl_s, self.settings.max_sessions)
         self._known: dict | None = None
         self._unavailable = _ray_unavailable_errors()
@@ -737,7 +751,6 @@ class AppArgs:
     command_llm_timeout_s: float = 10.0
 
     def validate(self) -> None:
-        from rau_ray.errors import ConfigError
 
         if self.prompt_decoding not in ("segmenter", "ingress"):
             raise ConfigError(f"serve args.prompt_decoding must be 'segmenter' or 'ingress', not "
@@ -766,6 +779,22 @@ def build_app(args: dict | None = None):
     return build_graph(args)
 
 
+def pair_refusal(policy_checkpoint: str | None, segmenter_checkpoint: str | None) -> str | None:
+    """Why a policy + segmenter checkpoint pair must not serve (``check_pair``'s error, naming both), else None.
+    A checkpoint that cannot be read still fails the deployment as before (a DataError naming the file)."""
+    from rau_ray.errors import ConfigError
+    from rau_ray.models import checkpoint as ckpt
+
+    if not (policy_checkpoint and segmenter_checkpoint):
+        return None
+    try:
+        ckpt.check_pair(ckpt.read_checkpoint(policy_checkpoint),
+                        ckpt.read_checkpoint(segmenter_checkpoint, kind="seg"))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def build_graph(args: dict | None = None, options: dict | None = None):
     """The Serve application: Ingress(Retriever, Policy, Segmenter, Commander). ``options``: per-deployment
     ``.options(...)`` (a Serve config's ``deployments:`` section does the same)."""
@@ -778,8 +807,11 @@ def build_graph(args: dict | None = None, options: dict | None = None):
         o = options.get(dep.name)
         return dep.options(**o) if o else dep
 
-    common = {"profile": a.profile, "policy_checkpoint": a.policy_checkpoint,
-              "segmenter_checkpoint": a.segmenter_checkpoint, "device": a.device, "threads": a.threads}
+    refused = pair_refusal(a.policy_checkpoint, a.segmenter_checkpoint)
+    # a refused pair: the deployments start on the profile's own models (never asked); the Ingress answers 503
+    policy_ck, segmenter_ck = (None, None) if refused else (a.policy_checkpoint, a.segmenter_checkpoint)
+    common = {"profile": a.profile, "policy_checkpoint": policy_ck, "segmenter_checkpoint": segmenter_ck,
+              "device": a.device, "threads": a.threads}
     retriever = opt(Retriever).bind(bank_dir=a.bank_dir, **common)
     policy = opt(Policy).bind(max_batch_size=a.policy_batch_size, batch_wait_timeout_s=a.policy_batch_wait_s,
                               max_new_tokens=a.max_new_tokens, **common)
@@ -787,7 +819,7 @@ def build_graph(args: dict | None = None, options: dict | None = None):
     commander = opt(Commander).bind(llm_url=a.command_llm_url, llm_model=a.command_llm_model,
                                     llm_api_key_env=a.command_llm_api_key_env, llm_timeout_s=a.command_llm_timeout_s)
     settings = asdict(Settings(session_ttl_s=a.session_ttl_s, max_sessions=a.max_sessions,
-                               max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels))
+                               max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, refusal=refused))
     decoder = ({**common, "capacity": a.ingress_embedding_cache} if a.prompt_decoding == "ingress" else None)
     return opt(Ingress).bind(retriever, policy, segmenter, commander, settings, decoder)
 
@@ -841,8 +873,11 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
             with urllib.request.urlopen(base + "/readyz", timeout=10) as r:
                 if r.status == 200:
                     break
-        except urllib.error.HTTPError as e:  # 503: not every deployment answers yet
-            last = e.read().decode(errors="replace")[:500]
+        except urllib.error.HTTPError as e:  # 503: not every deployment answers yet, or a refused pair
+            last = e.read().decode(errors="replace")[:2000]
+            refused = _refusal_in(last)
+            if refused:  # the app is up and answers 503 with the reason; the caller is told now, not at timeout
+                raise ConfigError(f"the RAU app at {base} refuses to serve: {refused}")
         except Exception as e:  # noqa: BLE001 - not up yet
             last = repr(e)
         if time.monotonic() > deadline:
@@ -850,6 +885,15 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
         time.sleep(0.5)
     _STARTED.update(name=name, base=base)
     return base
+
+
+def _refusal_in(body: str) -> str | None:
+    """A /readyz 503 body's refusal (the pair check's reason), as opposed to deployments still starting."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer.get("error") if isinstance(answer, dict) and "deployments" not in answer else None
 
 
 def stop() -> None:
