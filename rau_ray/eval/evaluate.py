@@ -267,12 +267,28 @@ class EvalWorker:
             return [rec]
         rec.update(reference=ref.row["id"], similarity=ref.similarity, ref_boxes=label_boxes(ref.label, ref.names),
                    ref_size=[int(ref.label.shape[1]), int(ref.label.shape[0])])
-        rec.update(predicted={}, reasked={}, reasoning={})
+        rec.update(predicted={}, reasked={}, reasoning={}, grounded={})
         for p in policies:
             rec["answers"][p], rec["seconds"][p], rec["reasoning"][p] = self._ask(p, ref, image, row.modality,
                                                                                    regions)
             rec["predicted"][p], rec["reasked"][p] = self._boxes(p, ref, image, row.modality, rec)
+            rec["grounded"][p] = self._ground(p, ref, image, row.modality, rec["ref_boxes"])
         return [rec]
+
+    def _ground(self, kind: str, ref, image, modality: str, ref_boxes: dict) -> list:
+        """The ground task for every structure the reference shows, present in the target or not (then the right
+        answer is ``null``): [[structure, box in target pixels or None, answer valid]]."""
+        from rau_ray.models import pipeline
+
+        processor = self.policy(kind).processor
+        questions = [pipeline.ask(processor, "ground", image, ref.image, ref_boxes, structure=s, modality=modality,
+                                  reference_modality=ref.modality) for s in ref_boxes]
+        out = []
+        for s, question, text in zip(ref_boxes, questions, self._generate(kind, questions, self._budget(kind))):
+            answer = question.parse(text)
+            out.append([s, None if not answer or answer.box is None else [float(v) for v in answer.box],
+                        answer is not None])
+        return out
 
     def _budget(self, kind: str) -> int:
         """New tokens a policy's answer may take: the eval's setting, else its checkpoint's own budget."""
@@ -354,7 +370,7 @@ class EvalWorker:
         for s in item["structures"]:
             truth = label == by_name[s]
             rec = {"kind": "segment", "dataset": item["dataset"], "manifest": item["manifest"], "target": row.id,
-                   "structure": s, "spacing": list(row.spacing), "truth": truth, "reference": None, "error": None,
+                   "subject": row.subject, "structure": s, "spacing": list(row.spacing), "truth": truth, "reference": None, "error": None,
                    "preds": {}}
             methods = (["SAM2-Memory-Ref"] + (["SAM2-Memory-Ref-SFT"] if memref else []) + (["VLM+SAM2"] if rau else [])
                        + (["CBAM-LoRA SAM2 (box)"] if cbam else []))
@@ -494,6 +510,18 @@ def _dataset_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def _training_sources(cks: dict) -> set[str]:
+    """The manifest ``source`` values (e.g. "phantom:ct-abdomen") the checkpoints' training manifests hold."""
+    from rau_ray.data.manifest import read_manifest
+
+    sources: set[str] = set()
+    for ck in cks.values():
+        trained = ck.config.get("manifest")
+        if trained and Path(trained).is_file():
+            sources |= {r.source for r in read_manifest(trained).rows}
+    return sources
+
+
 def plan_eval(cfg: EvalConfig) -> Plan:
     """Datasets, held-out targets, work items; checks the checkpoints were not trained on the targets' split."""
     from rau_ray.data.importers import read_dataset_json
@@ -516,6 +544,7 @@ def plan_eval(cfg: EvalConfig) -> Plan:
     for m in cfg.manifests:
         p = Path(m)
         paths.append((p / "manifest.jsonl" if p.is_dir() else p).resolve())
+    trained_on = _training_sources(cks)
     datasets = []
     for path, name in zip(paths, _dataset_names(paths)):
         manifest = read_manifest(path)
@@ -539,8 +568,11 @@ def plan_eval(cfg: EvalConfig) -> Plan:
         if cfg.max_targets and len(held) > cfg.max_targets:
             targets = [held[i] for i in sorted(rng.choice(len(held), cfg.max_targets, replace=False))]
         modality = max({r.modality for r in held}, key=lambda m: sum(r.modality == m for r in held))
+        # in distribution: the checkpoints trained on this source (a held-out phantom set of another seed too);
+        # without checkpoints that say, a set with a train split is, a test-only one is not
+        inside = bool({r.source for r in held} & trained_on) if trained_on else bool(refs)
         datasets.append(Dataset(name, str(path), modality, targets, len(held), cfg.reference_split if refs else None,
-                                "in" if refs else "out"))
+                                "in" if inside else "out"))
     plan = Plan(cfg, datasets, cks, model)
     for n, ds in enumerate(datasets):
         manifest = read_manifest(ds.manifest)

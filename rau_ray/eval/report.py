@@ -71,7 +71,7 @@ def compute(records: list[dict], recall: dict, seg_scores: list[dict] | None = N
     out = {"retrieval": recall, "labeling": T.labeling_table(records), "per_label": T.per_label_accuracy(records),
            "segmentation": T.segmentation_table(records, seg_scores), "volumes": T.volume_table(records),
            "latency": T.latency_table(records), "attention": T.attention_summary(records),
-           "reasoning": T.reasoning_table(records)}
+           "reasoning": T.reasoning_table(records), "grounding": T.grounding_table(records)}
     return out
 
 
@@ -132,19 +132,30 @@ def markdown_tables(t: dict, hdr: dict) -> str:
         parts += ["\n## Reasoning: relative-position statements in `<think>` (label answers), checked against the "
                   "true boxes\n", _table(["dataset", "policy", "answers", "with statements", "statements",
                                           "share true [95 % interval]"], reasoning)]
+    grounding = [[n, name, r["present"], _with_ci({"accuracy": r["iou"], "ci95": r["iou_ci95"]}), r["absent"],
+                  _with_ci({"accuracy": r["null"], "ci95": r["null_ci95"]})]
+                 for n in order for name, r in t.get("grounding", {}).get(n, {}).items()]
+    if grounding:
+        parts += ["\n## Grounding: every structure the reference shows, asked by name\n",
+                  _table(["dataset", "policy", "present in target", "box IoU [95 % interval]", "absent from target",
+                          "answered null [95 % interval]"], grounding),
+                  "\nPresent: IoU of the answered box with the true one (null or malformed = 0); absent (resected, "
+                  "or out of the slice): the right answer is null.\n"]
     parts.append("\n## Segmentation (2D): per (target, structure)\n")
     rows = []
     for n in order:
         for method, r in t["segmentation"].get(n, {}).items():
-            rows.append([n, dist[n], method, r["n"], r["dice"], r["giou"], r["ciou"], r["hd95"], r["box_iou"],
+            dice = _with_ci({"accuracy": r["dice"], "ci95": r.get("dice_ci95")})
+            rows.append([n, dist[n], method, r["n"], dice, r["giou"], r["ciou"], r["hd95"], r["box_iou"],
                          r["empty"], r["failed"]])
         for method in T.SEG_METHODS:
             if n in t["segmentation"] and method not in t["segmentation"][n]:
                 rows.append([n, dist[n], method, *["n/a"] * 8])
-    parts.append(_table(["dataset", "distribution", "method", "n", "Dice", "gIoU", "cIoU", "HD95 (mm)", "box IoU",
+    parts.append(_table(["dataset", "distribution", "method", "n", "Dice [95 % interval]", "gIoU", "cIoU",
+                         "HD95 (mm)", "box IoU",
                          "empty masks", "failed"], rows))
-    parts.append("\nDice, box IoU: means over items; gIoU: mean per-item IoU; cIoU: summed intersections over summed "
-                 "unions. HD95: mean over items where both masks are non-empty (an empty mask has no surface; "
+    parts.append("\nDice, box IoU: means over items (Dice's interval: bootstrap over subjects); gIoU: mean "
+                 "per-item IoU; cIoU: summed intersections over summed unions. HD95: mean over items where both masks are non-empty (an empty mask has no surface; "
                  "'empty masks' counts them). 'failed': no reference found (scored as an empty mask). CBAM-LoRA SAM2 "
                  "is prompted with the true box (an oracle prompt, as in interactive use).\n")
     if t["attention"]:

@@ -201,6 +201,36 @@ def reasoning_table(records: list[dict]) -> dict:
     return out
 
 
+def grounding_table(records: list[dict]) -> dict:
+    """{dataset: {"SFT" / "GRPO": {"present", "iou", "iou_ci95", "absent", "null", "null_ci95"}}}: the ground task
+    asked for every structure the reference shows. Present in the target: box IoU with the truth (a null or
+    malformed answer scores 0); absent (resected, or out of the slice): the share answered ``null``. 95 % intervals
+    over subjects. From ``grounded`` {policy: [[structure, box or None, valid]]} of the label records."""
+    out: dict = {}
+    for ds, recs in _by_dataset(records, "label").items():
+        table = {}
+        for name, policy in (("SFT", "sft"), ("GRPO", "grpo")):
+            ious, iou_groups, nulls, null_groups = [], [], [], []
+            for r in recs:
+                truth = {x["structure"]: x["box"] for x in r["regions"]}
+                for structure, box, valid in (r.get("grounded") or {}).get(policy, []):
+                    subject = r.get("subject") or r["target"]
+                    if structure in truth:
+                        ious.append(float(metrics.box_iou(box, truth[structure])) if box is not None else 0.0)
+                        iou_groups.append(subject)
+                    else:
+                        nulls.append(float(valid and box is None))
+                        null_groups.append(subject)
+            if ious or nulls:
+                table[name] = {"present": len(ious), "iou": _mean(ious),
+                               "iou_ci95": metrics.grouped_bootstrap(ious, iou_groups),
+                               "absent": len(nulls), "null": _mean(nulls),
+                               "null_ci95": metrics.grouped_bootstrap(nulls, null_groups)}
+        if table:
+            out[ds] = table
+    return out
+
+
 # -- segmentation ------------------------------------------------------------------------------------------------------
 def attention_stats(attention, ref_grid) -> dict | None:
     """The ``<Seg>`` query's attention over memory slots: normalised entropy (1 = spread evenly, 0 = one slot), the
@@ -242,27 +272,32 @@ def score_segment(record: dict) -> dict:
 
 
 def segmentation_table(records: list[dict], scores: list[dict] | None = None) -> dict:
-    """{dataset: {method: {"n", "dice", "giou", "ciou", "hd95", "hd95_inf", "box_iou", "failed", attention...}}}.
+    """{dataset: {method: {"n", "dice", "dice_ci95", "giou", "ciou", "hd95", "hd95_inf", "box_iou", "failed",
+    attention...}}}.
 
-    Dice / box IoU: means over items; gIoU: mean of per-item IoU; cIoU: summed intersections over summed unions
+    Dice / box IoU: means over items (Dice with a 95 % bootstrap interval over subjects); gIoU: mean of per-item IoU; cIoU: summed intersections over summed unions
     (``metrics.giou`` / ``metrics.ciou``); HD95: mean over items where both masks are non-empty, "hd95_inf" counts
     the others (an empty prediction has no surface)."""
     recs = [r for r in records if r["kind"] == "segment"]
     scores = scores if scores is not None else [score_segment(r) for r in recs]
     grouped: dict = defaultdict(lambda: defaultdict(list))
+    subjects: dict = defaultdict(lambda: defaultdict(list))
     for r, s in zip(recs, scores):
         for method, sc in s.items():
             grouped[r["dataset"]][method].append(sc)
+            subjects[r["dataset"]][method].append(r.get("subject") or r["target"])
     out: dict = {}
     for ds in sorted(grouped):
         out[ds] = {}
         for method in [m for m in SEG_METHODS if m in grouped[ds]] + sorted(set(grouped[ds]) - set(SEG_METHODS)):
             items = grouped[ds][method]
+            dices = [s["dice"] for s in items]
             pairs = [(s["inter"], s["union"]) for s in items]
             hd = [s["hd95"] for s in items]
             finite = [h for h in hd if math.isfinite(h)]
             att = [s["attention"] for s in items if s["attention"]]
-            row = {"n": len(items), "dice": _mean([s["dice"] for s in items]),
+            row = {"n": len(items), "dice": _mean(dices),
+                   "dice_ci95": metrics.grouped_bootstrap(dices, subjects[ds][method]) if dices else None,
                    "giou": float(np.mean([1.0 if u == 0 else i / u for i, u in pairs])) if pairs else None,
                    "ciou": sum(i for i, _ in pairs) / sum(u for _, u in pairs) if sum(u for _, u in pairs) else None,
                    "hd95": float(np.mean(finite)) if finite else None, "hd95_inf": sum(math.isinf(h) for h in hd),

@@ -104,6 +104,9 @@ class OracleWorker(EvalWorker):
                                "grpo": [["A", _shift(TARGET["A"])], ["A", _shift(TARGET["B"])]]},
                  "reasked": {"grpo": {}},
                  "reasoning": {"sft": [[2, 1], [0, 0]], "grpo": [[1, 1], [1, 1]]},  # [statements, true] per answer
+                 # ground answers [structure, box, valid]: C is the reference's, absent from the target (right: null)
+                 "grounded": {"sft": [["A", _shift(TARGET["A"]), True], ["C", [1, 1, 5, 5], True]],
+                              "grpo": [["A", TARGET["A"], True], ["B", None, True], ["C", None, True]]},
                  "seconds": {"sft": [0.010, 0.030], "grpo": [0.020, 0.020]}}]
 
     def segment(self, item):
@@ -280,7 +283,8 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
     assert lab["rows"]["GRPO+OT (given boxes)"]["accuracy"] == 0.5  # transport: A, B
     assert lab["rows"]["SFT boxes"] == {"accuracy": 0.25, "ci95": [0.0, 0.5], "correct": 1, "valid": 1.0}
     assert lab["rows"]["GRPO boxes"]["accuracy"] == 0.25  # its boxes match, its second label is wrong
-    assert lab["rows"]["GRPO+OT"]["accuracy"] == 0.5  # on its predicted boxes, re-labelled: A, B    assert lab["rows"]["OT (boxes only)"]["accuracy"] == 0.5 and lab["rows"]["OT (boxes only)"]["valid"] is None
+    assert lab["rows"]["GRPO+OT"]["accuracy"] == 0.5  # on its predicted boxes, re-labelled: A, B
+    assert lab["rows"]["OT (boxes only)"]["accuracy"] == 0.5 and lab["rows"]["OT (boxes only)"]["valid"] is None
     if tables.match_available("fgw"):
         assert 0 <= lab["rows"]["GRPO+FGW"]["accuracy"] <= 0.5
     else:
@@ -290,12 +294,17 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
     assert t["reasoning"]["toy"]["SFT"] == {"answers": 2, "with_statements": 1, "statements": 2, "true": 1,
                                            "share": 0.5, "ci95": [0.5, 0.5]}
     assert t["reasoning"]["toy"]["GRPO"]["share"] == 1.0
+    grounding = t["grounding"]["toy"]  # present: IoU (null = 0); absent: answered null
+    assert grounding["GRPO"] == {"present": 2, "iou": 0.5, "iou_ci95": [0.5, 0.5], "absent": 1, "null": 1.0,
+                                 "null_ci95": [1.0, 1.0]}
+    assert grounding["SFT"]["iou"] == pytest.approx(9 / 11) and grounding["SFT"]["null"] == 0.0
     assert t["per_label"]["toy"]["SFT boxes"]["B"] == {"n": 2, "correct": 0, "accuracy": 0.0}
 
     # segmentation: VLM+SAM2 exact on A, B shifted 5 columns (|P ∩ G| = 50 of 100 each)
     vlm = t["segmentation"]["toy"]["VLM+SAM2"]
     hd_b = brute_hd95(_mask(TARGET["B"], 5), _mask(TARGET["B"]), (SPACING[1], SPACING[0]))
     assert hd_b == pytest.approx(10.0)  # the far corners: 5 columns x 2 mm
+    assert vlm["dice_ci95"] == [0.75, 0.75]  # one subject: the interval is its mean
     assert vlm["n"] == 2 and vlm["dice"] == pytest.approx(0.75) and vlm["giou"] == pytest.approx((1 + 1 / 3) / 2)
     assert vlm["ciou"] == pytest.approx(150 / 250) and vlm["hd95"] == pytest.approx(hd_b / 2)
     assert vlm["box_iou"] == pytest.approx((1 + 1 / 3) / 2) and vlm["empty"] == 0
