@@ -9,6 +9,8 @@ hit of the target's modality, its own subject excluded (``retrieved_references``
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 
@@ -38,26 +40,34 @@ def choose_reference(target, candidates: list, rng: np.random.Generator):
     return pool[int(rng.integers(len(pool)))]
 
 
+@functools.lru_cache(maxsize=8)
+def _embedded(retrieval, manifest_path: str, ids: tuple[str, ...]) -> np.ndarray:
+    """The rows' embeddings, once per process: a job's training and validation pairs share their references."""
+    from rau_ray.models.retrieval import _embed_rows
+
+    return _embed_rows(retrieval, manifest_path, list(ids))
+
+
 def retrieved_references(manifest, targets: list, candidates: list, retrieval) -> dict:
     """Target row id -> the candidate row the embedder's bank retrieves for it (inference's pick: best cosine of the
     same modality, its own subject excluded; no similarity threshold, a training pair always gets its best match)."""
-    from rau_ray.models.retrieval import ReferenceBank, _embed_rows, embedder_id
+    from rau_ray.models.retrieval import ReferenceBank, embedder_id
 
     if not targets or not candidates:
         return {}
     path = str(manifest.path.resolve())
-    ref_vectors = _embed_rows(retrieval, path, [c.id for c in candidates])
-    by_id = {c.id: c for c in candidates}
-    known = {c.id: ref_vectors[i] for i, c in enumerate(candidates)}
-    missing = [t.id for t in targets if t.id not in known]
+    ref_vectors = _embedded(retrieval, path, tuple(c.id for c in candidates))
+    vectors = {c.id: v for c, v in zip(candidates, ref_vectors)}
+    missing = tuple(t.id for t in targets if t.id not in vectors)
     if missing:
-        known.update(zip(missing, _embed_rows(retrieval, path, missing)))
-    bank = ReferenceBank.empty(embedder_id(retrieval, ref_vectors.shape[1]), ref_vectors.shape[1], "flat",
-                               expected=len(candidates))
+        vectors.update(zip(missing, _embedded(retrieval, path, missing)))
+    dim = ref_vectors.shape[1]
+    bank = ReferenceBank.empty(embedder_id(retrieval, dim), dim, "flat", expected=len(candidates))
     bank.add([{"id": c.id, "modality": c.modality, "subject": c.subject} for c in candidates], ref_vectors)
+    by_id = {c.id: c for c in candidates}
     picks = {}
     for target in targets:
-        result = bank.search(known[target.id], k=1, modality=target.modality, exclude_subject=target.subject,
+        result = bank.search(vectors[target.id], k=1, modality=target.modality, exclude_subject=target.subject,
                              min_similarity=-1.0)
         if result.hits:
             picks[target.id] = by_id[result.hits[0].row["id"]]
