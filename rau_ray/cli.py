@@ -96,6 +96,12 @@ def _pretrain(a: argparse.Namespace) -> dict:
     return run_job(f"pretrain-{a.backbone}", a.config, overrides(a))
 
 
+def _ship(a: argparse.Namespace) -> dict:
+    from rau_ray.train.ship import ship
+
+    return ship(a.checkpoint, a.name, a.step)
+
+
 def _tune(a: argparse.Namespace) -> dict:
     from rau_ray.tune.sweep import load_sweep_config, run_sweep
 
@@ -226,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("backbone", choices=("sam2", "dino", "policy"), help="which backbone")
     add_arguments(pre)
     pre.set_defaults(func=_pretrain)
+
+    from rau_ray.train.ship import add_arguments as ship_arguments
+
+    shp = sub.add_parser("ship", help="copy a trained checkpoint into weights/tiny/rau/<name> (then shipped:<name>), "
+                                      "a policy's adapter also as a plain peft folder")
+    ship_arguments(shp)
+    shp.set_defaults(func=_ship)
 
     from rau_ray.tune.sweep import add_arguments as tune_arguments
 

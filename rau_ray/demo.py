@@ -54,14 +54,19 @@ def run_models(out: Path) -> dict:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-# demo-length runs: long enough to show learning on 2 cores, short enough for `make demo`
-DEMO_STEPS = {"sft": 200, "grpo": 30, "seg": 120, "seg-cbam": 60}
+# demo-length runs of every stage of the recipe: long enough to show each one learn on 2 cores, short enough for
+# `make demo`; the long runs of the same configs are the shipped checkpoints (SHIPPED), evaluated beside them
+DEMO_STEPS = {"sft": 100, "grpo": 10, "seg": 60, "seg-memref": 60, "seg-cbam": 40}
+STAGES = ("sft", "grpo", "seg", "seg-memref", "seg-cbam")  # jobs/configs/<stage>-tiny.yaml, in this order
+SHIPPED = {"sft": "shipped:sft", "grpo": "shipped:grpo", "seg": "shipped:seg", "seg-memref": "shipped:seg-memref",
+           "seg-cbam": "shipped:seg-cbam"}  # weights/tiny/rau (rau ship): BENCHMARKS.md, issue 17
 
 
 def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
     """The tiny training jobs on the demo's CT phantoms, shortened: SFT, then GRPO from the SFT adapter, then the
-    segmenters (RAU fusion, CBAM-LoRA SAM2). Each writes its checkpoint and learning curves under
-    ``out/train/<run>``; a run left out of ``steps`` is skipped."""
+    segmenters (RAU fusion on the GRPO policy's <Seg> states, the SAM2-Memory-Ref-SFT baseline, CBAM-LoRA SAM2).
+    Each writes its checkpoint and learning curves under ``out/train/<run>``; a run left out of ``steps`` is
+    skipped."""
     import yaml
 
     from rau_ray.errors import ConfigError
@@ -69,7 +74,7 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
 
     manifest = str(out / "data" / "ct-abdomen" / "manifest.jsonl")
     results = {}
-    for run in [r for r in ("sft", "grpo", "seg", "seg-cbam") if r in steps]:
+    for run in [r for r in STAGES if r in steps]:
         path = CONFIGS / f"{run}-tiny.yaml"
         if not path.is_file():
             raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
@@ -90,22 +95,29 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
     return results
 
 
-def run_evaluation(out: Path, train: dict, seed: int = 0, targets: int = 8) -> dict:
-    """``rau eval`` of the demo's checkpoints on the held-out subjects of every phantom dataset and the held-out 3D
-    volumes; the report lands in ``out/eval/report.md``."""
+def shipped_checkpoints() -> dict[str, str]:
+    """The shipped checkpoints (``shipped:<name>``) of the demo's stages that this checkout holds."""
+    from rau_ray.models.checkpoint import shipped_root
+
+    return {run: ref for run, ref in SHIPPED.items() if (shipped_root() / ref.split(":", 1)[1]).is_dir()}
+
+
+def run_evaluation(out: Path, checkpoints: list[str], seed: int = 0, targets: int = 8, name: str = "eval",
+                   datasets: tuple[str, ...] = tuple(PHANTOMS), volumes: bool = True) -> dict:
+    """``rau eval`` of ``checkpoints`` on the held-out subjects of the demo's phantom ``datasets`` (and the held-out
+    3D volumes); the report lands in ``out/<name>/report.md``."""
     from rau_ray.eval.evaluate import EvalConfig, run_eval
 
-    manifests = [str(out / "data" / name / "manifest.jsonl") for name in PHANTOMS]
-    checkpoints = [r["checkpoint"] for r in train.values() if r.get("checkpoint")]
-    volumes, structures = str(out / "data" / "ct-abdomen-3d" / "dataset.json"), "liver,spleen,right kidney,left kidney"
-    cfg = EvalConfig(manifests=tuple(manifests), out=str(out / "eval"), checkpoints=tuple(checkpoints),
-                     volumes=(volumes,), volume_structures=tuple(structures.split(",")), max_targets=targets,
-                     seg_structures=3, seed=seed)
+    manifests = [str(out / "data" / ds / "manifest.jsonl") for ds in datasets]
+    vols, structures = str(out / "data" / "ct-abdomen-3d" / "dataset.json"), "liver,spleen,right kidney,left kidney"
+    cfg = EvalConfig(manifests=tuple(manifests), out=str(out / name), checkpoints=tuple(checkpoints),
+                     volumes=(vols,) if volumes else (), volume_structures=tuple(structures.split(",")) if volumes
+                     else (), max_targets=targets, seg_structures=3, seed=seed)
     command = " ".join(["rau eval", *[f"--manifest {m}" for m in manifests],
-                        *[f"--checkpoint {c}" for c in checkpoints], f"--volumes {volumes}",
-                        f"--volume-structures '{structures}'", f"--max-targets {targets}",
-                        f"--seg-structures 3 --seed {seed} --out {out / 'eval'}"])
-    print(f"evaluation: {len(checkpoints)} checkpoints on {len(manifests)} datasets", flush=True)
+                        *[f"--checkpoint {c}" for c in checkpoints],
+                        *([f"--volumes {vols}", f"--volume-structures '{structures}'"] if volumes else []),
+                        f"--max-targets {targets}", f"--seg-structures 3 --seed {seed} --out {out / name}"])
+    print(f"evaluation: {len(checkpoints)} checkpoints on {len(manifests)} datasets -> {out / name}", flush=True)
     return run_eval(cfg, command=f"{command}   (run by rau demo)")
 
 
@@ -206,16 +218,20 @@ def run_serving(out: Path, train: dict, port: int | None = None, keep_running: b
     folder = out / "serve"
     folder.mkdir(parents=True, exist_ok=True)
     bank_dir = _demo_bank(out)
-    policy = next((str(Path(train[r]["checkpoint"]).resolve()) for r in ("grpo", "sft")
-                   if (train.get(r) or {}).get("checkpoint")), None)
-    segmenter = (train.get("seg") or {}).get("checkpoint")
-    segmenter = str(Path(segmenter).resolve()) if segmenter else None
+    shipped = shipped_checkpoints()
+    if "grpo" in shipped and "seg" in shipped:  # the shipped chain, as serve_configs/local.yaml serves it
+        policy, segmenter = shipped["grpo"], shipped["seg"]
+    else:  # a checkout without them: the demo's own short runs
+        policy = next((str(Path(train[r]["checkpoint"]).resolve()) for r in ("grpo", "sft")
+                       if (train.get(r) or {}).get("checkpoint")), None)
+        segmenter = (train.get("seg") or {}).get("checkpoint")
+        segmenter = str(Path(segmenter).resolve()) if segmenter else None
     manifest = read_manifest(out / "data" / "ct-abdomen" / "manifest.jsonl")
     row = max(manifest.select(split="test"), key=lambda r: int((manifest.load(r)[1] == 1).sum()))
     image, truth = manifest.load(row)
     png = manifest.image_path(row).read_bytes()
     port = port or _free_port()
-    runs = [Path(c).parent.name if c else "-" for c in (policy, segmenter)]
+    runs = [(c if c.startswith("shipped:") else Path(c).parent.name) if c else "-" for c in (policy, segmenter)]
     print(f"serving: Ray Serve on port {port} (bank {bank_dir}, policy {runs[0]}, segmenter {runs[1]})", flush=True)
     t0 = time.perf_counter()
     up = False
@@ -271,7 +287,8 @@ def run_serving(out: Path, train: dict, port: int | None = None, keep_running: b
         atomic_write_text(folder / "responses.json", json.dumps(
             {"url": base, "image": row.id, "structures": structures, "startup_s": startup_s, "seconds": seconds,
              "responses": log}, indent=2) + "\n")
-        summary = {"url": base, "startup_s": startup_s, "seconds": seconds, "image": row.id,
+        summary = {"url": base, "startup_s": startup_s, "seconds": seconds, "image": row.id, "policy": policy,
+                   "segmenter": segmenter,
                    "ready": ready["status"] == 200, "statuses": {e["request"]: e["status"] for e in log},
                    "latency_ms": {e["request"]: e["ms"] for e in log},
                    "segment": [{k: x.get(k) for k in ("structure", "label", "score", "reference")}
@@ -386,7 +403,11 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
     stages = report["stage_seconds"] = {"data": round(time.perf_counter() - t0, 1)}
     for stage, run in (("models", lambda: run_models(out)), ("train", lambda: run_training(out, train_steps)),
-                       ("eval", lambda: run_evaluation(out, report["train"], seed, eval_targets)),
+                       ("eval", lambda: run_evaluation(out, [r["checkpoint"] for r in report["train"].values()
+                                                              if r.get("checkpoint")], seed, eval_targets)),
+                       ("eval_shipped", lambda: run_evaluation(out, list(shipped_checkpoints().values()), seed,
+                                                               eval_targets, "eval-shipped", ("ct-abdomen",), False)
+                        if shipped_checkpoints() else None),
                        ("serve", lambda: run_serving(out, report["train"], port=port, keep_running=serve_forever))):
         t = time.perf_counter()
         report[stage] = run()
@@ -398,6 +419,8 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
         print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
               f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}\n"
               f"Evaluation report (held-out subjects): {report['eval']['report']}\n"
+              + (f"The shipped checkpoints on the same CT targets: {report['eval_shipped']['report']}\n"
+                 if report.get("eval_shipped") else "") +
               f"Ray Serve: {sum(1 for s in serve['statuses'].values() if s < 400)}/{len(serve['statuses'])} requests "
               f"answered at {serve['url']} in {serve['seconds']} s; responses {serve['responses']}, picture "
               f"{serve['picture']}" + ("" if serve_forever else " (Serve stopped; `rau demo --serve-forever` keeps "

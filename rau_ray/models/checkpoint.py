@@ -9,7 +9,8 @@ policy's LoRA trained too) or ``cbam`` (SAM2's CBAM + LoRA (+ decoder) parameter
 Loading is strict: a missing or unexpected tensor name is a DataError, a shape that does not fit the rebuilt model a
 ConfigError. Safetensors only, never pickle. A run folder (``checkpoint_*/`` inside, or its ``summary.json``) means
 its latest checkpoint; of an ``s3://`` or ``gs://`` URI only that checkpoint is downloaded, once per node, into the
-local cache (``rau_ray.storage.local_copy``); ``file://`` URIs are local folders.
+local cache (``rau_ray.storage.local_copy``); ``file://`` URIs are local folders; ``shipped:<name>`` is the checkpoint
+the project ships in ``weights/tiny/rau/<name>`` (``rau ship``).
 Use: ``ck = read_checkpoint("runs/train/sft")``; ``policy = load_policy_checkpoint(ck)``;
 ``RAUModel.from_checkpoint(policy="runs/train/grpo", segmenter="runs/train/seg", bank_dir="banks/ct")``.
 """
@@ -104,11 +105,30 @@ def _is_checkpoint(folder) -> bool:
     return storage.is_file(storage.join(folder, WEIGHTS)) and storage.is_file(storage.join(folder, STATE))
 
 
+SHIPPED = "shipped:"  # shipped:<name>: the checkpoint the project ships in weights/tiny/rau/<name> (rau ship)
+
+
+def shipped_root() -> Path:
+    """Where shipped checkpoints live: ``rau/`` beside the shipped tiny backbones ($RAU_WEIGHTS, else weights/tiny)."""
+    from rau_ray.models.pretrained import weights_root
+
+    return weights_root() / "rau"
+
+
 def locate_checkpoint(source: str | os.PathLike) -> str:
     """Where the checkpoint folder ``source`` means lies (nothing downloaded): ``source`` itself, or the latest
-    (highest step) ``checkpoint_*`` of a run folder, or the checkpoint its ``summary.json`` names. A local path comes
-    back absolute, a URI as a URI."""
+    (highest step) ``checkpoint_*`` of a run folder, or the checkpoint its ``summary.json`` names, or for
+    ``shipped:<name>`` the shipped checkpoint of that name. A local path comes back absolute, a URI as a URI."""
     text = str(source)
+    if text.startswith(SHIPPED):
+        name = text[len(SHIPPED):]
+        folder = shipped_root() / name
+        if not name or "/" in name or not _is_checkpoint(str(folder)):
+            have = sorted(f.name for f in shipped_root().iterdir() if _is_checkpoint(str(f))) \
+                if shipped_root().is_dir() else []
+            raise DataError(f"{source}: no shipped checkpoint of that name in {shipped_root()} (shipped: "
+                            f"{', '.join(have) or 'none'})")
+        return str(folder.resolve())
     if not storage.is_remote(text):
         text = str(storage.local_copy(text).resolve())  # a folder or a file:// URI: an absolute local path
     if not storage.is_dir(text, "checkpoint"):

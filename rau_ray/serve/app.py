@@ -843,7 +843,8 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
           name: str = "rau", timeout_s: float = 300.0, options: dict | None = None, **args) -> str:
     """Run the app on the Ray cluster this process is connected to (``ray_session.connect()`` if none) and wait
     until ``/readyz`` is 200; returns the base URL. Deployment options come from serve_configs/local.yaml, then
-    ``options`` ({deployment name: {option: value}}); ``args`` are ``AppArgs`` fields."""
+    ``options`` ({deployment name: {option: value}}); ``args`` are ``AppArgs`` fields. The file's checkpoints (the
+    shipped pair) are a pair: a caller naming either checkpoint, or another profile, serves without them."""
     import os
     import urllib.error
     import urllib.request
@@ -852,6 +853,8 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
 
     ray_session.connect()
     conf_args, conf_options = local_options()
+    if {"policy_checkpoint", "segmenter_checkpoint"} & set(args) or profile != conf_args.get("profile", profile):
+        conf_args = {k: v for k, v in conf_args.items() if k not in ("policy_checkpoint", "segmenter_checkpoint")}
     merged = {k: dict(v) for k, v in conf_options.items()}
     for dep, o in (options or {}).items():
         merged[dep] = {**merged.get(dep, {}), **o}

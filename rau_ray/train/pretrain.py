@@ -79,8 +79,8 @@ def export(out: str | os.PathLike, write: Callable[[Path], None], facts: dict) -
         if (out / "README.md").is_file():
             shutil.copy2(out / "README.md", tmp / "README.md")
         tmp.chmod(0o755)  # mkdtemp makes it private; a weights folder is for everyone who can read the checkout
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)

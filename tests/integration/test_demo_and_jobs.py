@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_end_to_end(ray_cluster, tmp_path):
-    steps = {"sft": 4, "grpo": 2, "seg": 4, "seg-cbam": 2}
+    steps = {"sft": 4, "grpo": 2, "seg": 4, "seg-memref": 2, "seg-cbam": 2}
     report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps=steps, eval_targets=2)
     assert set(report["datasets"]) == {"ct-abdomen", "xray-angio", "ultrasound", "xray-msk"}
     assert report["datasets"]["ct-abdomen"]["samples"] == 24
@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert models["predict"]["reference"]["id"].startswith("ct-abdomen-")
     assert (tmp_path / "demo" / "predict.png").stat().st_size > 5_000
     train = report["train"]
-    assert set(train) == {"sft", "grpo", "seg", "seg-cbam"}
+    assert set(train) == {"sft", "grpo", "seg", "seg-memref", "seg-cbam"}  # every stage of the recipe
     for job, n in steps.items():
         assert train[job]["metrics"]["step"] == n and Path(train[job]["checkpoint"]).is_dir()
     drawn = 0
@@ -46,9 +46,15 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["VLM+SAM2"] <= 1 and ev["volumes_dice"]
     assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["CBAM-LoRA SAM2 (box)"] <= 1  # the CBAM run is evaluated too
     assert Path(ev["pictures"]["gallery"]).stat().st_size > 5_000
+    assert 0 <= ev["segmentation_dice"]["ct-abdomen"]["SAM2-Memory-Ref-SFT"] <= 1
+    # beside them, the shipped checkpoints (the long runs) on the same CT targets
+    shipped = report["eval_shipped"]
+    assert set(shipped["segmentation_dice"]) == {"ct-abdomen"} and "shipped:grpo" in Path(shipped["report"]).read_text()
+    assert {"VLM+SAM2", "SAM2-Memory-Ref-SFT", "CBAM-LoRA SAM2 (box)"} <= set(shipped["segmentation_dice"]["ct-abdomen"])
     # then Ray Serve on the demo's bank and checkpoints answers real HTTP requests, and is shut down
     serve_report = report["serve"]
     assert serve_report["ready"] and serve_report["url"].startswith("http://127.0.0.1:")
+    assert (serve_report["policy"], serve_report["segmenter"]) == ("shipped:grpo", "shipped:seg")
     saved = json.loads((tmp_path / "demo" / "serve" / "responses.json").read_text())
     by_name = {r["request"]: r for r in saved["responses"]}
     segment = by_name["segment"]

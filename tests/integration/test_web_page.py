@@ -2,7 +2,8 @@
 browser) against the real Serve app on the session's Ray cluster: upload a CT phantom, pick a structure, click and
 drag on the canvas, type commands, undo; the overlay, reasoning and operations must update in the DOM with no page
 error (the reasoning from the session command alone: the page makes no /v1/segment request), and a refused command
-must show its error in the page. Screenshot: docs/web_page.png (and the tmp dir)."""
+must show its error in the page. The app serves the shipped chain (serve_configs/local.yaml): on a held-out slice
+its liver mask must be right. Screenshot after "segment the liver": docs/web_page.png (at the end: the tmp dir)."""
 
 from __future__ import annotations
 
@@ -51,23 +52,28 @@ def app_url(ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def phantom_png(ct_manifest):
-    """The CT phantom slice (16-bit PNG, HU + 1024, 128 x 128) with the most liver, from the same phantom set as the
-    tiny app's reference bank (6 subjects x 4 slices, seed 0), so retrieval finds references showing the liver."""
+def phantom(tmp_path_factory):
+    """A held-out CT phantom slice (16-bit PNG, HU + 1024, 192 x 192; seed 7777, which no shipped checkpoint trained
+    on) with the most liver: (its PNG, its true liver mask)."""
     import numpy as np
-    from PIL import Image
 
-    manifest = Path(ct_manifest(6, 128, 4))
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    from rau_ray.data.make import MakeConfig, make_dataset
+    from rau_ray.data.manifest import read_manifest
+
+    out = tmp_path_factory.mktemp("heldout") / "ct"
+    make_dataset(MakeConfig("ct-abdomen", n=2, out=str(out), size=192, seed=7777, slices_per_subject=4,
+                            held_out=True), backend="local", progress=False)
+    manifest = read_manifest(out / "manifest.jsonl")
 
     def liver(row):
-        value = next(int(k) for k, v in row["labels"].items() if v == "liver")
-        return int((np.asarray(Image.open(manifest.parent / row["label"])) == value).sum())
+        value = next(int(k) for k, v in row.labels.items() if v == "liver")
+        return manifest.load(row)[1] == value
 
-    return manifest.parent / max(rows, key=liver)["image"]
+    row = max(manifest.rows, key=lambda r: int(liver(r).sum()))
+    return manifest.image_path(row), np.asarray(liver(row))
 
 
-def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_path):
+def test_web_page_segments_clicks_commands_and_undo(app_url, phantom, tmp_path):
     chromium = _chromium()
     try:
         from playwright.sync_api import sync_playwright
@@ -100,10 +106,11 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_pa
         page.wait_for_function("document.getElementById('health').textContent == 'server ready'")
 
         # upload: a session opens, the image is drawn, the structure picker fills from the reference bank
+        phantom_png, liver = phantom
         settle(lambda: page.set_input_files("#file", str(phantom_png)))
         no_error_banner()
         assert not page.is_visible("#empty")
-        assert "128×128" in page.text_content("#file-name") and "CT" in page.text_content("#file-name")
+        assert "192×192" in page.text_content("#file-name") and "CT" in page.text_content("#file-name")
         structures = page.eval_on_selector_all("#structure-pick option", "os => os.map(o => o.value).filter(Boolean)")
         assert "liver" in structures
         blank = page.evaluate("document.getElementById('view').toDataURL()")
@@ -129,6 +136,14 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_pa
         assert not [u for u in sent if "/v1/segment" in u], sent  # one call: the session command
         assert page.get_attribute("#view", "data-mask-pixels") is not None
         assert not page.is_disabled("#undo")
+        # the shipped chain (serve_configs/local.yaml) on a slice it never saw: the liver, and words in the reasoning
+        from rau_ray.eval.metrics import dice
+        from rau_ray.serve.codecs import rle_decode
+
+        got = dice(rle_decode(answer.value.json()["mask"]), liver)
+        assert got >= 0.6, f"the shipped chain's liver mask has Dice {got:.2f} on the held-out slice"
+        assert result["reasoning"] and result["reasoning"].isascii() and "liver" in result["reasoning"], result
+        (REPO / "docs" / "web_page.png").write_bytes(page.screenshot(full_page=True))  # the README's picture
 
         # a click = positive point, shift+click = negative point, a drag = box; each redraws the canvas
         box = page.locator("#view").bounding_box()
@@ -181,7 +196,6 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom_png, tmp_pa
 
         screenshot = page.screenshot(full_page=True)
         (tmp_path / "web_page.png").write_bytes(screenshot)
-        (REPO / "docs" / "web_page.png").write_bytes(screenshot)
 
         # the undo button, then a command that is no command: the error is shown in the page
         settle(lambda: page.click("#undo"))
