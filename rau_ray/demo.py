@@ -56,7 +56,7 @@ def run_models(out: Path) -> dict:
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 # demo-length runs of every stage of the recipe: long enough to show each one learn on 2 cores, short enough for
 # `make demo`; the long runs of the same configs are the shipped checkpoints (SHIPPED), evaluated beside them
-DEMO_STEPS = {"sft": 100, "grpo": 10, "seg": 60, "seg-memref": 60, "seg-cbam": 40}
+DEMO_STEPS = {"sft": 50, "grpo": 6, "seg": 30, "seg-memref": 30, "seg-cbam": 20}
 STAGES = ("sft", "grpo", "seg", "seg-memref", "seg-cbam")  # jobs/configs/<stage>-tiny.yaml, in this order
 SHIPPED = {"sft": "shipped:sft", "grpo": "shipped:grpo", "seg": "shipped:seg", "seg-memref": "shipped:seg-memref",
            "seg-cbam": "shipped:seg-cbam"}  # weights/tiny/rau (rau ship): BENCHMARKS.md, issue 17
@@ -383,7 +383,7 @@ def _draw_prediction(image, truth, prediction, path: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192,
-             train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 8, serve_forever: bool = False,
+             train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 6, serve_forever: bool = False,
              port: int | None = None) -> dict:
     """Every stage in order (see the module docstring); ``serve_forever``: the Serve app stays up after its requests
     until Ctrl-C; ``port``: its HTTP port (default: a free one)."""
