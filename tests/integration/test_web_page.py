@@ -137,10 +137,13 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom, tmp_path):
         assert page.get_attribute("#view", "data-mask-pixels") is not None
         assert not page.is_disabled("#undo")
         # the shipped chain (serve_configs/local.yaml) on a slice it never saw: the liver, and words in the reasoning
-        from rau_ray.eval.metrics import dice
-        from rau_ray.serve.codecs import rle_decode
+        import base64
 
-        got = dice(rle_decode(answer.value.json()["mask"]), liver)
+        from rau_ray.eval.metrics import dice
+        from rau_ray.serve.codecs import decode_image
+
+        mask = decode_image(base64.b64decode(answer.value.json()["mask"])).array > 0  # the page asks for a PNG
+        got = dice(mask, liver)
         assert got >= 0.6, f"the shipped chain's liver mask has Dice {got:.2f} on the held-out slice"
         assert result["reasoning"] and result["reasoning"].isascii() and "liver" in result["reasoning"], result
         (REPO / "docs" / "web_page.png").write_bytes(page.screenshot(full_page=True))  # the README's picture
