@@ -55,11 +55,10 @@ def run_models(out: Path) -> dict:
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 # demo-length runs of every stage of the recipe: long enough to show each one learn on 2 cores, short enough for
-# `make demo`; the long runs of the same configs are the shipped checkpoints (SHIPPED), evaluated beside them
+# `make demo`; the long runs of the same configs ship as shipped:<stage> (weights/tiny/rau), evaluated beside them
 DEMO_STEPS = {"sft": 50, "grpo": 6, "seg": 30, "seg-memref": 30, "seg-cbam": 20}
 STAGES = ("sft", "grpo", "seg", "seg-memref", "seg-cbam")  # jobs/configs/<stage>-tiny.yaml, in this order
-SHIPPED = {"sft": "shipped:sft", "grpo": "shipped:grpo", "seg": "shipped:seg", "seg-memref": "shipped:seg-memref",
-           "seg-cbam": "shipped:seg-cbam"}  # weights/tiny/rau (rau ship): BENCHMARKS.md, issue 17
+SHIPPED = tuple(f"shipped:{stage}" for stage in STAGES)  # rau ship's names for the long runs (BENCHMARKS, issue 17)
 
 
 def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
@@ -93,13 +92,6 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
         results[run]["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"training: {run} done in {results[run]['seconds']} s", flush=True)
     return results
-
-
-def shipped_checkpoints() -> dict[str, str]:
-    """The shipped checkpoints (``shipped:<name>``) of the demo's stages that this checkout holds."""
-    from rau_ray.models.checkpoint import shipped_root
-
-    return {run: ref for run, ref in SHIPPED.items() if (shipped_root() / ref.split(":", 1)[1]).is_dir()}
 
 
 def run_evaluation(out: Path, checkpoints: list[str], seed: int = 0, targets: int = 8, name: str = "eval",
@@ -202,10 +194,10 @@ def _demo_bank(out: Path) -> Path:
     return bank_dir.resolve()
 
 
-def run_serving(out: Path, train: dict, port: int | None = None, keep_running: bool = False) -> dict:
-    """Ray Serve on the demo's cluster: the tiny app with the demo's reference bank, its GRPO (else SFT) policy and
-    its segmenter; then real HTTP requests on a held-out CT slice (readiness, /v1/segment, /v1/label, a session with
-    natural-language commands, the session's mask PNG). Responses (masks as size + area) land in
+def run_serving(out: Path, port: int | None = None, keep_running: bool = False) -> dict:
+    """Ray Serve on the demo's cluster: the tiny app with the demo's reference bank and the shipped chain (GRPO
+    policy + RAU segmenter, as serve_configs/local.yaml serves it); then real HTTP requests on a held-out CT slice
+    (readiness, /v1/segment, /v1/label, a session with natural-language commands, the session's mask PNG). Responses (masks as size + area) land in
     ``out/serve/responses.json``, the masks over the image in ``out/serve/segment.png``. Serve is shut down at the
     end, or on any error; ``keep_running``: left up after the requests (the caller stops it)."""
     import numpy as np
@@ -218,21 +210,13 @@ def run_serving(out: Path, train: dict, port: int | None = None, keep_running: b
     folder = out / "serve"
     folder.mkdir(parents=True, exist_ok=True)
     bank_dir = _demo_bank(out)
-    shipped = shipped_checkpoints()
-    if "grpo" in shipped and "seg" in shipped:  # the shipped chain, as serve_configs/local.yaml serves it
-        policy, segmenter = shipped["grpo"], shipped["seg"]
-    else:  # a checkout without them: the demo's own short runs
-        policy = next((str(Path(train[r]["checkpoint"]).resolve()) for r in ("grpo", "sft")
-                       if (train.get(r) or {}).get("checkpoint")), None)
-        segmenter = (train.get("seg") or {}).get("checkpoint")
-        segmenter = str(Path(segmenter).resolve()) if segmenter else None
+    policy, segmenter = "shipped:grpo", "shipped:seg"
     manifest = read_manifest(out / "data" / "ct-abdomen" / "manifest.jsonl")
     row = max(manifest.select(split="test"), key=lambda r: int((manifest.load(r)[1] == 1).sum()))
     image, truth = manifest.load(row)
     png = manifest.image_path(row).read_bytes()
     port = port or _free_port()
-    runs = [(c if c.startswith("shipped:") else Path(c).parent.name) if c else "-" for c in (policy, segmenter)]
-    print(f"serving: Ray Serve on port {port} (bank {bank_dir}, policy {runs[0]}, segmenter {runs[1]})", flush=True)
+    print(f"serving: Ray Serve on port {port} (bank {bank_dir}, policy {policy}, segmenter {segmenter})", flush=True)
     t0 = time.perf_counter()
     up = False
     try:
@@ -405,10 +389,9 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
     for stage, run in (("models", lambda: run_models(out)), ("train", lambda: run_training(out, train_steps)),
                        ("eval", lambda: run_evaluation(out, [r["checkpoint"] for r in report["train"].values()
                                                               if r.get("checkpoint")], seed, eval_targets)),
-                       ("eval_shipped", lambda: run_evaluation(out, list(shipped_checkpoints().values()), seed,
-                                                               eval_targets, "eval-shipped", ("ct-abdomen",), False)
-                        if shipped_checkpoints() else None),
-                       ("serve", lambda: run_serving(out, report["train"], port=port, keep_running=serve_forever))):
+                       ("eval_shipped", lambda: run_evaluation(out, list(SHIPPED), seed, eval_targets,
+                                                               "eval-shipped", ("ct-abdomen",), False)),
+                       ("serve", lambda: run_serving(out, port=port, keep_running=serve_forever))):
         t = time.perf_counter()
         report[stage] = run()
         stages[stage] = round(time.perf_counter() - t, 1)
@@ -419,8 +402,7 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
         print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
               f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}\n"
               f"Evaluation report (held-out subjects): {report['eval']['report']}\n"
-              + (f"The shipped checkpoints on the same CT targets: {report['eval_shipped']['report']}\n"
-                 if report.get("eval_shipped") else "") +
+              f"The shipped checkpoints on the same CT targets: {report['eval_shipped']['report']}\n"
               f"Ray Serve: {sum(1 for s in serve['statuses'].values() if s < 400)}/{len(serve['statuses'])} requests "
               f"answered at {serve['url']} in {serve['seconds']} s; responses {serve['responses']}, picture "
               f"{serve['picture']}" + ("" if serve_forever else " (Serve stopped; `rau demo --serve-forever` keeps "

@@ -121,12 +121,11 @@ def locate_checkpoint(source: str | os.PathLike) -> str:
     ``shipped:<name>`` the shipped checkpoint of that name. A local path comes back absolute, a URI as a URI."""
     text = str(source)
     if text.startswith(SHIPPED):
-        name = text[len(SHIPPED):]
-        folder = shipped_root() / name
+        name, root = text[len(SHIPPED):], shipped_root()
+        folder = root / name
         if not name or "/" in name or not _is_checkpoint(str(folder)):
-            have = sorted(f.name for f in shipped_root().iterdir() if _is_checkpoint(str(f))) \
-                if shipped_root().is_dir() else []
-            raise DataError(f"{source}: no shipped checkpoint of that name in {shipped_root()} (shipped: "
+            have = sorted(f.name for f in root.iterdir() if _is_checkpoint(str(f))) if root.is_dir() else []
+            raise DataError(f"{source}: no shipped checkpoint of that name in {root} (shipped: "
                             f"{', '.join(have) or 'none'})")
         return str(folder.resolve())
     if not storage.is_remote(text):

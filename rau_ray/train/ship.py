@@ -27,21 +27,20 @@ def _run_checkpoint(source: str, step: int | None) -> str:
 
     if step is None:
         return locate_checkpoint(source)
-    folders = [f for f in Path(source).glob("checkpoint_*") if (f / STATE).is_file()]
-    for folder in folders:
-        if json.loads((folder / STATE).read_text()).get("step") == step:
-            return str(folder)
-    have = sorted(json.loads((f / STATE).read_text()).get("step") for f in folders)
-    raise ConfigError(f"{source}: no checkpoint at step {step} (its checkpoints: steps {have})")
+    steps = {json.loads((f / STATE).read_text()).get("step"): f for f in Path(source).glob("checkpoint_*")
+             if (f / STATE).is_file()}
+    if step not in steps:
+        raise ConfigError(f"{source}: no checkpoint at step {step} (its checkpoints: steps {sorted(steps)})")
+    return str(steps[step])
 
 
 def _shipped_policy(digest: str, where: str) -> str:
     """``shipped:<name>`` of the shipped sft / grpo checkpoint whose weights have ``digest``."""
-    from rau_ray.models.checkpoint import read_checkpoint, shipped_root, weights_digest
+    from rau_ray.models.checkpoint import STATE, read_checkpoint, shipped_root, weights_digest
 
     root = shipped_root()
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if (folder / "train_state.json").is_file():
+        if (folder / STATE).is_file():
             ck = read_checkpoint(folder)
             if ck.kind in ("sft", "grpo") and weights_digest(ck) == digest:
                 return f"shipped:{folder.name}"

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.models import checkpoint as ck
@@ -14,14 +13,6 @@ from rau_ray.models.pretrained import weights_root
 
 SFT = {"manifest": "m.jsonl", "name": "sft", "model": {"profile": "tiny", "policy": {"lora_rank": 4}},
        "split": "train", "zero_stage": 2, "tasks": ["label"], "seed": 0}
-
-
-def write(folder, weights, config, step=5):
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / ck.WEIGHTS))
-    (folder / ck.STATE).write_text(json.dumps({"step": step, "config": config}))
-    (folder / ck.HISTORY).write_text(json.dumps({"step": step, "val_accuracy": 0.5}) + "\n")
-    return folder
 
 
 @pytest.fixture
@@ -35,24 +26,15 @@ def weights(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture(scope="module")
-def trained_adapter():
-    from rau_ray.models.policy import load_policy
-    from rau_ray.models.profiles import model_config_from
-
-    torch.manual_seed(1)
-    policy = load_policy(model_config_from(SFT["model"]).policy)
-    return {k: v + torch.randn_like(v) for k, v in get_peft_model_state_dict(policy.model).items()}
-
-
-def test_a_shipped_policy_loads_by_name_and_with_plain_peft(weights, tmp_path, trained_adapter):
+def test_a_shipped_policy_loads_by_name_and_with_plain_peft(weights, tmp_path, trained_adapter, write_checkpoint):
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from rau_ray.train.ship import ship
 
-    write(tmp_path / "run" / "checkpoint_000000", trained_adapter, SFT, step=5)
-    write(tmp_path / "run" / "checkpoint_000001", {k: v * 0 for k, v in trained_adapter.items()}, SFT, step=10)
+    write_checkpoint(tmp_path / "run" / "checkpoint_000000", trained_adapter, SFT, step=5)
+    zeros = {k: v * 0 for k, v in trained_adapter.items()}
+    write_checkpoint(tmp_path / "run" / "checkpoint_000001", zeros, SFT, step=10)
     out = ship(str(tmp_path / "run"), "sft", step=5)  # not the latest: the step asked for
     folder = weights / "rau" / "sft"
     assert out["shipped"] == "shipped:sft" and out["step"] == 5 and out["kind"] == "sft"
@@ -73,14 +55,15 @@ def test_a_shipped_policy_loads_by_name_and_with_plain_peft(weights, tmp_path, t
         ship(str(tmp_path / "run"), "sft", step=7)
 
 
-def test_a_segmenter_ships_pointing_at_its_shipped_policy_and_not_without_it(weights, tmp_path, trained_adapter):
+def test_a_segmenter_ships_pointing_at_its_shipped_policy_and_not_without_it(weights, tmp_path, trained_adapter,
+                                                                            write_checkpoint):
     from rau_ray.train.ship import ship
 
-    policy = write(tmp_path / "grpo", trained_adapter, SFT)
+    policy = write_checkpoint(tmp_path / "grpo", trained_adapter, SFT)
     digest = ck.weights_digest(ck.read_checkpoint(policy))
     seg = {"manifest": "m.jsonl", "name": "seg", "mode": "rau", "model": {"profile": "tiny"}, "seed": 0,
            "policy_checkpoint": str(policy), "policy_sha256": digest}
-    write(tmp_path / "seg", {"projector.weight": torch.ones(2, 2)}, seg)
+    write_checkpoint(tmp_path / "seg", {"projector.weight": torch.ones(2, 2)}, seg)
     with pytest.raises(ConfigError, match=f"weights sha256 {digest}, which is not shipped"):
         ship(str(tmp_path / "seg"), "seg")
     ship(str(policy), "grpo")
