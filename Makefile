@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test test-unit lint install browser bench docs-pictures clean
 
 install: $(STAMP) browser
 
@@ -27,8 +27,22 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/rau demo --out runs/demo
 
-test: $(STAMP) browser
+# The whole suite: lint and layer contracts first, then every test (unit + integration: real Ray, Serve, browser).
+test: lint browser
 	$(VENV)/bin/pytest
+
+# The fast tier: no Ray cluster, no subprocesses, no browser (a unit test that starts Ray is refused); ~1 minute.
+test-unit: lint
+	$(VENV)/bin/pytest tests/unit -m "not integration"
+
+# ruff (style, pyflakes, import order and imports at module top) and import-linter (the layers, pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rau_ray tests benchmarks jobs
+	$(VENV)/bin/lint-imports --no-cache
+
+# The README's web page screenshot, retaken by the browser test (plain test runs write only to temp folders).
+docs-pictures: $(STAMP) browser
+	RAU_WEB_PAGE_PNG=docs/web_page.png $(VENV)/bin/pytest tests/integration/test_web_page.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/phantom_throughput.py

@@ -44,8 +44,8 @@ def measure(name: str) -> dict:
         return {**q, **{f"pose@{k}": {"mean": q[f"recall@{k}"], "ci95": q[f"recall@{k}_ci95"], "n": q["queries"]}
                         for k in (1, 5)}}
     if name == "policy":
-        from rau_ray.train.pretrain_policy import quality
         from rau_ray.models.pretrained import weights_root
+        from rau_ray.train.pretrain_policy import quality
         q = quality(str(weights_root() / "qwen2_5_vl"), n=100)
         return {**q, "ground_iou": q["grounding_iou"], "compare_acc": q["comparison_accuracy"]}
     raise SystemExit(f"unknown backbone {name!r}")
@@ -62,7 +62,8 @@ def measure_cbam(checkpoint: str) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| backbone | measure (held-out, seed 7777) | mean | 95 % CI | n | target | met |", "|---|---|---|---|---|---|---|"]
+    rows = ["| backbone | measure (held-out, seed 7777) | mean | 95 % CI | n | target | met |",
+            "|---|---|---|---|---|---|---|"]
     for (backbone, key), (target, cmp, what) in TARGETS.items():
         r = results.get(backbone, {}).get(key)
         if not isinstance(r, dict):

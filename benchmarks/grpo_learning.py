@@ -5,9 +5,14 @@ Run: ``rau data make --modality ct-abdomen --n 24 --size 192 --out runs/data/ct2
 ``GRPO_LR=0.001 python benchmarks/grpo_learning.py runs/data/ct24/manifest.jsonl runs/bench/grpo null grpo 100``
 (args: manifest, run folder, structures JSON or null, GRPO run name, SFT steps). About 5-8 minutes on 2 cores.
 """
-import json, os, sys, time
+import json
+import os
+import sys
+import time
+
 import ray
 import torch
+
 ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
 from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
@@ -30,6 +35,8 @@ SFT_STEPS = int(sys.argv[5]) if len(sys.argv) > 5 else 100
 SNAME = "sft" if SFT_STEPS == 100 else f"sft{SFT_STEPS}"
 t0 = time.time()
 from pathlib import Path
+
+
 class _R: pass
 if Path(RUNS, SNAME).is_dir():
     import glob
@@ -65,6 +72,7 @@ def evaluate(checkpoint, split, k=8):
     items = make_pairs(read_manifest(DATA), split=split, tasks=("label",), seed=0)
     items = [i for i in items if STRUCT is None or i["structure"] in STRUCT]
     from collections import Counter
+
     from rau_ray.models.prompts import parse_answer
     said, right = Counter(), Counter()
     torch.manual_seed(123)

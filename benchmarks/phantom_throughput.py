@@ -51,7 +51,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "modality": a.modality, "samples_per_run": samples, "size": a.size, "ray_cpus": int(ray.cluster_resources()["CPU"]),
+        "modality": a.modality, "samples_per_run": samples, "size": a.size,
+        "ray_cpus": int(ray.cluster_resources()["CPU"]),
         "local_slices_per_s": rates["local"], "ray_slices_per_s": rates["ray"],
         "median_local": med["local"], "median_ray": med["ray"], "speedup": round(med["ray"] / med["local"], 2),
         "ray_startup_s": round(startup, 2),

@@ -18,8 +18,8 @@ from pathlib import Path
 from rau_ray.atomic import atomic_write_text
 from rau_ray.config import from_dict
 from rau_ray.data.make import MakeConfig, make_dataset
-from rau_ray.train.run import read_history
 from rau_ray.train.grpo import GRPOJobConfig, run_grpo
+from rau_ray.train.run import read_history
 from rau_ray.train.sft import SFTConfig, run_sft
 
 TINY_LEARNING = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64, "lora_targets": [
@@ -34,7 +34,8 @@ def sft(manifest: str, storage: str, name: str, workers: int, model: dict, steps
         batch: int = 4, accumulation: int = 1, checkpointing: bool = False) -> list[dict]:
     cfg = from_dict(SFTConfig, {
         "manifest": manifest, "name": name, "model": model, "tasks": ["label"], "zero_stage": zero,
-        "batch_size": batch, "grad_accumulation": accumulation, "gradient_checkpointing": checkpointing, "lr": 0.003, "epochs": 100, "max_steps": steps, "log_every": 5,
+        "batch_size": batch, "grad_accumulation": accumulation, "gradient_checkpointing": checkpointing, "lr": 0.003,
+        "epochs": 100, "max_steps": steps, "log_every": 5,
         "checkpoint_every": steps, "eval_items": 2, "max_new_tokens": 4,
         "scale": {"num_workers": workers, "cpus_per_worker": 1, "storage_path": storage}}, "bench")
     result = run_sft(cfg)

@@ -7,10 +7,14 @@ Use: ``atomic_write_bytes(path, data)`` or ``with atomic_open(path, "w") as f: .
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
+
+import matplotlib.pyplot as plt
 
 
 @contextlib.contextmanager
@@ -54,10 +58,6 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 
 def figure_png(fig, dpi: int = 100) -> bytes:
     """A matplotlib figure as PNG bytes; the figure is closed so figures do not pile up in memory."""
-    import io
-
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)

@@ -87,13 +87,13 @@ def _command_parse(a: argparse.Namespace) -> list:
 def _train(a: argparse.Namespace) -> dict:
     from rau_ray.train.jobs import overrides, run_job
 
-    return run_job(a.job, a.config, overrides(a))
+    return run_job(a.job, a.config, overrides(a), a.set)
 
 
 def _pretrain(a: argparse.Namespace) -> dict:
     from rau_ray.train.jobs import overrides, run_job
 
-    return run_job(f"pretrain-{a.backbone}", a.config, overrides(a))
+    return run_job(f"pretrain-{a.backbone}", a.config, overrides(a), a.set)
 
 
 def _ship(a: argparse.Namespace) -> dict:

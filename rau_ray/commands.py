@@ -32,8 +32,8 @@ import re
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import Callable, Iterable
 
 WINDOW_PRESETS = ("abdomen", "bone", "lung", "brain", "soft_tissue")
 EXPORT_FORMATS = ("png", "nifti", "dicom-seg", "rle")
@@ -143,7 +143,7 @@ _FILLER = {
             "top", "left", "bottom", "right", "of", "prompt"},
     "point": {"add", "place", "put", "drop", "mark", "set", "click", "new", "more", "extra", "additional",
               "another", "at", "on", "in", "inside", "here", "there", "coordinates", "coordinate", "position",
-              "pixel", "location", "point", "points", "click", "clicks", "seed", "seeds", "dot", "dots", "marker",
+              "pixel", "location", "point", "points", "clicks", "seed", "seeds", "dot", "dots", "marker",
               "markers", "prompt", "prompts", "of"},
 }
 _POINT_WORDS = {"point", "points", "click", "clicks", "seed", "seeds", "dot", "dots", "marker", "markers"}
@@ -412,7 +412,7 @@ def _propagate(c: str) -> dict | None:
     return {"op": "propagate", "direction": "both" if both or not (fwd or bwd) else "forward" if fwd else "backward"}
 
 
-_FORMATS = [(r"\.?nii(?:\.gz)?|nifti(?:-?[12])?|nifty", "nifti"), (r"dicom[ _-]?seg|dcm[ _-]?seg|dicom|dcm", "dicom-seg"),
+_FORMATS = [(r"\.?nii(?:\.gz)?|nifti(?:-?[12])?|nifty", "nifti"), (r"dicom[ _-]?seg|dcm[ _-]?seg|dicom|dcm", "dicom-seg"),  # noqa: E501
             (r"(?:coco[ _-]?)?rle|run[ -]length(?: encoding| encoded)?|coco", "rle"), (r"\.?png|image", "png")]
 
 
@@ -548,7 +548,7 @@ def _deterministic(text: str, structures: frozenset) -> list[dict]:
     for op in ops:
         prev = merged[-1] if merged else None
         if (prev and op["op"] == prev["op"] == "set_window" and prev["preset"] is None and op["preset"] is None
-                and (prev["level"] is None) != (op["level"] is None) and (prev["width"] is None) != (op["width"] is None)):
+                and (prev["level"] is None) != (op["level"] is None) and (prev["width"] is None) != (op["width"] is None)):  # noqa: E501
             prev["level"] = prev["level"] if prev["level"] is not None else op["level"]
             prev["width"] = prev["width"] if prev["width"] is not None else op["width"]
             continue
@@ -556,7 +556,7 @@ def _deterministic(text: str, structures: frozenset) -> list[dict]:
     return merged
 
 
-def parse_command(text: str, fallback: "Callable[[str], list] | None" = None,
+def parse_command(text: str, fallback: Callable[[str], list] | None = None,
                   structures: Iterable[str] = ()) -> list[dict]:
     """Parse a command text into operations, in order. Raises CommandError when any part is not a command.
 
@@ -621,7 +621,7 @@ def validate_operations(ops, text: str, structures: frozenset = frozenset(), cau
 _OP_HINTS = {"segment": "|".join(re.escape(v) for v in _SEGMENT_VERBS),
              "add_point": r"point|click|seed|dot|mark|include|exclude|positive|negative|foreground|background",
              "add_box": r"box|bbox|rect|bounding", "undo": r"undo|revert|go back|step back|cancel|oops|mistake",
-             "redo": r"redo|reapply|re-apply|restore", "clear": r"clear|reset|wipe|erase|start over|start again|discard",
+             "redo": r"redo|reapply|re-apply|restore", "clear": r"clear|reset|wipe|erase|start over|start again|discard",  # noqa: E501
              "set_window": r"window|level|width|contrast|bone|lung|brain|abdom|soft tissue|soft-tissue|ww|wl",
              "goto_slice": r"slice|frame|image|next|previous|prev",
              "propagate": r"propagat|track|spread|extend|carry",
@@ -655,14 +655,14 @@ def _validator(jsonschema):
 def operation_validator():
     """A jsonschema validator of one operation, built once (``jsonschema.validate`` re-checks the schema itself on
     every call: ~8 ms, more than a SAM2 point prompt). Raises ImportError without jsonschema."""
-    import jsonschema
+    import jsonschema  # noqa: PLC0415 - jsonschema is an optional (dev) extra; ImportError without it
 
     return _validator(jsonschema)
 
 
 def _validate_schema(op) -> None:
     try:
-        import jsonschema
+        import jsonschema  # noqa: PLC0415 - jsonschema is optional; ImportError -> the checks by hand
     except ImportError:  # the same checks by hand
         jsonschema = None
     if jsonschema is not None:

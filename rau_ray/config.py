@@ -87,7 +87,89 @@ def read_yaml(path: str | Path, missing: str = "config file not found") -> dict:
     return data
 
 
-def load_config(path: str | Path, cls, overrides: dict | None = None):
+def load_config(path: str | Path, cls, overrides: dict | None = None, dotted: list[str] | tuple[str, ...] = ()):
+    """``cls`` from a YAML file; ``overrides``: top-level fields replaced; ``dotted``: ``KEY=VALUE`` texts set into
+    nested sections (``apply_overrides``)."""
     path = Path(path)
-    data = read_yaml(path)
-    return from_dict(cls, {**data, **(overrides or {})}, where=str(path))
+    data = {**read_yaml(path), **(overrides or {})}
+    if dotted:
+        data = apply_overrides(cls, data, list(dotted))
+    return from_dict(cls, data, where=str(path))
+
+
+def field_type(cls, path: str, where: str = "config"):
+    """The type of dotted field ``path`` (``scale.num_workers``) in dataclass ``cls``; ConfigError naming the first
+    part that is no field. Below an untyped mapping (a ``dict`` / ``Any`` field) every key is allowed: ``Any``."""
+    typ = cls
+    for i, part in enumerate(path.split(".")):
+        options = [t for t in typing.get_args(typ) if t is not type(None)] if typing.get_origin(typ) in (
+            typing.Union, types.UnionType) else [typ]
+        typed = [t for t in options if dataclasses.is_dataclass(t)]
+        if not typed:
+            if any(t is typing.Any or typing.get_origin(t) is dict or t is dict for t in options):
+                return typing.Any
+            raise ConfigError(f"{where}: {'.'.join(path.split('.')[:i])} has no fields; {path!r} names none")
+        hints = typing.get_type_hints(typed[0])
+        if part not in hints or part not in {f.name for f in dataclasses.fields(typed[0])}:
+            raise ConfigError(f"{where}: {path!r}: {typed[0].__name__} has no field {part!r}; valid fields: "
+                              f"{', '.join(f.name for f in dataclasses.fields(typed[0]))}")
+        typ = hints[part]
+    return typ
+
+
+def _takes_text(typ) -> bool:
+    options = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    return str in options
+
+
+def parse_text(text: str, typ):
+    """A value given as text on a command line, as field type ``typ`` wants it: kept as text where the type takes a
+    string (``null`` / ``~`` still mean None where it takes None), else read as YAML (``4`` -> 4, ``[1, 2]``)."""
+    if _takes_text(typ):
+        return None if text in ("null", "~") and type(None) in typing.get_args(typ) else text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the type check names the field and what it expected
+    options = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    if isinstance(value, str) and float in options:  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def text_fields(cls, data: dict) -> dict:
+    """``data`` with its text values read as ``cls``'s field types want (what ``serve run app:build_app threads=4``
+    or another command line hands over); values that are not text stay as they are."""
+    hints = typing.get_type_hints(cls)
+    return {k: parse_text(v, hints[k]) if isinstance(v, str) and k in hints else v for k, v in data.items()}
+
+
+def apply_overrides(cls, data: dict, overrides: list[str], where: str = "command line") -> dict:
+    """``data`` (a config mapping for ``cls``) with ``KEY=VALUE`` overrides set, KEY dotted into nested sections
+    (``scale.num_workers=8``, ``model.policy.lora_rank=16``): each KEY checked against the dataclass tree, each VALUE
+    read as its field's type (``parse_text``). The result still goes through ``from_dict``."""
+    out = _deep_copy(data)
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{where}: override {text!r} is not KEY=VALUE (e.g. scale.num_workers=8)")
+        typ = field_type(cls, key, where)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{where}: {key!r}: {part} is {child!r}, not a section")
+            node = child
+        node[parts[-1]] = parse_text(value, typ)
+    return out
+
+
+def _deep_copy(data):
+    return {k: _deep_copy(v) for k, v in data.items()} if isinstance(data, dict) else data

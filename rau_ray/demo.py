@@ -9,30 +9,93 @@ same cluster with the demo's reference bank and checkpoints (GRPO policy, RAU se
 held-out CT slice (``/readyz``, ``/v1/segment``, ``/v1/label``, a session with natural-language commands, its mask),
 their responses in ``runs/demo/serve/responses.json`` and the masks drawn in ``runs/demo/serve/segment.png``; then
 Serve is stopped (``--serve-forever``: left up, web page at the printed URL, until Ctrl-C).
+The terminal shows one line per stage (its key figure and where its output went) and a summary table at the end;
+everything else Ray, Ray Train, Ray Data and the libraries print goes to ``<out>/demo.log`` (the path is printed
+first). On an error the log's last lines are shown with the error.
 Use: ``rau demo --out runs/demo [--serve-forever] [--port 8000]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+
 from rau_ray import ray_session
-from rau_ray.atomic import atomic_write_text
+from rau_ray.atomic import atomic_write_figure, atomic_write_text
+from rau_ray.data.formats import apply_window
 from rau_ray.data.importers import ImportConfig, import_dataset
 from rau_ray.data.make import MakeConfig, make_dataset
+from rau_ray.data.manifest import read_manifest
 from rau_ray.data.phantoms import PHANTOMS
 from rau_ray.data.preview import preview
-from rau_ray.errors import RauError
+from rau_ray.errors import ConfigError, RauError
+from rau_ray.eval.evaluate import EvalConfig, run_eval
+from rau_ray.models.profiles import get_profile
+from rau_ray.models.rau import RAUModel
+from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k
+from rau_ray.serve import app as serve_app
+from rau_ray.serve import codecs
+from rau_ray.serve.app import stop
+from rau_ray.train.jobs import run_job
+
+_SCREEN: list = []  # the terminal while the demo's output goes to its log (innermost last)
+
+
+def say(line: str) -> None:
+    """One line for the person watching (the terminal even while Ray's and the libraries' output goes to the log)."""
+    stream = _SCREEN[-1] if _SCREEN else sys.stdout
+    print(line, file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path, tail: int = 40):
+    """Send file descriptors 1 and 2 (Python, Ray's processes started meanwhile, C libraries) to ``log_path``;
+    ``say`` still reaches the terminal. On an error the log's last ``tail`` lines go to the terminal first."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    screen = os.fdopen(os.dup(1), "w", buffering=1)
+    with open(log_path, "ab", buffering=0) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        _SCREEN.append(screen)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            _SCREEN.pop()
+            screen.close()
+            if failed:
+                lines = log_path.read_text(errors="replace").splitlines()[-tail:]
+                print("\n".join([f"--- the last {len(lines)} lines of {log_path} ---", *lines, "---"]),
+                      file=sys.stderr, flush=True)
 
 
 def run_models(out: Path) -> dict:
     """Reference bank over the CT train split (Ray), recall on held-out subjects, one tiny RAU prediction."""
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.models.profiles import get_profile
-    from rau_ray.models.rau import RAUModel
-    from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k
 
     cfg = get_profile("tiny")
     manifest_path = out / "data" / "ct-abdomen" / "manifest.jsonl"
@@ -66,10 +129,7 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
     segmenters (RAU fusion on the GRPO policy's <Seg> states, the SAM2-Memory-Ref-SFT baseline, CBAM-LoRA SAM2).
     Each writes its checkpoint and learning curves under ``out/train/<run>``; a run left out of ``steps`` is
     skipped."""
-    import yaml
 
-    from rau_ray.errors import ConfigError
-    from rau_ray.train.jobs import run_job
 
     manifest = str(out / "data" / "ct-abdomen" / "manifest.jsonl")
     results = {}
@@ -86,11 +146,12 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
             data["policy_checkpoint"] = (results.get("grpo") or results.get("sft") or {}).get("checkpoint")
         tmp = out / "train" / f"{run}.yaml"
         atomic_write_text(tmp, yaml.safe_dump(data))
-        print(f"training: {run} ({steps[run]} steps)", flush=True)
+        say(f"  training {run} ({steps[run]} steps) ...")
         t0 = time.perf_counter()
         results[run] = run_job(run.split("-")[0], str(tmp))
         results[run]["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"training: {run} done in {results[run]['seconds']} s", flush=True)
+        say(f"  training {run}: {_train_figure(results[run])} in {results[run]['seconds']} s -> "
+            f"{results[run].get('checkpoint')}")
     return results
 
 
@@ -98,7 +159,6 @@ def run_evaluation(out: Path, checkpoints: list[str], seed: int = 0, targets: in
                    datasets: tuple[str, ...] = tuple(PHANTOMS), volumes: bool = True) -> dict:
     """``rau eval`` of ``checkpoints`` on the held-out subjects of the demo's phantom ``datasets`` (and the held-out
     3D volumes); the report lands in ``out/<name>/report.md``."""
-    from rau_ray.eval.evaluate import EvalConfig, run_eval
 
     manifests = [str(out / "data" / ds / "manifest.jsonl") for ds in datasets]
     vols, structures = str(out / "data" / "ct-abdomen-3d" / "dataset.json"), "liver,spleen,right kidney,left kidney"
@@ -109,13 +169,12 @@ def run_evaluation(out: Path, checkpoints: list[str], seed: int = 0, targets: in
                         *[f"--checkpoint {c}" for c in checkpoints],
                         *([f"--volumes {vols}", f"--volume-structures '{structures}'"] if volumes else []),
                         f"--max-targets {targets}", f"--seg-structures 3 --seed {seed} --out {out / name}"])
-    print(f"evaluation: {len(checkpoints)} checkpoints on {len(manifests)} datasets -> {out / name}", flush=True)
+    say(f"  evaluating {len(checkpoints)} checkpoints on {len(manifests)} datasets ...")
     return run_eval(cfg, command=f"{command}   (run by rau demo)")
 
 
 # ------------------------------------------------------------------------------------------------- serving
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,9 +184,6 @@ def _free_port() -> int:
 def _http(method: str, url: str, *, json_body=None, fields: dict | None = None, files: dict | None = None,
           timeout: float = 300.0) -> dict:
     """One real HTTP request (urllib): ``{status, content_type, body (bytes), ms}``; a 4xx/5xx is returned too."""
-    import urllib.error
-    import urllib.request
-    import uuid
 
     data, headers = None, {}
     if json_body is not None:
@@ -154,7 +210,6 @@ def _http(method: str, url: str, *, json_body=None, fields: dict | None = None, 
 
 def _without_blobs(value):
     """A response for responses.json: every mask (COCO RLE or base64 PNG) replaced by its size and area."""
-    from rau_ray.serve import codecs
 
     if isinstance(value, dict):
         out = {}
@@ -173,7 +228,6 @@ def _without_blobs(value):
 
 def _point_inside(mask) -> tuple[int, int]:
     """(x, y) of the mask pixel nearest its centroid; the image centre for an empty mask."""
-    import numpy as np
 
     ys, xs = np.nonzero(mask)
     if not len(xs):
@@ -184,8 +238,6 @@ def _point_inside(mask) -> tuple[int, int]:
 
 def _demo_bank(out: Path) -> Path:
     """The demo's reference bank (``run_models`` builds it over the CT train split); built here if missing."""
-    from rau_ray.models.profiles import get_profile
-    from rau_ray.models.retrieval import ReferenceBank
 
     bank_dir = out / "bank"
     if not (bank_dir / "bank.json").is_file():
@@ -197,14 +249,11 @@ def _demo_bank(out: Path) -> Path:
 def run_serving(out: Path, port: int | None = None, keep_running: bool = False) -> dict:
     """Ray Serve on the demo's cluster: the tiny app with the demo's reference bank and the shipped chain (GRPO
     policy + RAU segmenter, as serve_configs/local.yaml serves it); then real HTTP requests on a held-out CT slice
-    (readiness, /v1/segment, /v1/label, a session with natural-language commands, the session's mask PNG). Responses (masks as size + area) land in
+    (readiness, /v1/segment, /v1/label, a session with natural-language commands, the session's mask PNG).
+    Responses (masks as size + area) land in
     ``out/serve/responses.json``, the masks over the image in ``out/serve/segment.png``. Serve is shut down at the
     end, or on any error; ``keep_running``: left up after the requests (the caller stops it)."""
-    import numpy as np
 
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.serve import app as serve_app
-    from rau_ray.serve import codecs
 
     out = Path(out)
     folder = out / "serve"
@@ -216,7 +265,7 @@ def run_serving(out: Path, port: int | None = None, keep_running: bool = False) 
     image, truth = manifest.load(row)
     png = manifest.image_path(row).read_bytes()
     port = port or _free_port()
-    print(f"serving: Ray Serve on port {port} (bank {bank_dir}, policy {policy}, segmenter {segmenter})", flush=True)
+    say(f"  serving on port {port}: bank {bank_dir}, policy {policy}, segmenter {segmenter} ...")
     t0 = time.perf_counter()
     up = False
     try:
@@ -313,14 +362,9 @@ def _print_serving(summary: dict, log: list[dict]) -> None:
 
 
 def _draw_serving(image, truth, truth_title: str, masks: dict, session_mask, point, path: Path) -> None:
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
-    from rau_ray.atomic import atomic_write_figure
-    from rau_ray.data.formats import apply_window
 
     shown = apply_window(image, "abdomen")
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
@@ -347,13 +391,9 @@ def _draw_serving(image, truth, truth_title: str, masks: dict, session_mask, poi
 
 def _draw_prediction(image, truth, prediction, path: Path) -> None:
 
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from rau_ray.atomic import atomic_write_figure
-    from rau_ray.data.formats import apply_window
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
     for ax, mask, title in ((axes[0], truth, "ground truth: liver"),
@@ -370,11 +410,20 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
              train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 6, serve_forever: bool = False,
              port: int | None = None) -> dict:
     """Every stage in order (see the module docstring); ``serve_forever``: the Serve app stays up after its requests
-    until Ctrl-C; ``port``: its HTTP port (default: a free one)."""
+    until Ctrl-C; ``port``: its HTTP port (default: a free one). The terminal gets a line per stage and a summary
+    table; everything else goes to ``out/demo.log``."""
     out = Path(out)
+    log_path = out / "demo.log"
+    say(f"rau demo -> {out}  (Ray's and the libraries' output: {log_path})")
+    with output_to(log_path):
+        return _run_stages(out, subjects, seed, size, train_steps, eval_targets, serve_forever, port)
+
+
+def _run_stages(out: Path, subjects: int, seed: int, size: int, train_steps: dict[str, int], eval_targets: int,
+                serve_forever: bool, port: int | None) -> dict:
     t0 = time.perf_counter()
     ray = ray_session.connect()
-    print(f"Ray cluster: {ray.cluster_resources().get('CPU', 0):.0f} CPUs", flush=True)
+    say(f"cluster  embedded Ray, {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
     report: dict = {"datasets": {}}
     for name in PHANTOMS:
         report["datasets"][name] = make_dataset(MakeConfig(modality=name, n=subjects, out=str(out / "data" / name),
@@ -386,6 +435,7 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
                                                      out=str(out / "data" / "ct-abdomen-3d-imported"), every=4))
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
     stages = report["stage_seconds"] = {"data": round(time.perf_counter() - t0, 1)}
+    say(_stage_line("data", stages["data"], report))
     for stage, run in (("models", lambda: run_models(out)), ("train", lambda: run_training(out, train_steps)),
                        ("eval", lambda: run_evaluation(out, [r["checkpoint"] for r in report["train"].values()
                                                               if r.get("checkpoint")], seed, eval_targets)),
@@ -395,42 +445,101 @@ def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, s
         t = time.perf_counter()
         report[stage] = run()
         stages[stage] = round(time.perf_counter() - t, 1)
+        say(_stage_line(stage, stages[stage], report))
     try:
         report["seconds"] = round(time.perf_counter() - t0, 1)
         atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-        serve = report["serve"]
-        print(f"\nPreview of the phantom data: {report['preview']}\nA tiny RAU prediction: "
-              f"{report['models']['predict']['picture']}\nReport: {out / 'report.json'}\n"
-              f"Evaluation report (held-out subjects): {report['eval']['report']}\n"
-              f"The shipped checkpoints on the same CT targets: {report['eval_shipped']['report']}\n"
-              f"Ray Serve: {sum(1 for s in serve['statuses'].values() if s < 400)}/{len(serve['statuses'])} requests "
-              f"answered at {serve['url']} in {serve['seconds']} s; responses {serve['responses']}, picture "
-              f"{serve['picture']}" + ("" if serve_forever else " (Serve stopped; `rau demo --serve-forever` keeps "
-                                        "it up)"), flush=True)
+        say(summary_table(report, out))
         if serve_forever:
-            _wait_for_ctrl_c(serve["url"])
+            _wait_for_ctrl_c(report["serve"]["url"])
     finally:
         if serve_forever:
-            from rau_ray.serve.app import stop
 
             stop()
     return report
 
 
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _train_figure(result: dict) -> str:
+    """A training run's key figure: its last validation metric, else its last loss."""
+    metrics = result.get("metrics") or {}
+    for key in ("val_dice", "val_accuracy", "rewards/accuracy/mean", "val_loss", "loss"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{key} {_fmt(float(metrics[key]))}"
+    return "no metrics"
+
+
+def _eval_figure(ev: dict, dataset: str = "ct-abdomen") -> str:
+    dice = (ev.get("segmentation_dice") or {}).get(dataset) or {}
+    labeling = (ev.get("labeling") or {}).get(dataset) or {}
+    return (f"{dataset}: Dice VLM+SAM2 {_fmt(dice.get('VLM+SAM2'))}, labeling GRPO+OT "
+            f"{_fmt(labeling.get('GRPO+OT'))}")
+
+
+def _stage_line(stage: str, seconds: float, report: dict) -> str:
+    """``<stage> <seconds> <key figure> -> <where its output went>``."""
+    if stage == "data":
+        figure = (f"{sum(d['samples'] for d in report['datasets'].values())} samples of {len(report['datasets'])} "
+                  f"phantom datasets, {report['volumes']['samples']} CT volumes")
+        where = report["preview"]
+    elif stage == "models":
+        m = report["models"]
+        figure = (f"bank of {m['bank']['entries']}, recall modality@1 {_fmt(m['recall'].get('modality@1'))}, one "
+                  f"predict in {_fmt(sum(m['predict']['timings_ms'].values()) / 1000, 1)} s")
+        where = m["predict"]["picture"]
+    elif stage == "train":
+        figure = f"{len(report['train'])} runs: " + ", ".join(report["train"])
+        where = str(Path(next(iter(report["train"].values()))["run"]).parent) if report["train"] else "-"
+    elif stage in ("eval", "eval_shipped"):
+        figure, where = _eval_figure(report[stage]), report[stage]["report"]
+    else:
+        serve = report["serve"]
+        answered = sum(1 for s in serve["statuses"].values() if s < 400)
+        figure = f"{answered}/{len(serve['statuses'])} requests answered at {serve['url']}"
+        where = serve["responses"]
+    return f"{stage:<13}{seconds:>7.1f} s  {figure}  -> {where}"
+
+
+def summary_table(report: dict, out: Path) -> str:
+    """The demo's end: a Markdown table of every stage (seconds, key figure, output) and where the rest is."""
+    rows = [("data", report["stage_seconds"]["data"], f"{len(report['datasets'])} datasets", report["preview"])]
+    rows.append(("models", report["stage_seconds"]["models"],
+                 f"recall modality@1 {_fmt(report['models']['recall'].get('modality@1'))}",
+                 report["models"]["predict"]["picture"]))
+    for run, result in report["train"].items():
+        rows.append((f"train {run}", result.get("seconds"), _train_figure(result), result.get("checkpoint") or "-"))
+    rows.append(("eval (demo runs)", report["stage_seconds"]["eval"], _eval_figure(report["eval"]),
+                 report["eval"]["report"]))
+    rows.append(("eval (shipped)", report["stage_seconds"]["eval_shipped"], _eval_figure(report["eval_shipped"]),
+                 report["eval_shipped"]["report"]))
+    serve = report["serve"]
+    answered = sum(1 for s in serve["statuses"].values() if s < 400)
+    rows.append(("serve", report["stage_seconds"]["serve"], f"{answered}/{len(serve['statuses'])} answered",
+                 serve["picture"]))
+    lines = ["", f"rau demo: done in {report['seconds']:.0f} s", "", "| stage | s | key figure | output |",
+             "|---|---:|---|---|"]
+    lines += [f"| {name} | {_fmt(sec, 1)} | {figure} | {where} |" for name, sec, figure, where in rows]
+    lines += ["", f"report: {out / 'report.json'}   log: {out / 'demo.log'}"]
+    if not serve.get("kept_running"):
+        lines.append("Ray Serve was stopped; `rau demo --serve-forever` keeps the web page up.")
+    return "\n".join(lines)
+
+
 def _wait_for_ctrl_c(url: str) -> None:
     """Block until Ctrl-C. Python's own SIGINT handler is put back meanwhile: Ray Train leaves its handler (abort the
     training run) installed after a run, and that one swallows Ctrl-C once training is over."""
-    import signal
-    import threading
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
-    print(f"\nThe RAU app is up: open {url}/ (web page; API docs at {url}/docs). Ctrl-C stops it.", flush=True)
+    say(f"\nThe RAU app is up: open {url}/ (web page; API docs at {url}/docs). Ctrl-C stops it.")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\nstopping Ray Serve", flush=True)
+        say("\nstopping Ray Serve")
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)

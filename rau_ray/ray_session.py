@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import ray
 
 # Ray Serve's high-throughput mode (gRPC between deployments, user code on the replica's own loop, GC frozen after
 # start-up) with HAProxy as the HTTP ingress (direct to the Ingress replicas' own HTTP servers, no Python proxy hop):
@@ -21,7 +22,6 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEP
 def connect(num_cpus: int | None = None):
     """Initialise Ray once per process; returns the ``ray`` module. A no-op when already connected. An embedded
     cluster starts with ``SERVE_ENV`` (unless the caller's environment sets those variables)."""
-    import ray
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -34,6 +34,5 @@ def connect(num_cpus: int | None = None):
 
 
 def cluster_cpus() -> int:
-    import ray
 
     return int(ray.cluster_resources().get("CPU", 1))

@@ -21,9 +21,15 @@ Use: ``storage = resolve_storage(cfg.scale.storage_path)``; ``upload_dir("bank",
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from pyarrow import fs
+
+from rau_ray.atomic import atomic_write_bytes, atomic_write_figure, figure_png
 from rau_ray.errors import ConfigError, DataError
 
 # Schemes pyarrow's FileSystem.from_uri knows (hdfs/viewfs need a JVM, abfs an Azure build); anything else is
@@ -55,8 +61,6 @@ def check_scheme(path: str | os.PathLike, where: str = "storage_path") -> None:
 
 def filesystem(uri: str, where: str = "storage_path"):
     """``(pyarrow FileSystem, path within it)`` of ``uri``; ConfigError naming the scheme or the credentials."""
-    from pyarrow import fs
-
     check_scheme(uri, where)
     scheme = scheme_of(uri)
     try:
@@ -134,8 +138,6 @@ def _remote(location: str, where: str):
 
 
 def _info(location, where: str):
-    from pyarrow import fs
-
     local = _local_path(location)
     if local is not None:
         return "dir" if local.is_dir() else "file" if local.exists() else None
@@ -161,8 +163,6 @@ def is_file(location: str | os.PathLike, where: str = "path") -> bool:
 
 def list_dir(location: str | os.PathLike, where: str = "path") -> list[str]:
     """Names of the entries of folder ``location``, sorted; [] when it does not exist."""
-    from pyarrow import fs
-
     local = _local_path(location)
     if local is not None:
         return sorted(p.name for p in local.iterdir()) if local.is_dir() else []
@@ -199,8 +199,6 @@ def read_text(location: str | os.PathLike, where: str = "path") -> str:
 def write_bytes(location: str | os.PathLike, data: bytes, where: str = "path") -> str | Path:
     """Write file ``location`` whole: locally a temp file renamed over it, in a bucket one object put (atomic
     there: readers see the old object or the new one). Returns ``location``."""
-    from rau_ray.atomic import atomic_write_bytes
-
     local = _local_path(location)
     try:
         if local is not None:
@@ -222,8 +220,6 @@ def write_text(location: str | os.PathLike, text: str, where: str = "path") -> s
 
 def write_figure(location: str | os.PathLike, fig, dpi: int = 100) -> str | Path:
     """A matplotlib figure as PNG at ``location`` (locally atomic), then closed."""
-    from rau_ray.atomic import atomic_write_figure, figure_png
-
     local = _local_path(location)
     if local is not None:
         atomic_write_figure(local, fig, dpi)
@@ -233,8 +229,6 @@ def write_figure(location: str | os.PathLike, fig, dpi: int = 100) -> str | Path
 
 def remove(location: str | os.PathLike, where: str = "path") -> None:
     """Delete file or folder ``location``; nothing to do when it does not exist."""
-    import shutil
-
     local = _local_path(location)
     try:
         if local is not None:
@@ -256,8 +250,6 @@ def remove(location: str | os.PathLike, where: str = "path") -> None:
 def upload_dir(local: str | os.PathLike, dest: str | os.PathLike, last: tuple[str, ...] = ()) -> str:
     """Copy folder ``local`` to ``dest`` (a URI or a folder); files named in ``last`` (relative paths, e.g. a
     bank's ``bank.json``) are copied after all others, so their presence means a complete copy. Returns ``dest``."""
-    from pyarrow import fs
-
     if not Path(local).is_dir():
         raise DataError(f"{local}: no such folder")
     target = _local_path(dest)
@@ -285,8 +277,6 @@ def upload_dir(local: str | os.PathLike, dest: str | os.PathLike, last: tuple[st
 
 def download_dir(source: str | os.PathLike, local: str | os.PathLike) -> Path:
     """Copy folder ``source`` (a URI or a folder) into ``local``; returns ``local``."""
-    from pyarrow import fs
-
     path = _local_path(source)
     src_fs, src_path = (fs.LocalFileSystem(), str(path.resolve())) if path is not None else \
         filesystem(str(source), "source")
@@ -311,12 +301,6 @@ def local_copy(location: str | os.PathLike, where: str = "path") -> Path:
     once per node into ``cache_root()`` (under a hash of the URI and of its listing, so a folder that changed is
     fetched again). Concurrent callers (the Ray workers of a node) each download into a temp folder and the first
     rename wins. DataError when nothing is there; ConfigError when the URI cannot be opened."""
-    import hashlib
-    import shutil
-    import tempfile
-
-    from pyarrow import fs
-
     local = _local_path(location)
     if local is not None:
         return local

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from ray.job_submission import JobSubmissionClient
 
 from rau_ray.errors import ConfigError, RauError
 
@@ -132,8 +133,6 @@ def normalise_address(address: str | None) -> str:
 
 
 def connect(address: str):
-    from ray.job_submission import JobSubmissionClient
-
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError, OSError) as e:

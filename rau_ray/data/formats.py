@@ -10,10 +10,15 @@ from __future__ import annotations
 import gzip
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut
 
 from rau_ray.atomic import atomic_write_bytes
 from rau_ray.errors import DataError
@@ -81,8 +86,6 @@ def read_nifti(path: PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarra
     Floating-point data comes back as float32, integer data in its stored integer type. ``spacing`` holds the spatial
     voxel sizes (mm) of the reoriented axes, at most three.
     """
-    import nibabel as nib
-
     p = _existing(path)
     try:
         img = nib.as_closest_canonical(nib.load(p))
@@ -115,8 +118,6 @@ def encode_nifti(array: np.ndarray, spacing: Sequence[float], affine: np.ndarray
     Default affine ``diag(-sx, -sy, sz, 1)``: array axes i, j, k point to patient Left, Posterior, Superior
     (LPS storage), so ``read_nifti`` returns such an array flipped on axes 0 and 1 (RAS+).
     """
-    import nibabel as nib
-
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -149,9 +150,6 @@ def write_nifti(path: PathLike, array: np.ndarray, spacing: Sequence[float], aff
 # --------------------------------------------------------------------------------------------------------- DICOM
 def _dicom_hu(path: PathLike) -> tuple[Any, np.ndarray]:
     """(dataset, 2D float32 pixel array after the modality LUT) of one DICOM file."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
     p = _existing(path)
     try:
         ds = pydicom.dcmread(p)
@@ -231,8 +229,6 @@ def png16_to_hu(arr: np.ndarray) -> np.ndarray:
 
 
 def _open_png(path: PathLike) -> tuple[Path, Any]:
-    from PIL import Image
-
     p = _existing(path)
     try:
         with Image.open(p) as img:
@@ -267,8 +263,6 @@ def read_png_label(path: PathLike) -> np.ndarray:
 
 def encode_png(array: np.ndarray) -> bytes:
     """Deterministic PNG bytes of a 2D uint8 or uint16 array (no metadata)."""
-    from PIL import Image
-
     arr = np.asarray(array)
     if arr.ndim != 2 or arr.dtype not in (np.uint8, np.uint16):
         raise DataError(f"PNG writer takes 2D uint8 or uint16 arrays; got {arr.dtype} shape {arr.shape}")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

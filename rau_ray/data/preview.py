@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from rau_ray.atomic import atomic_write_figure
 from rau_ray.data import formats
@@ -54,12 +57,7 @@ def to_grey(image: np.ndarray, modality: str, window="abdomen") -> np.ndarray:
 
 def preview(folders: list[str | Path], out: str | Path, n: int = 8, cols: int = 4, window="abdomen") -> Path:
     """Draw up to ``n`` samples of each dataset folder, ``cols`` a row; write the PNG atomically."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     blocks = [load_examples(Path(f), n) for f in folders]
     rows_per = [math.ceil(len(ex) / cols) for _, ex, _ in blocks]
     fig, axes = plt.subplots(sum(rows_per), cols, figsize=(2.6 * cols + 2.4, 2.9 * sum(rows_per)), squeeze=False)

@@ -6,7 +6,7 @@ knows its visible box. ``render(spec, affine)`` paints the same shapes moved by 
 of related images (SAM2's memory clips, the VLM's "where does this box of image 1 fall in image 2"). Same
 (seed, index) -> the same scene on every worker.
 Use: ``scene = make_scene(seed=0, index=3, size=128)``; ``moved = render(scene.spec, size=128, affine=random_affine(rng))``.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def render(spec: dict, size: int = 128, affine: np.ndarray | None = None) -> Sce
         rows, cols = np.nonzero(m)
         out[m] = len(shapes) + 1
         shapes.append(Shape(kind=s.kind, tone=s.tone, label=len(shapes) + 1,
-                            box=(int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())), area=int(m.sum())))
+                            box=(int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())), area=int(m.sum())))  # noqa: E501
     return Scene(image=image, label=out, shapes=shapes, spec=spec)
 
 

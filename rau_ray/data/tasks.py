@@ -3,13 +3,11 @@
 Boxes are pixel corners [x1, y1, x2, y2] with x2/y2 exclusive; structures without pixels are left out.
 Use: ``label_boxes(label_map, {1: "liver"})`` -> {"liver": [x1, y1, x2, y2]};
 ``make_pairs(read_manifest("data/ct"), split="train")`` -> reference-target task items for the policy;
-``make_pairs(..., retrieval=model_config.retrieval)`` picks each reference as inference does: the DINOv2 bank's best
-hit of the target's modality, its own subject excluded (``retrieved_references``).
+``make_pairs(..., retrieve=models.retrieval.reference_picker(model_config.retrieval))`` picks each reference as
+inference does: the DINOv2 bank's best hit of the target's modality, its own subject excluded.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 from scipy import ndimage
@@ -40,60 +38,27 @@ def choose_reference(target, candidates: list, rng: np.random.Generator):
     return pool[int(rng.integers(len(pool)))]
 
 
-@functools.lru_cache(maxsize=8)
-def _embedded(retrieval, manifest_path: str, ids: tuple[str, ...]) -> np.ndarray:
-    """The rows' embeddings, once per process: a job's training and validation pairs share their references."""
-    from rau_ray.models.retrieval import _embed_rows
-
-    return _embed_rows(retrieval, manifest_path, list(ids))
-
-
-def retrieved_references(manifest, targets: list, candidates: list, retrieval) -> dict:
-    """Target row id -> the candidate row the embedder's bank retrieves for it (inference's pick: best cosine of the
-    same modality, its own subject excluded; no similarity threshold, a training pair always gets its best match)."""
-    from rau_ray.models.retrieval import ReferenceBank, embedder_id
-
-    if not targets or not candidates:
-        return {}
-    path = str(manifest.path.resolve())
-    ref_vectors = _embedded(retrieval, path, tuple(c.id for c in candidates))
-    vectors = {c.id: v for c, v in zip(candidates, ref_vectors)}
-    missing = tuple(t.id for t in targets if t.id not in vectors)
-    if missing:
-        vectors.update(zip(missing, _embedded(retrieval, path, missing)))
-    dim = ref_vectors.shape[1]
-    bank = ReferenceBank.empty(embedder_id(retrieval, dim), dim, "flat", expected=len(candidates))
-    bank.add([{"id": c.id, "modality": c.modality, "subject": c.subject} for c in candidates], ref_vectors)
-    by_id = {c.id: c for c in candidates}
-    picks = {}
-    for target in targets:
-        result = bank.search(vectors[target.id], k=1, modality=target.modality, exclude_subject=target.subject,
-                             min_similarity=-1.0)
-        if result.hits:
-            picks[target.id] = by_id[result.hits[0].row["id"]]
-    return picks
-
-
 ABSENT_SHARE = 1.0  # of the ground items whose target lacks a structure the reference shows: asking for it (null).
 # Such targets are few (a resected organ, a structure out of the slice): all of them ask, or SFT sees almost none
 
 
 def make_pairs(manifest, split: str = "train", reference_split: str = "train", tasks: tuple[str, ...] = TASKS,
-               seed: int = 0, absent_share: float = ABSENT_SHARE, retrieval=None) -> list[dict]:
+               seed: int = 0, absent_share: float = ABSENT_SHARE, retrieve=None) -> list[dict]:
     """Reference-target task items for the policy, one per (target, task): plain dicts, so Ray Data can shard them.
 
     Each item names the manifest, the two row ids, the task and its subject (a structure present in the reference,
     picked at random; ``label`` also gives the structure's box in the target as the region to name). Where the
     reference shows a structure the target lacks (resected, or out of the slice), a ``ground`` item asks for it
-    with probability ``absent_share``: its right answer is ``null``. ``retrieval`` (a RetrievalConfig): references
-    retrieved by its embedder as at inference; None: the nearest axial level of another subject (no model run)."""
+    with probability ``absent_share``: its right answer is ``null``. ``retrieve(manifest, targets, candidates)`` ->
+    {target id: candidate row}: references as inference retrieves them (``models.retrieval.reference_picker``);
+    None: the nearest axial level of another subject (no model run)."""
     if not 0 <= absent_share <= 1:
         raise ValueError(f"absent_share must be in [0, 1], got {absent_share}")
     rng = np.random.default_rng(seed)
     absent_rng = np.random.default_rng([seed, 1])  # its own stream: the other items do not depend on the share
     references = manifest.select(split=reference_split)
     targets = manifest.select(split=split)
-    retrieved = retrieved_references(manifest, targets, references, retrieval) if retrieval is not None else None
+    retrieved = retrieve(manifest, targets, references) if retrieve is not None else None
     items = []
     for target in targets:
         ref = retrieved.get(target.id) if retrieved is not None else choose_reference(target, references, rng)

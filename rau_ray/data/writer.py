@@ -7,12 +7,13 @@ Use: ``rows, n_files = write_all(partial(work, cfg), items, out, backend="ray", 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from rau_ray import ray_session
 from rau_ray.atomic import atomic_write_bytes, remove_stale_temps
 from rau_ray.data.manifest import ManifestRow
 from rau_ray.errors import RauError
@@ -60,8 +61,6 @@ def write_all(fn: Callable[[object], Encoded], items: Sequence, out: Path, backe
             for item in items:
                 write(fn(item))
             return rows, n_files
-
-        from rau_ray import ray_session
 
         ray = ray_session.connect()
         per_task = items_per_task or max(1, min(16, len(items) // (4 * ray_session.cluster_cpus())))

@@ -21,6 +21,7 @@ Use: ``rau eval --manifest data/ct/manifest.jsonl --checkpoint runs/train/sft --
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -33,10 +34,37 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray.data
 import torch
+from PIL import Image
+from tqdm import tqdm
 
-from rau_ray.data.manifest import Manifests
+from rau_ray import ray_session
+from rau_ray.config import from_dict, load_config
+from rau_ray.data import formats
+from rau_ray.data.importers import axial_slice, read_dataset_json, to_display
+from rau_ray.data.manifest import Manifests, read_manifest
+from rau_ray.data.tasks import label_boxes
 from rau_ray.errors import ConfigError, DataError, RauError
+from rau_ray.eval import reasoning, report
+from rau_ray.eval.matching import MatchConfig, assign_with_fallback
+from rau_ray.eval.metrics import mask_to_box
+from rau_ray.eval.tables import match_available
+from rau_ray.models import pipeline
+from rau_ray.models.checkpoint import (
+    check_pair,
+    combined_config,
+    load_cbam_checkpoint,
+    load_memref_checkpoint,
+    load_policy_checkpoint,
+    read_checkpoint,
+)
+from rau_ray.models.memory_ref import memory_ref_baseline, propagate_volume
+from rau_ray.models.profiles import ModelConfig, get_profile
+from rau_ray.models.prompts import to_pil
+from rau_ray.models.rau import RAUModel
+from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k
+from rau_ray.models.sam2_builder import build_video_predictor, embed_image, predict_with_prompts, predictor_for
 
 KINDS = ("sft", "grpo", "seg", "cbam", "memref")
 SEG_POLICIES = ("segmenter", "grpo", "sft")
@@ -128,14 +156,10 @@ def unpack(text: str, blob: bytes) -> list[dict]:
 # -- the model actor ---------------------------------------------------------------------------------------------------
 def _u8(image: np.ndarray, modality: str) -> np.ndarray:
     """An image as SAM2 and the policy see it: (H, W, 3) uint8 (CT windowed)."""
-    from rau_ray.models.prompts import to_pil
-
     return np.asarray(to_pil(image, modality))
 
 
 def _resize(arr: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:
-    from PIL import Image
-
     if arr.shape[:2] == tuple(hw):
         return arr
     im = Image.fromarray(arr.astype(np.uint8) if not nearest else arr.astype(np.uint8) * 255)
@@ -167,32 +191,20 @@ class EvalWorker:
         return self._built[key]
 
     def model_config(self):
-        from rau_ray.config import from_dict
-        from rau_ray.models.profiles import ModelConfig
-
         return self._once("cfg", lambda: from_dict(ModelConfig, self.spec["model"], "eval model config"))
 
     def checkpoint(self, kind: str):
-        from rau_ray.models.checkpoint import read_checkpoint
-
         path = self.spec["checkpoints"].get(kind)
         return None if path is None else self._once(f"ck:{kind}", lambda: read_checkpoint(path, kind=kind))
 
     def policy(self, kind: str):
-        from rau_ray.models.checkpoint import load_policy_checkpoint
-
         return self._once(f"policy:{kind}", lambda: load_policy_checkpoint(self.checkpoint(kind), self.spec["device"]))
 
     def embedder(self):
-        from rau_ray.models.retrieval import Embedder
-
         return self._once("embedder", lambda: Embedder(self.model_config().retrieval, device=self.spec["device"]))
 
     def retriever(self, dataset: str):
         """A RAUModel shell holding only the dataset's bank: ``retrieve`` as the model itself does it."""
-        from rau_ray.models.rau import RAUModel
-        from rau_ray.models.retrieval import ReferenceBank
-
         def build():
             bank = ReferenceBank.load(self.spec["banks"][dataset], self.embedder())
             return RAUModel(self.model_config(), None, None, self.embedder(), bank)
@@ -200,8 +212,6 @@ class EvalWorker:
         return self._once(f"retriever:{dataset}", build)
 
     def rau(self):
-        from rau_ray.models.rau import RAUModel
-
         def build():
             seg = self.checkpoint("seg")
             which = self.spec["seg_policy"]
@@ -211,22 +221,15 @@ class EvalWorker:
         return None if self.checkpoint("seg") is None else self._once("rau", build)
 
     def video_predictor(self):
-        from rau_ray.models.sam2_builder import build_video_predictor
-
         return self._once("video", lambda: build_video_predictor(replace(self.model_config().sam2,
                                                                           device=self.spec["device"])))
 
     def cbam(self):
-        from rau_ray.models.checkpoint import load_cbam_checkpoint
-        from rau_ray.models.sam2_builder import predictor_for
-
         ck = self.checkpoint("cbam")
         return None if ck is None else self._once("cbam", lambda: predictor_for(
             load_cbam_checkpoint(ck, self.spec["device"])))
 
     def memref(self):
-        from rau_ray.models.checkpoint import load_memref_checkpoint
-
         ck = self.checkpoint("memref")
         return None if ck is None else self._once("memref", lambda: load_memref_checkpoint(ck, self.spec["device"]))
 
@@ -250,8 +253,6 @@ class EvalWorker:
 
     # -- labeling ----------------------------------------------------------------------------------------------------
     def label(self, item: dict) -> list[dict]:
-        from rau_ray.data.tasks import label_boxes
-
         row, image, label = self.sample(item["manifest"], item["target"])
         regions = label_boxes(label, row.label_names)
         policies = [k for k in ("sft", "grpo") if self.spec["checkpoints"].get(k)]
@@ -278,8 +279,6 @@ class EvalWorker:
     def _ground(self, kind: str, ref, image, modality: str, ref_boxes: dict) -> list:
         """The ground task for every structure the reference shows, present in the target or not (then the right
         answer is ``null``): [[structure, box in target pixels or None, answer valid]]."""
-        from rau_ray.models import pipeline
-
         processor = self.policy(kind).processor
         questions = [pipeline.ask(processor, "ground", image, ref.image, ref_boxes, structure=s, modality=modality,
                                   reference_modality=ref.modality) for s in ref_boxes]
@@ -304,10 +303,6 @@ class EvalWorker:
         """The policy's all-boxes answer ([[label, box]] in target pixels, None when malformed) and, for the
         transport rows (GRPO), its grounding answers to every label transport leaves doubtful (the re-ask
         fallback of ``matching.assign_with_fallback``; which labels those are does not depend on the answers)."""
-        from rau_ray.eval.matching import MatchConfig, assign_with_fallback
-        from rau_ray.eval.tables import match_available
-        from rau_ray.models import pipeline
-
         processor, ref_boxes, budget = self.policy(kind).processor, rec["ref_boxes"], self._budget(kind)
         q = pipeline.ask(processor, "all_boxes", image, ref.image, ref_boxes, modality=modality,
                          reference_modality=ref.modality)
@@ -334,9 +329,6 @@ class EvalWorker:
         """The policy's label answers to each region, seconds per answer, and per answer the relative-position
         statements of its ``<think>`` [made, true] (``eval.reasoning``; the target's regions and the reference's
         boxes decide)."""
-        from rau_ray.eval import reasoning
-        from rau_ray.models import pipeline
-
         policy = self.policy(kind)
         ref_boxes = label_boxes_of(ref)
         questions = [pipeline.ask(policy.processor, "label", image, ref.image, ref_boxes, region=b, modality=modality,
@@ -356,10 +348,6 @@ class EvalWorker:
 
     # -- segmentation ------------------------------------------------------------------------------------------------
     def segment(self, item: dict) -> list[dict]:
-        from rau_ray.eval.metrics import mask_to_box
-        from rau_ray.models.memory_ref import memory_ref_baseline
-        from rau_ray.models.sam2_builder import embed_image, predict_with_prompts
-
         row, image, label = self.sample(item["manifest"], item["target"])
         by_name = {v: k for k, v in row.label_names.items()}
         tgt_u8 = _u8(image, row.modality)
@@ -370,7 +358,7 @@ class EvalWorker:
         for s in item["structures"]:
             truth = label == by_name[s]
             rec = {"kind": "segment", "dataset": item["dataset"], "manifest": item["manifest"], "target": row.id,
-                   "subject": row.subject, "structure": s, "spacing": list(row.spacing), "truth": truth, "reference": None, "error": None,
+                   "subject": row.subject, "structure": s, "spacing": list(row.spacing), "truth": truth, "reference": None, "error": None,  # noqa: E501
                    "preds": {}}
             methods = (["SAM2-Memory-Ref"] + (["SAM2-Memory-Ref-SFT"] if memref else []) + (["VLM+SAM2"] if rau else [])
                        + (["CBAM-LoRA SAM2 (box)"] if cbam else []))
@@ -420,10 +408,6 @@ class EvalWorker:
 
     # -- 3D ----------------------------------------------------------------------------------------------------------
     def volume(self, item: dict) -> list[dict]:
-        from rau_ray.data import formats
-        from rau_ray.data.importers import axial_slice, read_dataset_json, to_display
-        from rau_ray.models.memory_ref import propagate_volume
-
         spec = read_dataset_json(item["dataset_json"])
         case = next(c for c in spec.cases if c.id == item["case"])
         image, spacing, _ = formats.read_nifti(case.image)
@@ -451,8 +435,6 @@ class EvalWorker:
 
 
 def label_boxes_of(ref) -> dict:
-    from rau_ray.data.tasks import label_boxes
-
     return label_boxes(ref.label, ref.names)
 
 
@@ -480,8 +462,6 @@ class Plan:
 
 
 def resolve_checkpoints(cfg: EvalConfig) -> dict:
-    from rau_ray.models.checkpoint import check_pair, read_checkpoint
-
     found: dict = {}
     for kind in KINDS:
         path = getattr(cfg, kind)
@@ -512,8 +492,6 @@ def _dataset_names(paths: list[Path]) -> list[str]:
 
 def _training_sources(cks: dict) -> set[str]:
     """The manifest ``source`` values (e.g. "phantom:ct-abdomen") the checkpoints' training manifests hold."""
-    from rau_ray.data.manifest import read_manifest
-
     sources: set[str] = set()
     for ck in cks.values():
         trained = ck.config.get("manifest")
@@ -524,11 +502,6 @@ def _training_sources(cks: dict) -> set[str]:
 
 def plan_eval(cfg: EvalConfig) -> Plan:
     """Datasets, held-out targets, work items; checks the checkpoints were not trained on the targets' split."""
-    from rau_ray.data.importers import read_dataset_json
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.data.tasks import label_boxes
-    from rau_ray.models.checkpoint import combined_config
-
     cfg.validate()
     cks = resolve_checkpoints(cfg)
     policy_ck = cks.get("grpo") or cks.get("sft")
@@ -537,8 +510,6 @@ def plan_eval(cfg: EvalConfig) -> Plan:
     else:
         model = policy_ck.model_config() if policy_ck else None
     if model is None:
-        from rau_ray.models.profiles import get_profile
-
         model = (cks["cbam"].model_config() if "cbam" in cks else get_profile(cfg.profile))
     paths = []
     for m in cfg.manifests:
@@ -617,8 +588,6 @@ def _worker_spec(plan: Plan) -> dict:
 
 # -- running -----------------------------------------------------------------------------------------------------------
 def _build_banks(plan: Plan, out: Path, backend: str) -> None:
-    from rau_ray.models.retrieval import ReferenceBank
-
     for ds in plan.datasets:
         bank = ReferenceBank.build(ds.manifest, plan.model.retrieval, split=ds.reference_split, backend=backend,
                                    progress=backend == "ray")
@@ -626,8 +595,6 @@ def _build_banks(plan: Plan, out: Path, backend: str) -> None:
 
 
 def _recall(bank_dir: str, retrieval_cfg, manifest: str, split: str) -> dict:
-    from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k
-
     embedder = Embedder(retrieval_cfg)
     return recall_at_k(ReferenceBank.load(bank_dir, embedder), embedder, manifest, split=split)
 
@@ -645,9 +612,8 @@ def retrieval_recall(plan: Plan, backend: str) -> dict:
     """recall@1/@5 per dataset (``recall_at_k``: same modality, nearest pose), one Ray task each."""
     if backend == "local":
         return {ds.name: _recall(ds.bank, plan.model.retrieval, ds.manifest, plan.cfg.split) for ds in plan.datasets}
-    from rau_ray import ray_session
 
-    ray = ray_session.connect()
+    ray_session.connect()
     task = ray.remote(_recall).options(num_cpus=1, runtime_env=_ray_env() or None)
     refs = {ds.name: task.remote(ds.bank, plan.model.retrieval, ds.manifest, plan.cfg.split) for ds in plan.datasets}
     return {name: ray.get(ref) for name, ref in refs.items()}
@@ -655,8 +621,6 @@ def retrieval_recall(plan: Plan, backend: str) -> dict:
 
 def predict_all(plan: Plan, worker_cls=EvalWorker, progress: bool = True) -> list[dict]:
     """Every item through the model actors (Ray Data map_batches) or one in-process worker: prediction records."""
-    from tqdm import tqdm
-
     spec = _worker_spec(plan)
     items = plan.items
     records: list[dict] = []
@@ -667,11 +631,8 @@ def predict_all(plan: Plan, worker_cls=EvalWorker, progress: bool = True) -> lis
                 records += worker.run(item)
                 bar.update(1)
             return records
-        from rau_ray import ray_session
 
-        ray = ray_session.connect()
-        import ray.data
-
+        ray_session.connect()
         ray.data.DataContext.get_current().enable_progress_bars = False  # this bar counts items instead
         cfg = plan.cfg
         slots = ray.cluster_resources().get("GPU", 0) if cfg.use_gpu else (ray_session.cluster_cpus()
@@ -690,8 +651,6 @@ def predict_all(plan: Plan, worker_cls=EvalWorker, progress: bool = True) -> lis
 
 def run_eval(cfg: EvalConfig, command: str | None = None, worker_cls=EvalWorker, progress: bool = True) -> dict:
     """Plan, build banks, measure recall, predict every item, write the report; returns its summary."""
-    from rau_ray.eval import report
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     plan = plan_eval(cfg)
@@ -724,8 +683,6 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args) -> EvalConfig:
-    from rau_ray.config import from_dict, load_config
-
     overrides = {"manifests": args.manifest, "checkpoints": args.checkpoint, "out": args.out, "split": args.split,
                  "volumes": args.volumes, "max_targets": args.max_targets, "seg_structures": args.seg_structures,
                  "seed": args.seed, "profile": args.profile, "workers": args.workers, "backend": args.backend,
@@ -742,8 +699,6 @@ def config_from_args(args) -> EvalConfig:
 
 def main() -> None:
     """Entry point of ``jobs/eval.py``."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="Ray job: evaluation report (rau_ray.eval.evaluate).")
     add_arguments(parser)
     args = parser.parse_args()

@@ -33,8 +33,8 @@ unassigned for every method (``independent`` too: a box whose nearest prototype 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import ot

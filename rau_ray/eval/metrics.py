@@ -9,7 +9,7 @@ Use: ``dice(pred_mask, gt_mask)``, ``hd95(pred_mask, gt_mask, spacing=(2.0, 0.8,
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike

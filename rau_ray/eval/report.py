@@ -20,10 +20,18 @@ import platform
 import subprocess
 from pathlib import Path
 
+import matplotlib
+import matplotlib.patches as patches
 import numpy as np
+import torch
+from matplotlib import pyplot
+from matplotlib.colors import ListedColormap
 
 from rau_ray.atomic import atomic_write_figure, atomic_write_text
+from rau_ray.data.manifest import Manifests
 from rau_ray.eval import tables as T
+from rau_ray.eval.metrics import mask_to_box
+from rau_ray.models.prompts import to_pil
 
 COLOURS = {"SFT": "#8da0cb", "GRPO": "#66c2a5", "OT (boxes only)": "#b3b3b3", "GRPO+OT": "#fc8d62",
            "GRPO+FGW": "#e78ac3", "SFT boxes": "#c6d0e6", "GRPO boxes": "#b3e2d3",
@@ -41,8 +49,6 @@ def _git_commit() -> str | None:
 
 
 def _device() -> str:
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
 
@@ -155,7 +161,7 @@ def markdown_tables(t: dict, hdr: dict) -> str:
                          "HD95 (mm)", "box IoU",
                          "empty masks", "failed"], rows))
     parts.append("\nDice, box IoU: means over items (Dice's interval: bootstrap over subjects); gIoU: mean "
-                 "per-item IoU; cIoU: summed intersections over summed unions. HD95: mean over items where both masks are non-empty (an empty mask has no surface; "
+                 "per-item IoU; cIoU: summed intersections over summed unions. HD95: mean over items where both masks are non-empty (an empty mask has no surface; "  # noqa: E501
                  "'empty masks' counts them). 'failed': no reference found (scored as an empty mask). CBAM-LoRA SAM2 "
                  "is prompted with the true box (an oracle prompt, as in interactive use).\n")
     if t["attention"]:
@@ -244,12 +250,8 @@ def header_markdown(hdr: dict) -> str:
 
 # -- pictures ----------------------------------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot
 
 
 def _save(fig, path: Path) -> Path:
@@ -260,20 +262,14 @@ class _Images:
     """Manifest images by id, as the models see them (CT windowed)."""
 
     def __init__(self):
-        from rau_ray.data.manifest import Manifests
-
         self._manifests = Manifests()
 
     def get(self, manifest: str, row_id: str):
-        from rau_ray.models.prompts import to_pil
-
         row, image, label = self._manifests.sample(manifest, row_id)
         return np.asarray(to_pil(image, row.modality)), label, row
 
 
 def _box(ax, box, colour, dashed=False):
-    import matplotlib.patches as patches
-
     if box is not None:
         x1, y1, x2, y2 = box
         ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, lw=1.2, ec=colour,
@@ -281,8 +277,6 @@ def _box(ax, box, colour, dashed=False):
 
 
 def _overlay(ax, image, pred=None, truth=None, title=""):
-    from matplotlib.colors import ListedColormap
-
     ax.imshow(image, cmap="gray")
     if pred is not None and pred.any():
         ax.imshow(np.ma.masked_where(~pred, pred), cmap=ListedColormap(["red"]), alpha=0.45, vmin=0, vmax=1)
@@ -317,8 +311,6 @@ def draw_gallery(cases, path: Path, images: _Images) -> Path | None:
     for row_axes, (r, s) in zip(axes, cases):
         image, _, _ = images.get(r["manifest"], r["target"])
         truth = np.asarray(r["truth"], bool)
-        from rau_ray.eval.metrics import mask_to_box
-
         _overlay(row_axes[0], image, None, truth, f"{r['dataset']}: {r['target']}\n{r['structure']} (truth)")
         _box(row_axes[0], mask_to_box(truth), "lime", dashed=True)
         if r.get("reference"):

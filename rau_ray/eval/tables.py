@@ -33,6 +33,7 @@ import math
 from collections import defaultdict
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from rau_ray.eval import metrics
 from rau_ray.eval.matching import MatchConfig, assign, assign_with_fallback
@@ -70,8 +71,6 @@ def _nan_to_none(x):
 def match_regions(entries: list, regions: list[dict], min_iou: float = MATCH_IOU) -> list[str | None]:
     """The label each true region gets from labelled predicted boxes ``entries`` [(label, box)]: one-to-one
     (Hungarian on IoU), a pair counting only at ``min_iou`` or more; None for a region no box matches."""
-    from scipy.optimize import linear_sum_assignment
-
     out: list[str | None] = [None] * len(regions)
     if not entries or not regions:
         return out
@@ -277,7 +276,7 @@ def segmentation_table(records: list[dict], scores: list[dict] | None = None) ->
 
     Dice / box IoU: means over items (Dice with a 95 % bootstrap interval over subjects); gIoU: mean of per-item IoU; cIoU: summed intersections over summed unions
     (``metrics.giou`` / ``metrics.ciou``); HD95: mean over items where both masks are non-empty, "hd95_inf" counts
-    the others (an empty prediction has no surface)."""
+    the others (an empty prediction has no surface)."""  # noqa: E501
     recs = [r for r in records if r["kind"] == "segment"]
     scores = scores if scores is not None else [score_segment(r) for r in recs]
     grouped: dict = defaultdict(lambda: defaultdict(list))

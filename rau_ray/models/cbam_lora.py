@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 
@@ -70,8 +71,6 @@ class CBAMLoRAConfig:
 
 def add_cbam_lora(sam2_model, cfg: CBAMLoRAConfig = CBAMLoRAConfig()):
     """Freeze SAM2, add LoRA (peft) to the trunk's attention and CBAM after the neck. Returns the same model."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     for p in sam2_model.parameters():
         p.requires_grad = False
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules)

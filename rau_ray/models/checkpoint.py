@@ -17,15 +17,25 @@ Use: ``ck = read_checkpoint("runs/train/sft")``; ``policy = load_policy_checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from rau_ray import storage
 from rau_ray.errors import ConfigError, DataError, RauError
+from rau_ray.models.cbam_lora import add_cbam_lora
+from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.policy import load_policy
+from rau_ray.models.pretrained import weights_root
+from rau_ray.models.profiles import get_profile, model_config_from
+from rau_ray.models.sam2_builder import build_sam2_model
 
 # the names rau_ray.train.run writes (models never import train)
 WEIGHTS = "weights.safetensors"
@@ -52,8 +62,6 @@ class Checkpoint:
 
     def model_config(self):
         """The ModelConfig the job trained (profile + its overrides; cbam's decoder flag as the job set it)."""
-        from rau_ray.models.profiles import model_config_from
-
         cfg = model_config_from(self.model_section, f"{self.path / STATE}: model")
         if self.kind == "cbam":
             cfg = replace(cfg, cbam_lora=replace(cfg.cbam_lora, train_mask_decoder=bool(
@@ -110,8 +118,6 @@ SHIPPED = "shipped:"  # shipped:<name>: the checkpoint the project ships in weig
 
 def shipped_root() -> Path:
     """Where shipped checkpoints live: ``rau/`` beside the shipped tiny backbones ($RAU_WEIGHTS, else weights/tiny)."""
-    from rau_ray.models.pretrained import weights_root
-
     return weights_root() / "rau"
 
 
@@ -157,9 +163,6 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 def read_checkpoint(source: str | os.PathLike, kind: str | None = None) -> Checkpoint:
     """Read a checkpoint (or a run's latest); ``kind`` given: a ConfigError when the folder holds another kind."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = resolve_checkpoint(source)
     try:
         state = json.loads((folder / STATE).read_text())
@@ -192,8 +195,6 @@ def _check_names(weights: dict, expected: dict, where: str) -> None:
 
 def load_adapter_weights(policy, weights: dict[str, torch.Tensor], where: str) -> None:
     """A saved adapter (LoRA + trainable <Seg> rows) into the policy's ``default`` adapter, every name checked."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
     _check_names(weights, get_peft_model_state_dict(policy.model), where)
     set_peft_model_state_dict(policy.model, weights)
 
@@ -201,8 +202,6 @@ def load_adapter_weights(policy, weights: dict[str, torch.Tensor], where: str) -
 def weights_digest(ck: Checkpoint) -> str:
     """The first 16 hex digits of the sha256 of the checkpoint's weights file: what names a trained policy wherever
     its folder is copied (a segmenter records the digest of the policy it learned from)."""
-    import hashlib
-
     if not ck.digest:
         h = hashlib.sha256()
         with open(ck.path / WEIGHTS, "rb") as f:
@@ -258,8 +257,6 @@ def recorded_policy(path: str, sha256: str | None, where: str) -> Checkpoint:
 def load_policy_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu", model_cfg=None):
     """The policy (Qwen2.5-VL + LoRA) of an sft / grpo checkpoint, or the one a seg checkpoint trained with (its
     recorded ``policy_checkpoint``, whose digest must still match; its own adapter when it trained one)."""
-    from rau_ray.models.policy import load_policy
-
     if ck.kind == "cbam":
         raise ConfigError(f"{ck.source}: a cbam checkpoint holds no policy")
     cfg = model_cfg or ck.model_config()
@@ -281,9 +278,6 @@ def load_policy_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu", m
 
 def load_segmenter_checkpoint(ck: Checkpoint, device: str = "cpu"):
     """RAU's segmenter (SAM2 + projector + memory fusion) of a seg checkpoint, trained parts loaded."""
-    from rau_ray.models.fusion import RAUSegmenter
-    from rau_ray.models.sam2_builder import build_sam2_model
-
     if ck.kind != "seg":
         raise ConfigError(f"{ck.source}: a {ck.kind} checkpoint, not a segmenter (seg, mode rau) one")
     cfg = ck.model_config()
@@ -298,9 +292,6 @@ def load_segmenter_checkpoint(ck: Checkpoint, device: str = "cpu"):
 def load_cbam_checkpoint(ck: Checkpoint, device: str = "cpu"):
     """SpinalSAM-R1's SAM2 with CBAM + LoRA (mode cbam-lora), trained parts loaded; prompt it with
     ``predictor_for(model)`` as any SAM2."""
-    from rau_ray.models.cbam_lora import add_cbam_lora
-    from rau_ray.models.sam2_builder import build_sam2_model
-
     if ck.kind != "cbam":
         raise ConfigError(f"{ck.source}: a {ck.kind} checkpoint, not a cbam-lora segmenter one")
     cfg = ck.model_config()
@@ -315,9 +306,6 @@ def load_cbam_checkpoint(ck: Checkpoint, device: str = "cpu"):
 def load_memref_checkpoint(ck: Checkpoint, device: str = "cpu"):
     """SAM2-Memory-Ref-SFT (seg mode memory-ref): the RAUSegmenter with its fine-tuned decoder, used with
     ``seg_hidden=None`` (``predict(target, None, memory)``)."""
-    from rau_ray.models.fusion import RAUSegmenter
-    from rau_ray.models.sam2_builder import build_sam2_model
-
     if ck.kind != "memref":
         raise ConfigError(f"{ck.source}: a {ck.kind} checkpoint, not a memory-ref segmenter one")
     cfg = ck.model_config()
@@ -330,8 +318,6 @@ def load_memref_checkpoint(ck: Checkpoint, device: str = "cpu"):
 def combined_config(policy: Checkpoint | None = None, segmenter: Checkpoint | None = None, profile: str = "tiny"):
     """One ModelConfig for a policy checkpoint and a segmenter checkpoint used together: the segmenter's (its SAM2 and
     fusion), with the policy checkpoint's policy section; either alone: its own; neither: ``profile``."""
-    from rau_ray.models.profiles import get_profile
-
     check_pair(policy, segmenter)
     if segmenter is not None:
         cfg = segmenter.model_config()

@@ -7,9 +7,20 @@ PyTorch's ``meta`` device (exact counts, no memory), SAM2.1 hiera-large randomly
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
+from peft import LoraConfig, get_peft_model
+from sam2.build_sam import build_sam2
+from transformers import Dinov2Config, Dinov2Model, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from rau_ray.models.cbam_lora import add_cbam_lora
+from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import ModelConfig
+from rau_ray.models.retrieval import Embedder
+from rau_ray.models.sam2_builder import build_sam2_model
 
 # Published architecture of Qwen/Qwen2.5-VL-7B-Instruct (its config.json), for counting without the weights.
 QWEN25_VL_7B = {
@@ -26,10 +37,6 @@ QWEN25_VL_7B = {
 
 def _available(name: str) -> bool:
     """Weights that are here (tiny, a local folder, the Hugging Face cache): describing never downloads."""
-    from pathlib import Path
-
-    from huggingface_hub import try_to_load_from_cache
-
     return name == "tiny" or Path(name).expanduser().exists() or isinstance(
         try_to_load_from_cache(name, "config.json"), str)
 
@@ -41,9 +48,6 @@ def _counts(module: torch.nn.Module, source: str) -> dict:
 
 
 def _policy_architecture(cfg: ModelConfig) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B))
         model.resize_token_embeddings(QWEN25_VL_7B["text_config"]["vocab_size"] + 1, mean_resizing=False)
@@ -57,12 +61,6 @@ def _policy_architecture(cfg: ModelConfig) -> dict:
 
 def _sam2(cfg: ModelConfig):
     """A fresh SAM2: loaded when its checkpoint is here, else the architecture on the meta device."""
-    from pathlib import Path
-
-    from sam2.build_sam import build_sam2
-
-    from rau_ray.models.sam2_builder import build_sam2_model
-
     if cfg.sam2.checkpoint == "tiny" or Path(cfg.sam2.checkpoint).is_file():
         return build_sam2_model(cfg.sam2), "weights"
     model = build_sam2(cfg.sam2.config, None, device="cpu", hydra_overrides_extra=cfg.sam2.hydra_overrides())
@@ -70,13 +68,6 @@ def _sam2(cfg: ModelConfig):
 
 
 def describe(cfg: ModelConfig) -> dict:
-    from transformers import Dinov2Config, Dinov2Model
-
-    from rau_ray.models.cbam_lora import add_cbam_lora
-    from rau_ray.models.fusion import RAUSegmenter
-    from rau_ray.models.policy import load_policy
-    from rau_ray.models.retrieval import Embedder
-
     out: dict = {"profile": cfg.profile}
     if _available(cfg.retrieval.embedder):
         out["retrieval"] = _counts(Embedder(cfg.retrieval, device="cpu").model, "weights")

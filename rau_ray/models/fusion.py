@@ -91,7 +91,7 @@ class RAUSegmenter(nn.Module):
             p.requires_grad = name.startswith("sam_mask_decoder.") or (
                 cfg.train_memory_encoder and name.startswith("memory_encoder."))
 
-    def train(self, mode: bool = True) -> "RAUSegmenter":
+    def train(self, mode: bool = True) -> RAUSegmenter:
         """Frozen SAM2 parts stay in eval mode (SAM2's memory attention has dropout): training only what trains."""
         super().train(mode)
         self.sam.image_encoder.eval()
@@ -140,7 +140,7 @@ class RAUSegmenter(nn.Module):
                                        memory_pos=mem_pos.transpose(0, 1).expand(-1, b, -1), num_obj_ptr_tokens=0)
         return out.permute(1, 2, 0).reshape(b, c, h, w)
 
-    def memory_only(self) -> "RAUSegmenter":
+    def memory_only(self) -> RAUSegmenter:
         """SAM2-Memory-Ref-SFT: no ``<Seg>`` query (``seg_hidden=None`` everywhere); only the decoder trains."""
         self.projector.requires_grad_(False)
         self.fusion.requires_grad_(False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from rau_ray.models import prompts
 
 
@@ -71,8 +73,6 @@ def ask(processor, task: str, target, reference, reference_boxes: dict[str, list
 
 def seg_state(policy, question: Question, completion: str):
     """The first ``<Seg>`` hidden state of ``completion`` (teacher-forced by ``Question.forced``): (1, hidden)."""
-    import torch
-
     with torch.no_grad():
         return policy.seg_hidden_states(question.messages, question.forced(completion))[:1]
 

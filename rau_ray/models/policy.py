@@ -18,7 +18,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoProcessor,
+    BitsAndBytesConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    TokenizersBackend,
+)
 
+from rau_ray.config import from_dict
+from rau_ray.data.phantoms import PHANTOMS
+from rau_ray.data.scenes import KINDS, TONES
 from rau_ray.errors import ConfigError
 from rau_ray.models import pretrained, prompts
 
@@ -124,9 +139,6 @@ SCENE_WORDS = ("I see There is are a an the one two three four five shape shapes
 
 
 def _tiny_corpus() -> list[str]:
-    from rau_ray.data.phantoms import PHANTOMS
-    from rau_ray.data.scenes import KINDS, TONES
-
     names = [n for m in PHANTOMS.values() for n in m.LABELS.values()]
     example = {n: [10 * i, 20 + i, 30 + 10 * i, 90 + i] for i, n in enumerate(names)}
     text = [prompts.SYSTEM_PROMPT, *prompts.QUESTIONS.values(), json.dumps(example),
@@ -201,10 +213,6 @@ def _number_rows(model, tokenizer) -> None:
 
 
 def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, TokenizersBackend)
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -253,16 +261,11 @@ def _save_tiny(cfg: PolicyConfig, folder: Path) -> None:
 
 
 def _load_base(cfg: PolicyConfig, processor_source: str | Path | None = None):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
     cfg.validate()
     path = pretrained.resolve(cfg.model, "policy", lambda folder: _save_tiny(cfg, folder), tiny_spec(cfg),
                               init=cfg.init)
     kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
@@ -294,8 +297,6 @@ def _add_project_tokens(model, processor) -> int:
 
 
 def _lora_config(cfg: PolicyConfig, seg_id: int, tied: bool):
-    from peft import LoraConfig
-
     targets = "|".join(cfg.lora_targets)
     # peft's trainable tokens: only the <Seg> row of the input embedding (and of the output head, so the policy
     # can learn to *emit* <Seg>) trains, as a small delta saved with the adapter; the rest of the vocabulary stays
@@ -405,12 +406,8 @@ class Policy:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, trainable: bool = False) -> "Policy":
+    def load(cls, folder: str | Path, trainable: bool = False) -> Policy:
         """The base named in the saved config (rebuilt/found via ``resolve``) + the saved processor and adapter."""
-        from peft import PeftModel
-
-        from rau_ray.config import from_dict
-
         folder = Path(folder)
         saved = json.loads((folder / "policy_config.json").read_text())
         saved.setdefault("init", "random")  # saved before the pretrained base existed: trained on a random one
@@ -423,8 +420,6 @@ class Policy:
 
 def load_policy(cfg: PolicyConfig = TINY) -> Policy:
     """Base model + processor (tiny or real), the <Seg> token with resized embeddings, a fresh LoRA adapter."""
-    from peft import get_peft_model
-
     model, processor = _load_base(cfg)
     seg_id = _add_project_tokens(model, processor)
     model = get_peft_model(model, _lora_config(cfg, seg_id, _tied(model)))

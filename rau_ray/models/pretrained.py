@@ -17,8 +17,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from safetensors.torch import save_model
+
+from rau_ray.errors import ConfigError
+from rau_ray.storage import local_copy
 
 TINY = "tiny"
 INITS = ("pretrained", "random")  # a tiny component: the shipped pretrained weights, or a seeded random init
@@ -32,8 +37,6 @@ def weights_root() -> Path:
 
 
 def check_init(init: str, where: str) -> None:
-    from rau_ray.errors import ConfigError
-
     if init not in INITS:
         raise ConfigError(f"{where}.init must be one of {', '.join(INITS)}, not {init!r}")
 
@@ -41,8 +44,6 @@ def check_init(init: str, where: str) -> None:
 def shipped(kind: str, spec: dict) -> str:
     """The shipped pretrained tiny ``kind`` (a folder the hub-weights loader opens), after checking that it holds the
     architecture ``spec`` asks for; a clear ConfigError naming the folder otherwise."""
-    from rau_ray.errors import ConfigError
-
     folder = weights_root() / SHIPPED[kind]
     spec_file = folder / SPEC_FILE
     if not spec_file.is_file():
@@ -65,8 +66,6 @@ def save_tiny_weights(model, folder: Path) -> None:
     """``save_pretrained``'s files (config, generation config, model.safetensors) on any rank: inside an initialised
     process group transformers writes weights on global rank 0 only, and a tiny model is built wherever it is
     first needed — a Ray Train worker of any rank, on any node."""
-    from safetensors.torch import save_model
-
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
@@ -82,8 +81,6 @@ def resolve(name: str, kind: str, build_tiny: Callable[[Path], None], spec: dict
     cache), or a hub id; returns what the loader should open. For "tiny", ``init`` picks the shipped pretrained
     weights (``spec``: the architecture they must have) or a random init built once into the cache."""
     if "://" in name:
-        from rau_ray.storage import local_copy
-
         return str(local_copy(name, kind))
     if name != TINY:
         return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name

@@ -9,7 +9,11 @@ Use: ``cfg = get_profile("tiny")`` or ``load_model_config("jobs/configs/model-ti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import yaml
+
+from rau_ray.config import from_dict
 from rau_ray.errors import ConfigError
 from rau_ray.models import cbam_lora, fusion, policy, retrieval, sam2_builder
 
@@ -52,8 +56,6 @@ def model_config_from(data: dict | None, where: str = "model") -> ModelConfig:
     """``profile`` picks the base, every other key overrides that base's fields (nested per component).
 
     Job configs carry this as their ``model:`` section: ``{profile: tiny, policy: {lora_rank: 32}}``."""
-    from rau_ray.config import from_dict
-
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     data = dict(data or {})
@@ -70,10 +72,6 @@ def model_config_from(data: dict | None, where: str = "model") -> ModelConfig:
 
 def load_model_config(path) -> ModelConfig:
     """A YAML file holding a ``model_config_from`` mapping."""
-    from pathlib import Path
-
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

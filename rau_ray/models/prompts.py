@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from rau_ray.data import formats
 
@@ -47,8 +48,6 @@ def to_pil(image, modality: str = "CT", window="abdomen") -> Image.Image:
 
 def resized_size(height: int, width: int, processor) -> tuple[int, int]:
     """(height, width) the processor resizes an image to (Qwen2-VL smart_resize)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
     size = getattr(ip, "size", None) or {}

@@ -16,7 +16,7 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from rau_ray.data.manifest import ManifestRow, read_manifest
 from rau_ray.data.tasks import label_boxes
 from rau_ray.errors import ConfigError, DataError
+from rau_ray.models import checkpoint as ckpt
 from rau_ray.models import pipeline, prompts
 from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.losses import dice_loss, focal_dice_loss  # noqa: F401  (dice_loss: re-exported)
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.retrieval import Embedder, ReferenceBank
 from rau_ray.models.sam2_builder import ImageEmbedding, build_sam2_model
-from rau_ray.models.losses import dice_loss, focal_dice_loss  # noqa: F401  (dice_loss: re-exported)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class RAUModel:
         self.checkpoints: list[dict] = []  # provenance of the loaded checkpoints (from_checkpoint)
 
     @classmethod
-    def build(cls, cfg: ModelConfig, bank_dir: str | None = None) -> "RAUModel":
+    def build(cls, cfg: ModelConfig, bank_dir: str | None = None) -> RAUModel:
         cfg.validate()
         embedder = bank = None
         if bank_dir is not None:
@@ -85,17 +86,13 @@ class RAUModel:
 
     @classmethod
     def from_checkpoint(cls, policy=None, segmenter=None, bank_dir: str | None = None, profile: str = "tiny",
-                        device: str = "cpu") -> "RAUModel":
+                        device: str = "cpu") -> RAUModel:
         """The model training produced: ``policy`` an sft/grpo checkpoint (or run folder), ``segmenter`` a seg
         (mode rau) one; each rebuilt from the config it was trained with and loaded strictly (``models.checkpoint``).
 
         Without ``policy`` the policy is the one the segmenter trained with (its own adapter if it trained one);
         without ``segmenter`` the segmenter's projector and fusion are untrained. Either may be a path or a
         ``Checkpoint`` already read."""
-        from dataclasses import replace
-
-        from rau_ray.models import checkpoint as ckpt
-
         p = ckpt.read_checkpoint(policy) if isinstance(policy, (str, os.PathLike)) else policy
         s = ckpt.read_checkpoint(segmenter, kind="seg") if isinstance(segmenter, (str, os.PathLike)) else segmenter
         if p is not None and p.kind not in ("sft", "grpo"):

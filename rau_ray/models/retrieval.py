@@ -16,6 +16,8 @@ Use: ``bank = ReferenceBank.build("data/ct/manifest.jsonl", TINY); bank.search(E
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -23,10 +25,16 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from tqdm import tqdm
+from transformers import AutoImageProcessor, AutoModel, BitImageProcessor, Dinov2Config, Dinov2Model
 
+from rau_ray import ray_session, storage
 from rau_ray.atomic import atomic_write_text
+from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.manifest import read_manifest
 from rau_ray.errors import ConfigError, DataError, RauError
 from rau_ray.models import pretrained, prompts
@@ -99,8 +107,6 @@ def embedder_id(cfg: RetrievalConfig, dim: int) -> str:
 
 def _shipped_digest(cfg: RetrievalConfig) -> str:
     """First 12 hex digits of the shipped weights' sha256 (a re-pretrained model gets another id), "none" without."""
-    import hashlib
-
     path = pretrained.weights_root() / pretrained.SHIPPED["dinov2"] / "model.safetensors"
     try:
         stat = path.stat()
@@ -118,8 +124,6 @@ _DIGESTS: dict = {}
 def tiny_model(cfg: RetrievalConfig):
     """A random-initialised tiny ``Dinov2Model`` (seeded with ``cfg.seed``): the init of ``init: random`` and of
     the self-supervised pretraining (``rau_ray.train.pretrain_dino``)."""
-    from transformers import Dinov2Config, Dinov2Model
-
     torch.manual_seed(cfg.seed)
     return Dinov2Model(Dinov2Config(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                                     num_attention_heads=cfg.num_heads, intermediate_size=2 * cfg.hidden_size,
@@ -128,8 +132,6 @@ def tiny_model(cfg: RetrievalConfig):
 
 def tiny_processor(cfg: RetrievalConfig):
     """DINOv2's own normalisation; resize straight to the square input (phantoms are already square)."""
-    from transformers import BitImageProcessor
-
     return BitImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}, do_center_crop=False,
                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
@@ -141,9 +143,6 @@ def _save_tiny(cfg: RetrievalConfig, folder: Path) -> None:
 
 def _load_model(path: str):
     """``AutoModel.from_pretrained``; a damaged weights file is a DataError naming it (not a safetensors trace)."""
-    from safetensors import SafetensorError
-    from transformers import AutoModel
-
     try:
         return AutoModel.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
@@ -159,8 +158,6 @@ class Embedder:
     """DINOv2 image embeddings, L2-normalised float32 (N, dim); built once per process/worker/replica."""
 
     def __init__(self, cfg: RetrievalConfig = TINY, device: str | None = None):
-        from transformers import AutoImageProcessor
-
         cfg.validate()
         path = pretrained.resolve(cfg.embedder, "dinov2", lambda folder: _save_tiny(cfg, folder), tiny_spec(cfg),
                                   init=cfg.init)
@@ -169,7 +166,7 @@ class Embedder:
         self._setup(cfg, _load_model(path).to(device), AutoImageProcessor.from_pretrained(path), device)
 
     @classmethod
-    def from_model(cls, model, processor, cfg: RetrievalConfig, device: str = "cpu") -> "Embedder":
+    def from_model(cls, model, processor, cfg: RetrievalConfig, device: str = "cpu") -> Embedder:
         """An Embedder around a model in memory (a training run's, validating as retrieval will use it)."""
         self = cls.__new__(cls)
         self._setup(cfg, model, processor, device, freeze=False)
@@ -234,23 +231,17 @@ def _is_gpu(index) -> bool:
 
 def _to_device(index):
     """A faiss GPU index when faiss was built with GPU support (the `gpu` extra) and a GPU is visible, else as is."""
-    import faiss
-
     if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0:
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
 
 
 def _to_cpu(index):
-    import faiss
-
     return faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
 
 
 def _new_index(kind: str, dim: int, expected: int, exact_below: int):
     """(faiss index, kind). Only Flat goes to the GPU: faiss has no GPU HNSW, and IVF is trained on first add."""
-    import faiss
-
     if kind == "auto":
         kind = "flat" if expected < exact_below else "hnsw"
     if kind == "flat":
@@ -263,8 +254,6 @@ def _new_index(kind: str, dim: int, expected: int, exact_below: int):
 
 
 def _new_ivf(dim: int, nlist: int):
-    import faiss
-
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.nprobe = min(nlist, 16)  # lists scanned a query: recall vs speed
     return index
@@ -277,8 +266,6 @@ def _search_params(index, sel):
     index's settings (SearchParametersIVF.nprobe = 1, SearchParametersHNSW.efSearch = 16), so they are copied.
     GPU indexes accept the argument but (faiss 1.x GpuIndexFlat) ignore the selector: over-fetch there instead.
     """
-    import faiss
-
     if _is_gpu(index):
         return None
     if isinstance(index, faiss.IndexIVF):
@@ -300,17 +287,15 @@ class ReferenceBank:
 
     @classmethod
     def empty(cls, embedder_id: str, dim: int, index: str = "flat", expected: int = 0,
-              exact_below: int = TINY.exact_below, min_similarity: float = TINY.min_similarity) -> "ReferenceBank":
+              exact_below: int = TINY.exact_below, min_similarity: float = TINY.min_similarity) -> ReferenceBank:
         idx, kind = _new_index(index, dim, expected, exact_below)
         return cls(idx, [], {"embedder": embedder_id, "dim": dim, "index": kind, "count": 0, "metric": "cosine"},
                    min_similarity)
 
     @classmethod
     def build(cls, manifest_path: str | Path, cfg: RetrievalConfig = TINY, split: str | None = "train",
-              backend: str = "ray", progress: bool = True) -> "ReferenceBank":
+              backend: str = "ray", progress: bool = True) -> ReferenceBank:
         """Embed the manifest's rows of ``split`` (all rows if None), on Ray tasks or in-process."""
-        from tqdm import tqdm
-
         cfg.validate()
         if backend not in ("ray", "local"):
             raise ValueError(f"backend must be 'ray' or 'local', not {backend!r}")
@@ -356,8 +341,6 @@ class ReferenceBank:
         pass -1 to disable. Filters run inside faiss (IDSelectorBatch) where the index honours them, else on an
         over-fetched top list; results are always re-checked, and a query left with fewer than k is answered exactly.
         """
-        import faiss
-
         q = np.ascontiguousarray(np.asarray(query, np.float32))
         single = q.ndim == 1
         q = q.reshape(1, -1) if single else q
@@ -397,8 +380,6 @@ class ReferenceBank:
 
     def _exact(self, q: np.ndarray, ids: np.ndarray, k: int, chunk: int = 65_536) -> list[list[tuple[int, float]]]:
         """Exact top-k of ``q`` among ``ids``, vectors read back from the index a chunk at a time."""
-        import faiss
-
         if isinstance(self.index, faiss.IndexIVF) and self.index.direct_map.no():
             self.index.make_direct_map()  # IVF reconstructs by id only through a direct map
         top_s, top_i = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
@@ -418,10 +399,6 @@ class ReferenceBank:
     def save(self, folder: str | Path) -> Path | str:
         """Write the three files, each atomically; bank.json last, so a complete bank.json means a complete bank.
         A remote URI (``s3://``, ``gs://``): written to a temp folder, then uploaded, bank.json last."""
-        import faiss
-
-        from rau_ray import storage
-
         if storage.is_remote(folder):
             with tempfile.TemporaryDirectory(prefix="rau-bank-") as tmp:
                 self.save(tmp)
@@ -441,13 +418,9 @@ class ReferenceBank:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, embedder: Embedder | None = None) -> "ReferenceBank":
+    def load(cls, folder: str | Path, embedder: Embedder | None = None) -> ReferenceBank:
         """Open a saved bank (a folder, or a URI downloaded once into the local cache: ``storage.local_copy``); with
         ``embedder``, refuse a bank built by a different one (ConfigError)."""
-        import faiss
-
-        from rau_ray import storage
-
         if storage.is_remote(folder) and not storage.is_file(storage.join(folder, "bank.json"), "bank_dir"):
             raise DataError(f"{storage.join(folder, 'bank.json')}: missing; {folder} is not a reference bank "
                             f"(`rau index build --out {folder}`), or its upload has not finished")
@@ -465,7 +438,7 @@ class ReferenceBank:
         path = folder / "metadata.jsonl"
         rows, lineno = [], 0
         try:
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):  # noqa: B007
                 if line.strip():
                     rows.append(json.loads(line))
                     if not isinstance(rows[-1], dict):
@@ -490,8 +463,6 @@ class ReferenceBank:
 
 def _embed_on_ray(cfg: RetrievalConfig, manifest_path: str, ids: list[str], bar) -> np.ndarray:
     """Chunks of rows on Ray tasks (one CPU, one Embedder each); results put back in manifest order."""
-    from rau_ray import ray_session
-
     ray = ray_session.connect()
     chunk = max(cfg.batch_size, math.ceil(len(ids) / (2 * ray_session.cluster_cpus())))  # ~2 tasks a CPU
     options = {"num_cpus": 1}
@@ -543,3 +514,51 @@ def recall_at_k(bank: ReferenceBank, embedder: Embedder, manifest_path: str | Pa
                                          for r in same)
     n = len(queries)
     return {"queries": n, **{key: round(v / n, 4) for key, v in hits.items()}, "below_threshold": round(below / n, 4)}
+
+
+def phantom_bank(out: str | Path, subjects: int = 6, size: int = 128, seed: int = 0) -> str:
+    """A small CT phantom dataset (``out/ct``) and the tiny reference bank over all of it (``out/bank``), built
+    in-process (no Ray tasks); returns the bank folder. What the serving app's Retriever builds at start-up for
+    ``bank_dir: null`` (serve_configs/local.yaml), and what a demo or test needing a bank without a pipeline uses."""
+    data = os.path.join(out, "ct")
+    make_dataset(MakeConfig("ct-abdomen", n=subjects, out=data, size=size, seed=seed, slices_per_subject=4),
+                 backend="local", progress=False)
+    bank = ReferenceBank.build(os.path.join(data, "manifest.jsonl"), TINY, split=None, backend="local", progress=False)
+    bank.save(os.path.join(out, "bank"))
+    return os.path.join(out, "bank")
+
+
+@functools.lru_cache(maxsize=8)
+def _embedded(retrieval, manifest_path: str, ids: tuple[str, ...]) -> np.ndarray:
+    """The rows' embeddings, once per process: a job's training and validation pairs share their references."""
+    return _embed_rows(retrieval, manifest_path, list(ids))
+
+
+def retrieved_references(manifest, targets: list, candidates: list, retrieval) -> dict:
+    """Target row id -> the candidate row the embedder's bank retrieves for it (inference's pick: best cosine of the
+    same modality, its own subject excluded; no similarity threshold, a training pair always gets its best match)."""
+    if not targets or not candidates:
+        return {}
+    path = str(manifest.path.resolve())
+    ref_vectors = _embedded(retrieval, path, tuple(c.id for c in candidates))
+    vectors = {c.id: v for c, v in zip(candidates, ref_vectors)}
+    missing = tuple(t.id for t in targets if t.id not in vectors)
+    if missing:
+        vectors.update(zip(missing, _embedded(retrieval, path, missing)))
+    dim = ref_vectors.shape[1]
+    bank = ReferenceBank.empty(embedder_id(retrieval, dim), dim, "flat", expected=len(candidates))
+    bank.add([{"id": c.id, "modality": c.modality, "subject": c.subject} for c in candidates], ref_vectors)
+    by_id = {c.id: c for c in candidates}
+    picks = {}
+    for target in targets:
+        result = bank.search(vectors[target.id], k=1, modality=target.modality, exclude_subject=target.subject,
+                             min_similarity=-1.0)
+        if result.hits:
+            picks[target.id] = by_id[result.hits[0].row["id"]]
+    return picks
+
+
+def reference_picker(retrieval: RetrievalConfig):
+    """``make_pairs``'s ``retrieve``: training pairs get the reference the bank of ``retrieval``'s embedder retrieves
+    at inference (``retrieved_references``)."""
+    return functools.partial(retrieved_references, retrieval=retrieval)

@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from sam2.build_sam import build_sam2, build_sam2_video_predictor
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from rau_ray.errors import ConfigError
+from rau_ray.errors import ConfigError, DataError
 from rau_ray.models import pretrained
 
 
@@ -93,8 +97,6 @@ def checkpoint_path(cfg: Sam2Config) -> str:
     first use), or the configured file (a release ``.pt`` or a ``.safetensors`` state dict)."""
 
     def save_tiny(folder):
-        from sam2.build_sam import build_sam2
-
         with torch.random.fork_rng():  # a fixed seed without touching the caller's random stream
             torch.manual_seed(cfg.seed)
             model = build_sam2(cfg.config, None, device="cpu", hydra_overrides_extra=cfg.hydra_overrides())
@@ -115,11 +117,6 @@ def checkpoint_path(cfg: Sam2Config) -> str:
 def load_safetensors_weights(model, path: str) -> None:
     """Load a safetensors state dict into a built SAM2 as strictly as sam2's own ``_load_checkpoint`` loads a
     ``.pt``; a missing, truncated or mismatched file is a DataError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from rau_ray.errors import DataError
-
     if not Path(path).is_file():
         raise DataError(f"{path}: SAM2 weights file not found")
     try:
@@ -147,15 +144,11 @@ def _build(builder, cfg: Sam2Config):
 
 def build_sam2_model(cfg: Sam2Config = TINY):
     """A SAM2Base (image + memory model) through sam2's own builder."""
-    from sam2.build_sam import build_sam2
-
     return _build(build_sam2, cfg)
 
 
 def build_video_predictor(cfg: Sam2Config = TINY):
     """A SAM2VideoPredictor: SAM2's memory across frames (the SAM2-Memory-Ref baseline, 3D propagation)."""
-    from sam2.build_sam import build_sam2_video_predictor
-
     return _build(build_sam2_video_predictor, cfg)
 
 
@@ -179,8 +172,6 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 def predictor_for(model):
     """SAM2ImagePredictor for any image size (the predictor keeps the set_image / predict split)."""
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
     predictor = SAM2ImagePredictor(model)
     size = model.image_size  # sam2 1.1.0 hard-codes the 1024-px feature sizes; derive them from the model
     predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
@@ -189,8 +180,6 @@ def predictor_for(model):
 
 def embed_image(model_or_predictor, image: np.ndarray) -> ImageEmbedding:
     """Run the image encoder once (SAM2ImagePredictor.set_image) on an (H,W) or (H,W,3) uint8 image."""
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
     predictor = (model_or_predictor if isinstance(model_or_predictor, SAM2ImagePredictor)
                  else predictor_for(model_or_predictor))
     predictor.set_image(as_rgb_uint8(image))

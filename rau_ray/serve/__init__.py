@@ -13,7 +13,11 @@ max_sessions=64, max_image_bytes=..., max_pixels=..., policy_checkpoint=None, se
 policy_batch_size=8, name="rau", timeout_s=300) -> str`` blocks until every deployment is healthy and returns the
 base URL (no trailing slash, route_prefix included). ``stop()`` shuts Serve down.
 
-Modules: ``deployments`` (Retriever, Policy, Segmenter, Commander), ``app`` (the Ingress, ``build_app`` for serve
-configs, ``start``/``stop``), ``sessions`` (per-user interactive state, undo/redo, expiry, limit), ``codecs`` (image
-decode with limits, mask PNG / COCO RLE).
+Modules: ``app`` (``AppArgs``, ``build_app`` for serve configs, ``build_graph``, ``start``/``stop``), ``routes`` (the
+FastAPI Ingress: every route, the sessions it holds), ``http`` (errors, request parsing, the request / response models
+the OpenAPI document is generated from), ``pipeline`` (the calls between deployments: retrieve -> policy -> segment,
+retries, where clicks are decoded), ``messages`` (the typed messages between deployments), ``deployments``
+(Retriever, Policy, Segmenter, Commander), ``sessions`` (per-user interactive state, undo/redo, expiry, limit),
+``prompt_decoder`` (SAM2's prompt decoder in the Ingress), ``codecs`` (image decode with limits, mask PNG / COCO RLE),
+``dicom_seg`` (DICOM-SEG export), ``refusal`` (a refused checkpoint pair's reason).
 """

@@ -15,7 +15,11 @@ import gzip
 import io
 from dataclasses import dataclass
 
+import nibabel as nib
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut
 
 from rau_ray.data import formats
 
@@ -88,8 +92,6 @@ def decode_image(data: bytes, *, volumes: bool = False, max_bytes: int = MAX_IMA
 
 
 def _decode_pil(data: bytes, max_pixels: int) -> Decoded:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels((img.height, img.width), max_pixels)  # before decoding: no decompression bombs
@@ -112,9 +114,6 @@ def _decode_pil(data: bytes, max_pixels: int) -> Decoded:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -152,8 +151,6 @@ def _looks_nifti(data: bytes) -> bool:
 
 
 def _decode_nifti(data: bytes, max_bytes: int, max_pixels: int) -> Decoded:
-    import nibabel as nib
-
     try:
         raw = data
         if data[:2] == b"\x1f\x8b":

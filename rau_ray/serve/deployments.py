@@ -1,16 +1,19 @@
 """The model deployments of the serving graph: Retriever, Policy, Segmenter, Commander. Each loads its models once
-per replica (in ``__init__``), answers Serve's health check, and is composed by the Ingress through
-``DeploymentHandle``s (``rau_ray.serve.app``).
+per replica (in ``__init__``), answers Serve's health check, and is called by the Ingress through
+``DeploymentHandle``s (``rau_ray.serve.pipeline``) with the typed messages of ``rau_ray.serve.messages``.
 
-- ``Retriever``: DINOv2 + faiss reference bank (a bank folder, or for the tiny profile a small CT phantom bank built
-  at start-up) -> the reference image, its label map and names.
-- ``Policy``: Qwen2.5-VL + LoRA; ``answer`` is dynamically batched with ``@serve.batch`` (``max_batch_size`` set per
-  deployment, 1 = unbatched); a malformed answer is teacher-forced so ``<Seg>`` still yields a hidden state.
+- ``Retriever``: DINOv2 + faiss reference bank (a bank folder, or ``bank_dir: null``: the small CT phantom bank of
+  ``rau_ray.models.retrieval.phantom_bank``, built at start-up) -> ``Retrieved`` (the reference image, its label map
+  and names) or ``NoReference``.
+- ``Policy``: Qwen2.5-VL + LoRA; ``answer(Question) -> Answer`` is dynamically batched with ``@serve.batch``
+  (``max_batch_size`` set per deployment, 1 = unbatched); a malformed answer is teacher-forced so ``<Seg>`` still
+  yields a hidden state.
 - ``Segmenter``: SAM2 + projector + memory fusion; SAM2 image embeddings in an LRU cache keyed by the image's hash,
   so point/box prompts on an image already seen skip the encoder; ``prepare`` builds the embeddings and reference
   memory while the Policy generates, ``segment`` decodes the <Seg> query; ``embedding`` ships an image's features to
   an Ingress that decodes clicks itself (``prompt_decoding: ingress``).
-- ``Commander``: natural-language command -> operations (``rau_ray.commands``).
+- ``Commander``: natural-language command -> operations (``rau_ray.commands``) or ``NotUnderstood``.
+The models come from the checkpoints as ``RAUModel.from_checkpoint`` builds them (``rau_ray.models.checkpoint``).
 Use: ``rau_ray.serve.app.build_app({...})`` wires them; each class is also usable in-process via ``.func_or_class``.
 """
 
@@ -20,60 +23,87 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from ray import serve
 
+from rau_ray.commands import CommandError, OpenAICompatibleFallback, parse_command
+from rau_ray.data.manifest import ManifestRow, read_manifest
 from rau_ray.errors import DataError
+from rau_ray.models import checkpoint as ckpt
+from rau_ray.models import pipeline, retrieval
+from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import ModelConfig
+from rau_ray.models.rau import RAUModel, Reference, image_digest
+from rau_ray.models.retrieval import Embedder, ReferenceBank
+from rau_ray.models.sam2_builder import build_sam2_model
+from rau_ray.serve.messages import (
+    Answer,
+    BankInfo,
+    Features,
+    NoReference,
+    NotHeld,
+    NotUnderstood,
+    Prompted,
+    Question,
+    Retrieved,
+    Segmentation,
+)
+from rau_ray.serve.prompt_decoder import decode_prompts, features_to_numpy
+
+# Kept for callers outside the serving package (benchmarks/serve_load.py imports it from here): the one phantom bank
+# builder lives in the models layer.
+build_phantom_bank = retrieval.phantom_bank
 
 
 def _threads(n: int | None) -> None:
-    import torch
-
     if n:
         torch.set_num_threads(int(n))
 
 
-def _model_config(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None, device: str):
-    """The ModelConfig the checkpoints were trained with (or the profile's), as RAUModel.from_checkpoint does."""
-    from rau_ray.models import checkpoint as ckpt
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
+
+@dataclass(frozen=True)
+class Models:
+    """The ModelConfig a replica serves and the checkpoints it comes from (None: the profile's own parts)."""
+
+    cfg: ModelConfig
+    policy: ckpt.Checkpoint | None
+    segmenter: ckpt.Checkpoint | None
+
+
+def resolve_models(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None,
+                   device: str) -> Models:
+    """The checkpoints read and the config they were trained with (``checkpoint.combined_config``, SAM2 on
+    ``device``), resolved as ``RAUModel.from_checkpoint`` resolves them; every deployment loads its part from this."""
     p = ckpt.read_checkpoint(policy_checkpoint) if policy_checkpoint else None
     s = ckpt.read_checkpoint(segmenter_checkpoint, kind="seg") if segmenter_checkpoint else None
     cfg = ckpt.combined_config(p, s, profile)
     cfg = replace(cfg, sam2=replace(cfg.sam2, device=str(device)))
     cfg.validate()
-    return cfg, p, s
+    return Models(cfg, p, s)
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def build_phantom_bank(out: str, subjects: int = 6, size: int = 128, seed: int = 0) -> str:
-    """A small CT phantom dataset + reference bank under ``out`` (in-process, no Ray tasks); returns the bank dir."""
-    from rau_ray.data.make import MakeConfig, make_dataset
-    from rau_ray.models.profiles import get_profile
-    from rau_ray.models.retrieval import ReferenceBank
-
-    data = os.path.join(out, "ct")
-    make_dataset(MakeConfig("ct-abdomen", n=subjects, out=data, size=size, seed=seed, slices_per_subject=4),
-                 backend="local", progress=False)
-    bank = ReferenceBank.build(os.path.join(data, "manifest.jsonl"), get_profile("tiny").retrieval, split=None,
-                               backend="local", progress=False)
-    bank.save(os.path.join(out, "bank"))
-    return os.path.join(out, "bank")
+def load_segmenter(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None, device: str):
+    """(ModelConfig, RAUSegmenter in eval mode): the SAM2 + fusion the Segmenter serves, from the seg checkpoint or
+    the profile (the Ingress loads the same for ``prompt_decoding: ingress``)."""
+    m = resolve_models(profile, policy_checkpoint, segmenter_checkpoint, device)
+    seg = (ckpt.load_segmenter_checkpoint(m.segmenter, device) if m.segmenter is not None
+           else RAUSegmenter(build_sam2_model(m.cfg.sam2), m.cfg.fusion).to(device).eval())
+    return m.cfg, seg
 
 
 # A synthetic question each replica answers once at start-up, so torch's lazy first-call work (kernel selection,
 # allocator growth) happens before the replica is ready rather than in the first user's request.
-_WARM_UP = {"task": "segment", "ref_image": np.full((64, 64, 3), 90, np.uint8), "ref_boxes": {"liver": [8, 8, 40, 40]},
-            "target": np.full((64, 64, 3), 100, np.uint8), "structure": "liver", "modality": "CT"}
+_WARM_UP = Question("segment", np.full((64, 64, 3), 90, np.uint8), {"liver": [8, 8, 40, 40]},
+                    np.full((64, 64, 3), 100, np.uint8), "CT", structure="liver")
 
 
 @serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
@@ -82,38 +112,33 @@ class Retriever:
     def __init__(self, profile: str = "tiny", bank_dir: str | None = None, policy_checkpoint: str | None = None,
                  segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
                  phantom_subjects: int = 6, phantom_size: int = 128):
-        from rau_ray.models.rau import RAUModel
-        from rau_ray.models.retrieval import Embedder, ReferenceBank
-
         _threads(threads)
-        cfg, _, _ = _model_config(profile, policy_checkpoint, segmenter_checkpoint, _device(device))
+        cfg = resolve_models(profile, policy_checkpoint, segmenter_checkpoint, _device(device)).cfg
         if bank_dir is None:
-            bank_dir = build_phantom_bank(tempfile.mkdtemp(prefix="rau-serve-bank-"), phantom_subjects, phantom_size)
+            bank_dir = retrieval.phantom_bank(tempfile.mkdtemp(prefix="rau-serve-bank-"), phantom_subjects,
+                                              phantom_size)
         embedder = Embedder(replace(cfg.retrieval, device=_device(device)))
         bank = ReferenceBank.load(bank_dir, embedder)
         self._model = RAUModel(cfg, None, None, embedder, bank)  # retrieval only: retrieve() is the shared code
         self._rows = {r["id"]: r for r in bank.rows}
-        self._names = sorted({n for r in bank.rows for n in r["labels"].values()})
-        self._modalities = sorted({r["modality"] for r in bank.rows})
+        self._info = BankInfo(tuple(sorted({n for r in bank.rows for n in r["labels"].values()})),
+                              tuple(sorted({r["modality"] for r in bank.rows})), len(self._rows))
 
-    def structures(self) -> dict:
-        return {"structures": self._names, "modalities": self._modalities, "entries": len(self._rows)}
+    def structures(self) -> BankInfo:
+        return self._info
 
     async def retrieve(self, target: np.ndarray, modality: str, structure: str | None = None,
-                       reference_id: str | None = None):
-        """The reference for ``target`` (a Reference): the bank entry ``reference_id``, else the most similar one
-        showing ``structure``. A DataError (no such id, nothing similar enough) is returned, not raised, so the
-        Ingress can tell the user's problem from a replica failure. Async (run on the replica's event loop) so a
-        request costs no hop to a worker thread; it computes for a few milliseconds."""
-        from rau_ray.data.manifest import ManifestRow, read_manifest
-        from rau_ray.models.rau import Reference
-
+                       reference_id: str | None = None) -> Retrieved | NoReference:
+        """The reference for ``target``: the bank entry ``reference_id``, else the most similar one showing
+        ``structure``. No such id, or nothing similar enough, is a ``NoReference`` (the user's problem, not a
+        replica failure). Async (run on the replica's event loop) so a request costs no hop to a worker thread; it
+        computes for a few milliseconds."""
         t0 = time.perf_counter()
         try:
             if reference_id is not None:
                 row = self._rows.get(reference_id)
                 if row is None:
-                    return DataError(f"no reference {reference_id!r} in the bank ({len(self._rows)} entries)")
+                    return NoReference(f"no reference {reference_id!r} in the bank ({len(self._rows)} entries)")
                 manifest = self._model._manifests.get(row["manifest"]) or read_manifest(row["manifest"])
                 self._model._manifests[row["manifest"]] = manifest
                 mrow = ManifestRow(**{k: v for k, v in row.items() if k in ManifestRow.__dataclass_fields__})
@@ -122,9 +147,9 @@ class Retriever:
             else:
                 ref = self._model.retrieve(target, modality, structure=structure)
         except DataError as e:
-            return e
-        ref.row = {"id": ref.row["id"], "subject": ref.row.get("subject")} if ref.row else None
-        return {"reference": ref, "seconds": time.perf_counter() - t0}
+            return NoReference(str(e))
+        row = {"id": ref.row["id"], "subject": ref.row.get("subject")} if ref.row else None
+        return Retrieved(replace(ref, row=row), time.perf_counter() - t0)
 
     def check_health(self) -> None:
         if self._model.bank is None or len(self._rows) == 0:
@@ -134,20 +159,19 @@ class Retriever:
 @serve.deployment(name="Policy", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32,
                   health_check_period_s=10)
 class Policy:
-    """One ``answer(request)`` per question; Serve collects concurrent ones into a batch (``_answer_batch``)."""
+    """One ``answer(question)`` per question; Serve collects concurrent ones into a batch (``_answer_batch``)."""
 
     def __init__(self, profile: str = "tiny", policy_checkpoint: str | None = None,
                  segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02, max_new_tokens: int | None = None):
-        from rau_ray.models import checkpoint as ckpt
-        from rau_ray.models.policy import load_policy
-
         _threads(threads)
         device = _device(device)
-        cfg, p, s = _model_config(profile, policy_checkpoint, segmenter_checkpoint, device)
-        self.policy = ckpt.load_policy_checkpoint(p or s, device, cfg) if (p or s) else load_policy(cfg.policy)
+        m = resolve_models(profile, policy_checkpoint, segmenter_checkpoint, device)
+        trained = m.policy or m.segmenter
+        self.policy = (ckpt.load_policy_checkpoint(trained, device, m.cfg) if trained
+                       else load_policy(m.cfg.policy))
         self.policy.model.to(device).eval()
-        self.max_new_tokens = int(max_new_tokens or cfg.max_new_tokens)
+        self.max_new_tokens = int(max_new_tokens or m.cfg.max_new_tokens)
         self._answer_batch.set_max_batch_size(int(max_batch_size))
         self._answer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self._batch_wait = float(batch_wait_timeout_s)
@@ -168,69 +192,53 @@ class Policy:
     def batch_sizes(self) -> list[int]:
         return list(self.batches[-1000:])
 
-    async def answer(self, request: dict) -> dict:
-        """One question's answer. Arriving alone at a replica that has been idle longer than the batch wait, it is
-        answered at once (under low load the wait would only add latency); otherwise it goes through
-        ``@serve.batch``. Generation blocks this replica's event loop, so requests arriving meanwhile find it just
-        busy when it ends and form the next batch."""
+    async def answer(self, question: Question | dict) -> Answer:
+        """One question's answer (a dict with ``Question``'s fields is taken too: benchmarks/serve_load.py sends
+        one). Arriving alone at a replica that has been idle longer than the batch wait, it is answered at once
+        (under low load the wait would only add latency); otherwise it goes through ``@serve.batch``. Generation
+        blocks this replica's event loop, so requests arriving meanwhile find it just busy when it ends and form
+        the next batch."""
+        if isinstance(question, dict):
+            question = Question(**question)
         self._waiting += 1
         try:
             if self._waiting == 1 and time.monotonic() - self._last_done > self._batch_wait:
-                return self.answer_many([request])[0]
-            return await self._answer_batch(request)
+                return self.answer_many([question])[0]
+            return await self._answer_batch(question)
         finally:
             self._waiting -= 1
             self._last_done = time.monotonic()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
-        return self.answer_many(requests)
+    async def _answer_batch(self, questions: list[Question]) -> list[Answer]:
+        return self.answer_many(questions)
 
-    def answer_many(self, requests: list[dict]) -> list[dict]:
-        """Questions -> answers, one generate() call for all: ``{task: segment|label, ref_image (H,W,3) uint8,
-        ref_boxes {name: box in reference pixels}, target (H,W,3) uint8, structure | region, modality}``."""
-        from rau_ray.models import pipeline
-
-        self.batches.append(len(requests))
-        questions = [pipeline.ask(self.policy.processor, r["task"], r["target"], r["ref_image"], r["ref_boxes"],
-                                  structure=r.get("structure"), region=r.get("region"),
-                                  modality=r.get("modality") or "CT") for r in requests]
+    def answer_many(self, questions: list[Question]) -> list[Answer]:
+        """Questions -> answers, one generate() call for all."""
+        self.batches.append(len(questions))
+        asked = [pipeline.ask(self.policy.processor, q.task, q.target, q.ref_image, q.ref_boxes,
+                              structure=q.structure, region=q.region, modality=q.modality or "CT")
+                 for q in questions]
         t0 = time.perf_counter()
-        completions = self.policy.generate([q.messages for q in questions], max_new_tokens=self.max_new_tokens)
-        gen = (time.perf_counter() - t0) / len(requests)
+        completions = self.policy.generate([a.messages for a in asked], max_new_tokens=self.max_new_tokens)
+        gen = (time.perf_counter() - t0) / len(questions)
         out = []
-        for r, question, completion in zip(requests, questions, completions):
-            parsed = question.parse(completion)
-            res = {"completion": completion, "label": parsed.label if parsed else None,
-                   "format_error": None if parsed else parsed.message, "box": None,
-                   "timings": {"generate": gen, "batch": len(requests)}}
-            if parsed and parsed.box is not None:
-                res["box"] = parsed.box
-            if parsed and parsed.boxes:
-                res["boxes"] = parsed.boxes
-            if r["task"] == "segment":
+        for q, a, completion in zip(questions, asked, completions):
+            parsed = a.parse(completion)
+            timings, seg_hidden = {"generate": gen, "batch": len(questions)}, None
+            if q.task == "segment":
                 t1 = time.perf_counter()
-                res["seg_hidden"] = pipeline.seg_state(self.policy, question, completion).float().cpu().numpy()
-                res["timings"]["seg_hidden"] = time.perf_counter() - t1
-            out.append(res)
+                seg_hidden = pipeline.seg_state(self.policy, a, completion).float().cpu().numpy()
+                timings["seg_hidden"] = time.perf_counter() - t1
+            out.append(Answer(completion, parsed.label if parsed else None, None if parsed else parsed.message,
+                              box=parsed.box if parsed and parsed.box is not None else None,
+                              boxes=parsed.boxes if parsed and parsed.boxes else None, timings=timings,
+                              seg_hidden=seg_hidden))
         return out
 
     def check_health(self) -> None:
         if self.policy is None:
             raise RuntimeError("policy not loaded")
-
-
-def load_segmenter(profile: str, policy_checkpoint: str | None, segmenter_checkpoint: str | None, device: str):
-    """(ModelConfig, RAUSegmenter in eval mode): the SAM2 + fusion the Segmenter serves, from the seg checkpoint or
-    the profile (the Ingress loads the same for ``prompt_decoding: ingress``)."""
-    from rau_ray.models import checkpoint as ckpt
-    from rau_ray.models.fusion import RAUSegmenter
-    from rau_ray.models.sam2_builder import build_sam2_model
-
-    cfg, _, s = _model_config(profile, policy_checkpoint, segmenter_checkpoint, device)
-    seg = (ckpt.load_segmenter_checkpoint(s, device) if s is not None
-           else RAUSegmenter(build_sam2_model(cfg.sam2), cfg.fusion).to(device).eval())
-    return cfg, seg
 
 
 PREPARED_KEPT = 64  # prepare()d requests a Segmenter replica keeps for their segment() (a lost one is recomputed)
@@ -243,21 +251,17 @@ class Segmenter:
     def __init__(self, profile: str = "tiny", policy_checkpoint: str | None = None,
                  segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
                  embedding_cache: int | None = None):
-        from rau_ray.models.rau import RAUModel
-
         _threads(threads)
         cfg, seg = load_segmenter(profile, policy_checkpoint, segmenter_checkpoint, _device(device))
         if embedding_cache:
             cfg = replace(cfg, embedding_cache=int(embedding_cache))
         self._model = RAUModel(cfg, None, seg)  # image_embedding(): the LRU cache keyed by image hash
         self.seg = seg
-        self._model.image_embedding(_WARM_UP["target"])  # first-call set-up here, not in the first request
+        self._model.image_embedding(_WARM_UP.target)  # first-call set-up here, not in the first request
         self._model._embeddings.clear()
         self._prepared: OrderedDict[str, tuple] = OrderedDict()  # prepare()d requests waiting for their segment()
 
     def _embedding(self, image: np.ndarray):
-        from rau_ray.models.rau import image_digest
-
         held = self._held(image_digest(image))  # one hash per call; only a miss hashes again (next to the encoder)
         if held is not None:
             return held
@@ -289,8 +293,6 @@ class Segmenter:
         return True
 
     def _prepare(self, target, ref_image, ref_mask) -> tuple:
-        import torch
-
         tgt, cached, t_embed = self._embedding(target)
         ref, _, t_ref = self._embedding(ref_image)
         t0 = time.perf_counter()
@@ -298,61 +300,53 @@ class Segmenter:
             memory = self.seg.encode_reference(ref, np.asarray(ref_mask, dtype=bool))
         return tgt, memory, cached, {"embed": t_embed + t_ref, "memory": time.perf_counter() - t0}
 
-    async def segment(self, token: str, seg_hidden, target: np.ndarray | None = None,
-                      ref_image: np.ndarray | None = None, ref_mask: np.ndarray | None = None) -> dict:
-        """RAU's route: reference memory + the <Seg> query -> the target's mask (bool (H, W)) and score.
-        ``seg_hidden``: the (1, hidden) array, or the Policy's whole answer (a dict with ``seg_hidden``), so the
-        Ingress can pass the Policy's pending response straight here. The embeddings and memory come from the
-        ``prepare`` call of the same ``token``, or from the images given here; ``{"missing": True}`` when neither
-        (another replica prepared it: the caller sends the images)."""
-        import torch
-
+    async def segment(self, token: str, seg_hidden: np.ndarray | Answer, target: np.ndarray | None = None,
+                      ref_image: np.ndarray | None = None,
+                      ref_mask: np.ndarray | None = None) -> Segmentation | NotHeld:
+        """RAU's route: reference memory + the <Seg> query -> the target's mask and score. ``seg_hidden``: the
+        (1, hidden) array, or the Policy's whole ``Answer``, so the Ingress can pass the Policy's pending response
+        straight here. The embeddings and memory come from the ``prepare`` call of the same ``token``, or from the
+        images given here; ``NotHeld`` when neither (another replica prepared it: the caller sends the images)."""
         await self._note_route()
-        if isinstance(seg_hidden, dict):
-            seg_hidden = seg_hidden["seg_hidden"]
+        if isinstance(seg_hidden, Answer):
+            seg_hidden = seg_hidden.seg_hidden
         prepared = self._prepared.pop(token, None)
         if prepared is None:
             if target is None:
-                return {"missing": True}
+                return NotHeld("prepared request")
             prepared = self._prepare(target, ref_image, ref_mask)
         tgt, memory, cached, timings = prepared
         t0 = time.perf_counter()
         with torch.no_grad():
             logits, score, _ = self.seg.predict(tgt, torch.as_tensor(seg_hidden), memory)
         mask = (logits > 0).cpu().numpy()
-        return {"mask": mask, "score": float(score), "cached": cached,
-                "timings": {**timings, "decode": time.perf_counter() - t0}}
+        return Segmentation(mask, float(score), cached, {**timings, "decode": time.perf_counter() - t0})
 
     async def prompt(self, image: np.ndarray | str, points: list | None = None, labels: list | None = None,
-                     box: list | None = None) -> dict:
+                     box: list | None = None) -> Prompted | NotHeld:
         """SAM2 with point / box prompts on the image's cached embedding (the encoder runs on a cache miss only).
         ``image`` may be the image's digest alone (``image_digest``): a click then ships a few bytes instead of the
-        image; if this replica does not hold that embedding the answer is ``{"missing": True}`` and the caller
-        sends the image."""
-        from rau_ray.serve.prompt_decoder import decode_prompts
-
+        image; if this replica does not hold that embedding the answer is ``NotHeld`` and the caller sends the
+        image."""
         await self._note_route()
         found = self._held(image)
         if found is None:
-            return {"missing": True}
+            return NotHeld()
         emb, cached, t_embed = found
         t0 = time.perf_counter()
         mask, score = decode_prompts(self.seg.predictor, emb, points, labels, box)
-        return {"mask": mask, "score": score, "cached": cached,
-                "timings": {"embed": t_embed, "decode": time.perf_counter() - t0}}
+        return Prompted(mask, score, cached, {"embed": t_embed, "decode": time.perf_counter() - t0})
 
-    async def embedding(self, image: np.ndarray | str) -> dict:
-        """The image's SAM2 features as arrays (``prompt_decoder.features_to_numpy``) plus ``cached`` (whether the
-        encoder was skipped), for an Ingress that decodes prompts itself; ``{"missing": True}`` for a digest this
-        replica does not hold (the caller then sends the image)."""
-        from rau_ray.serve.prompt_decoder import features_to_numpy
-
+    async def embedding(self, image: np.ndarray | str) -> Features | NotHeld:
+        """The image's SAM2 features as arrays (``prompt_decoder.features_to_numpy``) and whether the encoder was
+        skipped, for an Ingress that decodes prompts itself; ``NotHeld`` for a digest this replica does not hold
+        (the caller then sends the image)."""
         await self._note_route()
         found = self._held(image)
         if found is None:
-            return {"missing": True}
+            return NotHeld()
         emb, cached, t_embed = found
-        return {**features_to_numpy(emb), "cached": cached, "timings": {"embed": t_embed}}
+        return replace(features_to_numpy(emb), cached=cached, timings={"embed": t_embed})
 
     def _held(self, image: np.ndarray | str):
         """(embedding, cached, seconds) for an image, or for its digest when this replica holds it (else None)."""
@@ -375,7 +369,7 @@ class Segmenter:
 @serve.deployment(name="Commander", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64,
                   health_check_period_s=10)
 class Commander:
-    """Natural-language command -> the operations of ``rau_ray.commands`` (a CommandError comes back as a value).
+    """Natural-language command -> the operations of ``rau_ray.commands`` (``NotUnderstood`` when it is none).
 
     With ``llm_url`` (AppArgs ``command_llm_url``), text the deterministic parser refuses goes to an
     OpenAI-compatible chat completions server (``OpenAICompatibleFallback``); its answer is only accepted when it
@@ -384,8 +378,6 @@ class Commander:
 
     def __init__(self, llm_url: str | None = None, llm_model: str | None = None,
                  llm_api_key_env: str | None = None, llm_timeout_s: float = 10.0):
-        from rau_ray.commands import OpenAICompatibleFallback
-
         self.fallback = None
         if llm_url:
             key = None
@@ -398,18 +390,16 @@ class Commander:
             self.fallback = OpenAICompatibleFallback(llm_url, llm_model or "", api_key=key,
                                                      timeout=float(llm_timeout_s))
 
-    def parse(self, text: str) -> list[dict] | dict:
-        from rau_ray.commands import CommandError, parse_command
-
+    def parse(self, text: str) -> list[dict] | NotUnderstood:
         try:
             return parse_command(text, fallback=self.fallback)
         except CommandError as e:
-            return {"error": str(e)}
+            return NotUnderstood(str(e))
         except Exception as e:  # noqa: BLE001 - a language model server misbehaving (a broken reply) is no 500
             if self.fallback is None:
                 raise
-            return {"error": f"not a command the parser reads, and the language model failed "
-                             f"({type(e).__name__}: {e})"[:500]}
+            return NotUnderstood(f"not a command the parser reads, and the language model failed "
+                                 f"({type(e).__name__}: {e})"[:500])
 
     def check_health(self) -> None:
         return None

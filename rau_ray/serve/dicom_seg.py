@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import re
 
+import highdicom as hd
 import numpy as np
+from pydicom.sr.codedict import codes
 
 MANUFACTURER = "RAU-Ray"
 SERIES_NUMBER = 4242  # a series number unlikely to clash with the scanner's (DICOM needs one; any integer works)
@@ -35,8 +37,6 @@ def _camel(name: str) -> str:
 def property_codes(structure: str | None):
     """(category, type) codes of a segment for ``structure``: SNOMED CT from DICOM CID 7151 when the name (or its
     singular) is a known segmentation property type, else the generic 'Anatomical structure'."""
-    from pydicom.sr.codedict import codes
-
     generic = codes.cid7150.AnatomicalStructure  # SCT 91723000
     if not structure:
         return generic, generic
@@ -59,9 +59,6 @@ def property_codes(structure: str | None):
 def encode_segmentation(sources, masks: np.ndarray, structure: str | None, *, software_version: str = "0.1.0",
                         series_description: str | None = None) -> bytes:
     """A binary DICOM-SEG of ``masks`` (bool (Z, H, W), one frame per source dataset, in the sources' order)."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
     sources = list(sources)
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim == 2:

@@ -7,7 +7,8 @@ the decode: the CPU profile (tiny SAM2: ~1 ms decode vs ~2-3 ms per hop on 2 cor
 ``prompt_decoding: segmenter`` (serve_configs/gpu.yaml): SAM2.1-large's features are ~16 MB per image to ship and its
 decoder is fast on the GPU the Segmenter already holds.
 Use: ``decoder = PromptDecoder(segmenter)`` (a loaded RAUSegmenter; its image encoder is dropped here),
-``decoder.put(key, features)`` with what ``Segmenter.embedding`` returns, ``decoder.predict(key, points, ...)``.
+``decoder.put(key, features)`` with what ``Segmenter.embedding`` returns (``Features``),
+``decoder.predict(key, points, ...)`` -> ``Prompted``.
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ import time
 from collections import OrderedDict
 
 import numpy as np
+import torch
+
+from rau_ray.models.sam2_builder import ImageEmbedding, predict_with_prompts
+from rau_ray.serve.messages import Features, Prompted
 
 
-def features_to_numpy(embedding) -> dict:
+def features_to_numpy(embedding: ImageEmbedding) -> Features:
     """An ImageEmbedding -> plain arrays (what a handle call ships; Ray pickles numpy cheaply)."""
     f = embedding.features
-    return {"image_embed": f["image_embed"].detach().cpu().numpy(),
-            "high_res_feats": [t.detach().cpu().numpy() for t in f["high_res_feats"]],
-            "orig_hw": tuple(int(v) for v in embedding.orig_hw)}
+    return Features(f["image_embed"].detach().cpu().numpy(),
+                    tuple(t.detach().cpu().numpy() for t in f["high_res_feats"]),
+                    tuple(int(v) for v in embedding.orig_hw))
 
 
 class PromptDecoder:
     """Point/box prompts -> masks on cached embeddings (an LRU of ``capacity`` images)."""
 
     def __init__(self, segmenter, capacity: int = 32):
-        import torch
-
         self.predictor = segmenter.predictor
         self.predictor.model.image_encoder = torch.nn.Identity()  # never run here: the Segmenter encodes images
         self.device = next(self.predictor.model.sam_mask_decoder.parameters()).device
@@ -41,41 +44,33 @@ class PromptDecoder:
     def __contains__(self, key: str) -> bool:
         return key in self._embeddings
 
-    def put(self, key: str, features: dict) -> None:
-        import torch
-
-        from rau_ray.models.sam2_builder import ImageEmbedding
-
+    def put(self, key: str, features: Features) -> None:
         def tensor(a):
             return torch.tensor(np.asarray(a), device=self.device)  # a copy: arrays from Ray may be read-only
 
-        emb = ImageEmbedding({"image_embed": tensor(features["image_embed"]),
-                              "high_res_feats": [tensor(a) for a in features["high_res_feats"]]},
-                             tuple(features["orig_hw"]))
+        emb = ImageEmbedding({"image_embed": tensor(features.image_embed),
+                              "high_res_feats": [tensor(a) for a in features.high_res_feats]},
+                             tuple(features.orig_hw))
         self._embeddings[key] = emb
         self._embeddings.move_to_end(key)
         while len(self._embeddings) > self.capacity:
             self._embeddings.popitem(last=False)
 
     def predict(self, key: str, points: list | None = None, labels: list | None = None,
-                box: list | None = None) -> dict:
+                box: list | None = None) -> Prompted:
         """The mask (bool (H, W)) and score for the prompts, as ``Segmenter.prompt`` answers (KeyError when the
-        image's embedding is not here: ``put`` it first)."""
+        image's embedding is not here: ``put`` it first); ``cached`` is the caller's to say."""
         emb = self._embeddings[key]
         self._embeddings.move_to_end(key)
         t0 = time.perf_counter()
         mask, score = decode_prompts(self.predictor, emb, points, labels, box)
-        return {"mask": mask, "score": score, "timings": {"embed": 0.0, "decode": time.perf_counter() - t0}}
+        return Prompted(mask, score, timings={"embed": 0.0, "decode": time.perf_counter() - t0})
 
 
 def decode_prompts(predictor, embedding, points: list | None, labels: list | None,
                    box: list | None) -> tuple[np.ndarray, float]:
     """SAM2 on a cached embedding with point ([[x, y], ...], labels 1/0) and/or box [x1, y1, x2, y2] prompts ->
     (bool (H, W) mask, score): the one decode both the Segmenter and the Ingress run."""
-    import torch
-
-    from rau_ray.models.sam2_builder import predict_with_prompts
-
     pts = np.asarray(points, dtype=np.float32) if points else None
     lab = np.asarray(labels, dtype=np.int32) if points else None
     bx = np.asarray(box, dtype=np.float32) if box is not None else None

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from rau_ray.data.formats import get_window
+from rau_ray.models.prompts import to_pil
+from rau_ray.models.rau import image_digest
 
 MAX_HISTORY = 50
 MAX_POINTS = 64
@@ -117,9 +119,6 @@ class Session:
         return self._model_input(index)[1]
 
     def _model_input(self, index: int | None) -> tuple[np.ndarray, str]:
-        from rau_ray.models.prompts import to_pil
-        from rau_ray.models.rau import image_digest
-
         i = self.state.slice if index is None else index
         if i not in self._model_inputs:
             if len(self._model_inputs) > 32:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from rau_ray.storage import write_figure
 
 # shown first, in this order, when present; any other changing metric follows
@@ -36,11 +39,7 @@ def curve_keys(history: list[dict]) -> list[str]:
 def plot_history(history: list[dict], out: str | Path, title: str = "", keys: list[str] | None = None,
                  max_panels: int = 8) -> Path | str:
     """The PNG at ``out`` (a path, or a URI: ``storage.write_figure``)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = (keys or curve_keys(history))[:max_panels]
     if not keys:
         raise ValueError("no metric changes over the run: nothing to draw")

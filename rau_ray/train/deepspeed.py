@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from accelerate import PartialState
+
 
 def deepspeed_config(zero_stage: int, micro_batch: int, lr: float, bf16: bool = False,
                      grad_clip: float = 1.0, grad_accumulation: int = 1, torch_adam: bool = False) -> dict:
@@ -29,7 +31,7 @@ def deepspeed_config(zero_stage: int, micro_batch: int, lr: float, bf16: bool = 
         "train_micro_batch_size_per_gpu": micro_batch,  # per worker, GPU or not (DeepSpeed's name)
         "gradient_accumulation_steps": grad_accumulation,
         "gradient_clipping": grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, **({"torch_adam": True} if torch_adam else {})}},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, **({"torch_adam": True} if torch_adam else {})}},  # noqa: E501
         "zero_optimization": zero,  # ZeRO-2: optimizer state + gradients sharded; ZeRO-3: the parameters too
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # progress goes to Ray Train metrics, not DeepSpeed's log
@@ -43,7 +45,5 @@ def use_deepspeed_on_cpu() -> None:
     DeepSpeed. Built here with ``backend="gloo"`` and DeepSpeed's flag it joins Ray's group as a DeepSpeed world
     (DeepSpeed's own CPU accelerator does the rest); ``TrainingArguments(accelerator_config={
     "use_configured_state": True})`` then uses it instead of building its own."""
-    from accelerate import PartialState
-
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(cpu=False, backend="gloo")

@@ -26,10 +26,11 @@ Adjustments to trl 1.16 / accelerate 1.15 / peft 0.21, each small and explained 
   the policy's decoder (``rewards.with_decoder``).
 Use: ``run_grpo(GRPOJobConfig(manifest="data/ct/manifest.jsonl", sft_checkpoint="runs/train/sft/checkpoint_..."))``
 or ``rau train grpo --config jobs/configs/grpo-tiny.yaml``.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -37,10 +38,30 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import ray.train.torch
 import torch
+from datasets import Dataset
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
+from rau_ray import storage
+from rau_ray.config import from_dict
+from rau_ray.data.manifest import read_manifest
+from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.train.run import ScaleConfig
+from rau_ray.models.checkpoint import locate_checkpoint
+from rau_ray.models.fusion import RAUSegmenter
+from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import model_config_from
+from rau_ray.models.prompts import TASKS
+from rau_ray.models.retrieval import reference_picker
+from rau_ray.models.sam2_builder import build_sam2_model
+from rau_ray.storage import local_copy
+from rau_ray.train import rewards, run
+from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
+from rau_ray.train.policy_examples import PolicyExamples
+from rau_ray.train.run import STATE, ScaleConfig
 
 
 @dataclass(frozen=True)
@@ -75,8 +96,6 @@ class GRPOJobConfig:
     tensorboard: bool = True  # trl's logs also to TensorBoard (tensorboard or tensorboardX must be installed)
 
     def validate(self) -> None:
-        from rau_ray.models.prompts import TASKS
-
         self.scale.validate()
         if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every) < 1:
             raise ConfigError("batch_size, max_steps, log_every and checkpoint_every must be at least 1")
@@ -118,8 +137,6 @@ class GRPOJobConfig:
 
 def _sft_checkpoint(source: str | os.PathLike) -> str:
     """The SFT checkpoint folder ``source`` means (a checkpoint, or a run folder's latest; a local path or a URI)."""
-    from rau_ray.models.checkpoint import locate_checkpoint
-
     try:
         return locate_checkpoint(source)
     except DataError as e:
@@ -128,9 +145,6 @@ def _sft_checkpoint(source: str | os.PathLike) -> str:
 
 
 def _read_state(source: str | os.PathLike) -> dict:
-    from rau_ray import storage
-    from rau_ray.train.run import STATE
-
     text = storage.read_text(storage.join(_sft_checkpoint(source), STATE))
     try:
         return json.loads(text)
@@ -141,16 +155,12 @@ def _read_state(source: str | os.PathLike) -> dict:
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The trained ``default`` adapter of a peft model (LoRA + trainable ``<Seg>`` rows; ZeRO-2 and DDP keep them
     whole on every rank), without trl's ``ref`` copy."""
-    from peft import get_peft_model_state_dict
-
     state = get_peft_model_state_dict(model, adapter_name="default")
     return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
 def load_adapter(model, weights: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
     """Weights from ``adapter_state`` (or an SFT checkpoint) into the peft model's ``default`` adapter."""
-    from peft import set_peft_model_state_dict
-
     try:
         set_peft_model_state_dict(model, weights, adapter_name="default")
     except RuntimeError as e:  # shape mismatch: another LoRA rank, targets or vocabulary
@@ -188,8 +198,6 @@ class Prompts:
     """Task items -> trl rows: the SFT's chat messages + the reward columns (see ``rau_ray.train.rewards``)."""
 
     def __init__(self, processor):
-        from rau_ray.train.policy_examples import PolicyExamples
-
         self.examples = PolicyExamples(processor)
 
     def row(self, item: dict) -> dict:
@@ -208,10 +216,6 @@ class Prompts:
 def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict]):
     """A TrainerCallback: trl's logs -> ``run.report`` on every worker (Ray Train wants all of them); at checkpoint
     steps and the last one, rank 0 also saves the adapter, the step and the history."""
-    from transformers import TrainerCallback
-
-    from rau_ray.train import run
-
     class ReportToRay(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
@@ -234,8 +238,6 @@ def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict]):
 def tensorboard_dir(cfg: GRPOJobConfig) -> str | None:
     """Where rank 0 writes TensorBoard events, or None when off or when neither tensorboard nor tensorboardX is
     installed (transformers' TensorBoardCallback needs one)."""
-    import importlib.util
-
     if not cfg.tensorboard or not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         return None
     if "://" in cfg.scale.storage_path:  # remote storage: events stay on the rank-0 node
@@ -245,20 +247,13 @@ def tensorboard_dir(cfg: GRPOJobConfig) -> str | None:
 
 def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[list, list[float]]:
     """The reward callables (re-decoding with the policy's decoder, which keeps ``<Seg>``) and their weights."""
-    from rau_ray.train import rewards
-
     decode = policy.decode_completion
     funcs = [rewards.with_decoder(rewards.format_reward, decode, name="format"),
              rewards.with_decoder(rewards.accuracy_reward, decode, name="accuracy")]
     weights = [cfg.format_weight, cfg.accuracy_weight]
     if cfg.mask_dice_weight > 0:
-        from rau_ray.models.fusion import RAUSegmenter
-        from rau_ray.models.sam2_builder import build_sam2_model
-
         segmenter = RAUSegmenter(build_sam2_model(model_cfg.sam2), model_cfg.fusion)  # once per worker
         if cfg.segmenter_checkpoint:  # a local file or a URI (downloaded once per node)
-            from rau_ray.storage import local_copy
-
             segmenter.load_trainable(local_copy(cfg.segmenter_checkpoint, "segmenter_checkpoint"))
         segmenter.to(device).eval()
         funcs.append(rewards.with_decoder(rewards.MaskDiceReward(policy, segmenter), decode, name="mask_dice"))
@@ -268,16 +263,6 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[l
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: ``config`` = {"cfg": GRPOJobConfig as a dict, "items": task items}."""
-    import ray.train.torch
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rau_ray.config import from_dict
-    from rau_ray.models.policy import load_policy
-    from rau_ray.models.profiles import model_config_from
-    from rau_ray.train import run
-    from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
-
     cfg = from_dict(GRPOJobConfig, config["cfg"], "grpo config")
     model_cfg = model_config_from(cfg.model)
     run.prepare_worker(cfg.scale)
@@ -324,18 +309,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_grpo(cfg: GRPOJobConfig):
     """Build task items, run the TorchTrainer, return Ray Train's Result (last metrics, checkpoint, path)."""
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.data.tasks import make_pairs
-    from rau_ray.models.profiles import model_config_from
-    from rau_ray.train import run
-
     cfg.validate()
     if cfg.sft_checkpoint:  # the exact checkpoint (absolute: workers have another cwd), recorded in the config
         cfg = replace(cfg, sft_checkpoint=_sft_checkpoint(cfg.sft_checkpoint))
     cfg = replace(cfg, model=cfg.model_section())  # resolved: checkpoints record the model they fit
     retrieval = model_config_from(cfg.model).retrieval  # a bad model section fails here, not in every worker
     items = make_pairs(read_manifest(cfg.manifest), split=cfg.split, tasks=cfg.tasks, seed=cfg.seed,
-                       retrieval=retrieval)  # references as the DINOv2 bank retrieves them at inference
+                       retrieve=reference_picker(retrieval))  # references as the DINOv2 bank retrieves them
     if cfg.structures is not None:
         items = [i for i in items if i["structure"] in cfg.structures]
     if not items:

@@ -8,24 +8,28 @@ Use: ``run_job("sft", "jobs/configs/sft-tiny.yaml", {"manifest": "data/ct/manife
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from importlib import import_module
 
+from rau_ray import storage
 from rau_ray.config import load_config
 from rau_ray.errors import ConfigError, RauError
+from rau_ray.train import grpo, seg, sft
+from rau_ray.train.curves import curve_keys, plot_history
+from rau_ray.train.run import read_history
 
 
 def _registry() -> dict:
-    from rau_ray.train import sft
 
     jobs = {"sft": (sft.SFTConfig, sft.run_sft)}
     try:
-        from rau_ray.train import grpo
 
         jobs["grpo"] = (grpo.GRPOJobConfig, grpo.run_grpo)
     except ImportError:
         pass
     try:
-        from rau_ray.train import seg
 
         jobs["seg"] = (seg.SegJobConfig, seg.run_seg)
     except ImportError:
@@ -35,7 +39,6 @@ def _registry() -> dict:
 
 def _pretrain_job(backbone: str) -> tuple:
     """(config class, run function) of ``rau pretrain <backbone>``: rau_ray/train/pretrain_<backbone>.py."""
-    from importlib import import_module
 
     config_cls, run = PRETRAIN_JOBS[backbone]
     module = import_module(f"rau_ray.train.pretrain_{backbone}")
@@ -53,9 +56,6 @@ def summarise(result, kind: str, storage_path: str | None = None) -> dict:
     ``summary.json`` and ``curves.png`` (a local run folder, or a URI: the history is read from the checkpoint's
     ``history.jsonl`` there). ``storage_path``: the run's ``scale.storage_path``, whose scheme and ``?query`` name
     the run's URIs (Ray reports paths inside the filesystem)."""
-    from rau_ray import storage
-    from rau_ray.train.curves import curve_keys, plot_history
-    from rau_ray.train.run import read_history
 
     if result.error is not None:
         raise RauError(f"{kind} run failed: {result.error}")
@@ -72,7 +72,9 @@ def summarise(result, kind: str, storage_path: str | None = None) -> dict:
     return summary
 
 
-def run_job(kind: str, config_path: str, overrides: dict | None = None) -> dict:
+def run_job(kind: str, config_path: str, overrides: dict | None = None, dotted: list[str] | tuple = ()) -> dict:
+    """Load ``config_path`` as the job's config (``overrides``: top-level fields; ``dotted``: ``KEY=VALUE`` texts
+    into nested sections, e.g. ``scale.num_workers=2``), run it, summarise the run."""
     if kind.startswith("pretrain-") and kind[len("pretrain-"):] in PRETRAIN_JOBS:
         config_cls, run = _pretrain_job(kind[len("pretrain-"):])
     else:
@@ -80,21 +82,21 @@ def run_job(kind: str, config_path: str, overrides: dict | None = None) -> dict:
         if kind not in jobs:
             raise ConfigError(f"unknown training job {kind!r}; choose one of {', '.join(jobs)}")
         config_cls, run = jobs[kind]
-    cfg = load_config(config_path, config_cls, {k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = load_config(config_path, config_cls, {k: v for k, v in (overrides or {}).items() if v is not None},
+                      dotted)
     scale = getattr(cfg, "scale", None)
     return summarise(run(cfg), kind, getattr(scale, "storage_path", None))
 
 
 def main(kind: str) -> None:
-    """Entry point of ``jobs/<kind>.py``: ``python jobs/sft.py --config FILE [--manifest M] [--max-steps N]``."""
-    import argparse
-    import sys
+    """Entry point of ``jobs/<kind>.py``: ``python jobs/sft.py --config FILE [--manifest M] [--max-steps N]
+    [KEY=VALUE ...]``."""
 
     parser = argparse.ArgumentParser(description=f"Ray job: {kind} training (rau_ray.train.{kind.replace('-', '_')}).")
     add_arguments(parser)
     args = parser.parse_args()
     try:
-        print(json.dumps(run_job(kind, args.config, overrides(args)), indent=2, default=str))
+        print(json.dumps(run_job(kind, args.config, overrides(args), args.set), indent=2, default=str))
     except RauError as e:
         sys.exit(f"error: {e}")
 
@@ -104,6 +106,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--manifest", help="override the config's manifest")
     parser.add_argument("--name", help="override the run name (its folder under the storage path)")
     parser.add_argument("--max-steps", type=int, help="override max_steps")
+    parser.add_argument("set", nargs="*", metavar="KEY=VALUE",
+                        help="override any field of the config, dotted into sections: scale.num_workers=2 "
+                             "model.policy.lora_rank=16 (checked against the config's fields and types)")
 
 
 def overrides(args) -> dict:

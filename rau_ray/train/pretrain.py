@@ -17,10 +17,12 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
+from rau_ray.data.manifest import assign_splits
+from rau_ray.data.phantoms.common import subject_id
 from rau_ray.errors import ConfigError
 
 IN_DISTRIBUTION = ("ct-abdomen", "xray-angio")  # ultrasound and xray-msk are never trained on by anything
@@ -53,9 +55,6 @@ class PretrainData:
 
 def phantom_train_subjects(data: PretrainData) -> dict[str, list[int]]:
     """Subject indices per phantom that ``assign_splits`` puts in train for ``data.seed`` (val/test never used)."""
-    from rau_ray.data.manifest import assign_splits
-    from rau_ray.data.phantoms.common import subject_id
-
     out = {}
     for name in data.phantoms:
         ids = [subject_id(i) for i in range(data.phantom_subjects)]

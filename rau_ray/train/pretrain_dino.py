@@ -32,18 +32,31 @@ Use: ``rau pretrain dino --config jobs/configs/pretrain-dino-tiny.yaml``; ``qual
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from rau_ray import storage
+from rau_ray.config import from_dict
+from rau_ray.data.phantoms import get_phantom
+from rau_ray.data.phantoms.ct_abdomen import draw_subject, slice_depth
+from rau_ray.data.scenes import make_scene
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData
+from rau_ray.eval.metrics import grouped_bootstrap
+from rau_ray.models import pretrained, prompts
+from rau_ray.models.retrieval import TINY, Embedder, RetrievalConfig, tiny_model, tiny_processor, tiny_spec
+from rau_ray.train import pretrain, run
+from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, phantom_train_subjects
 from rau_ray.train.run import ScaleConfig
 
 OBJECTIVE = ("self-supervised InfoNCE (NT-Xent, temperature `temperature`) between two augmented views, of one image "
@@ -149,8 +162,6 @@ class DinoPretrainConfig:
 
     def retrieval_config(self):
         """The embedder this run trains (random init with ``seed``) and exports (as ``init: pretrained``)."""
-        from rau_ray.models.retrieval import RetrievalConfig
-
         return replace(RetrievalConfig(init="random", seed=self.seed), **self.arch)
 
     def out_path(self) -> Path:
@@ -164,15 +175,11 @@ class DinoPretrainConfig:
 # -- images ---------------------------------------------------------------------------------------------------------
 def window(image: np.ndarray, modality: str) -> np.ndarray:
     """uint8 grey as the Embedder sees it (CT windowed to the abdomen window)."""
-    from rau_ray.models import prompts
-
     return np.asarray(prompts.to_pil(image, modality).convert("L"))
 
 
 def phantom_images(name: str, seed: int, subject: int, size: int, slices: int) -> list:
     """A phantom subject's 2D samples (several axial slices of a CT subject)."""
-    from rau_ray.data.phantoms import get_phantom
-
     phantom = get_phantom(name)
     if getattr(phantom, "SUPPORTS_3D", False):
         return phantom.generate_2d(seed, subject, size=size, slices=slices)
@@ -181,8 +188,6 @@ def phantom_images(name: str, seed: int, subject: int, size: int, slices: int) -
 
 def training_items(cfg: DinoPretrainConfig) -> list[dict]:
     """Plain-dict Ray Data rows: one per scene, one per phantom train subject (rendered by the worker)."""
-    from rau_ray.train.pretrain import phantom_train_subjects
-
     items = [{"kind": "scene", "index": i} for i in range(cfg.data.scenes)]
     for name, subjects in phantom_train_subjects(cfg.data).items():
         items += [{"kind": name, "index": s} for s in subjects]
@@ -192,8 +197,6 @@ def training_items(cfg: DinoPretrainConfig) -> list[dict]:
 def render_items(items: list[dict], cfg: DinoPretrainConfig) -> dict:
     """These rows as arrays: uint8 "images" (n, size, size); "group" (n,): -1 for a scene or a single 2D image, else
     the index of its phantom volume (slices of one subject share it); "slice" (n,): axial index, -1 without."""
-    from rau_ray.data.scenes import make_scene
-
     images, group, pose = [], [], []
     for n, it in enumerate(items):
         if it["kind"] == "scene":
@@ -220,8 +223,6 @@ def val_set(seed: int, subjects: int, size: int, slices: int = 4, phantom: str =
             subj.append(s)
             pose.append(sample.slice)
             if params is not None:
-                from rau_ray.data.phantoms.ct_abdomen import slice_depth
-
                 anatomy.append((slice_depth(sample.slice) - params["shift_d"]) / params["scale_d"])
     return {"images": images, "modality": sample.modality, "subject": np.asarray(subj), "slice": np.asarray(pose),
             "anatomy": np.asarray(anatomy) if anatomy else None, "seed": seed, "size": size}
@@ -230,7 +231,6 @@ def val_set(seed: int, subjects: int, size: int, slices: int = 4, phantom: str =
 def _ct_params(phantom: str, seed: int, subject: int) -> dict | None:
     if phantom != "ct-abdomen":
         return None
-    from rau_ray.data.phantoms.ct_abdomen import draw_subject
 
     return draw_subject(seed, subject)
 
@@ -264,8 +264,6 @@ def pose_hits(emb: np.ndarray, subject: np.ndarray, pose: np.ndarray, ks=(1, 5),
 
 def bootstrap(hits: np.ndarray, groups: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
     """95 % percentile interval of the mean of ``hits``, resampling whole groups (query subjects)."""
-    from rau_ray.eval.metrics import grouped_bootstrap
-
     return grouped_bootstrap(hits, groups, n, seed)
 
 
@@ -296,8 +294,6 @@ def quality(weights=None, seed: int = BENCHMARK_SEED, subjects: int = 40, size: 
     because the same anatomy sits ~3 slices apart between subjects (``pose_ceiling``).
     ``weights``: None (the shipped pretrained tiny), a weights folder, a RetrievalConfig, an Embedder or a
     DinoPretrainConfig (its export folder)."""
-    from rau_ray.models.retrieval import TINY, Embedder, RetrievalConfig
-
     if isinstance(weights, Embedder):
         embedder = weights
     elif isinstance(weights, RetrievalConfig):
@@ -426,8 +422,6 @@ class DinoTrainer:
     ``embedder()`` (the model as retrieval uses it), ``weights()`` / ``load_weights``."""
 
     def __init__(self, cfg: DinoPretrainConfig, device: torch.device | str = "cpu"):
-        from rau_ray.models.retrieval import tiny_model, tiny_processor
-
         self.cfg, self.device = cfg, torch.device(device)
         self.rcfg = cfg.retrieval_config()
         self.net = DinoNet(tiny_model(self.rcfg), self.rcfg.pooling, cfg.proj_dim).to(self.device)
@@ -476,8 +470,6 @@ class DinoTrainer:
         return float(self.loss(batch, torch.Generator().manual_seed(seed))[0])
 
     def embedder(self):
-        from rau_ray.models.retrieval import Embedder
-
         self.net.eval()
         return Embedder.from_model(self.net.model, self.processor, self.rcfg, str(self.device))
 
@@ -524,12 +516,6 @@ def sample_batch(data: dict, cfg: DinoPretrainConfig, rng: np.random.Generator) 
 # -- Ray Train --------------------------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker; ``config``: "cfg" (DinoPretrainConfig as a dict)."""
-    import ray.train
-    import ray.train.torch
-
-    from rau_ray.config import from_dict
-    from rau_ray.train import run
-
     cfg = from_dict(DinoPretrainConfig, config["cfg"], "pretrain-dino config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -586,8 +572,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _all_sum(values: dict[str, float], device=None) -> dict[str, float]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return values
     keys = sorted(values)
@@ -599,11 +583,6 @@ def _all_sum(values: dict[str, float], device=None) -> dict[str, float]:
 def export_weights(weights: dict[str, torch.Tensor], cfg: DinoPretrainConfig, folder: Path) -> None:
     """The checkpoint's model weights as the tiny profile loads them: a save_pretrained Dinov2Model, its processor
     and ``rau_tiny_spec.json`` (the architecture)."""
-    import json
-
-    from rau_ray.models import pretrained
-    from rau_ray.models.retrieval import tiny_model, tiny_processor, tiny_spec
-
     rcfg = cfg.retrieval_config()
     model = tiny_model(rcfg)
     prefix = "model."
@@ -618,8 +597,6 @@ def export_weights(weights: dict[str, torch.Tensor], cfg: DinoPretrainConfig, fo
 def run_pretrain_dino(cfg: DinoPretrainConfig):
     """Render nothing on the driver (items are scene / subject ids), train on Ray Train, export ``cfg.out``;
     returns Ray Train's Result (last metrics with the validation recall, checkpoint)."""
-    from rau_ray.train import pretrain, run
-
     cfg.validate()
     started = time.time()
     items = training_items(cfg)
@@ -629,8 +606,6 @@ def run_pretrain_dino(cfg: DinoPretrainConfig):
     result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name,
                      datasets={"train": run.materialized(items, cfg.seed)})
     if result.error is None and result.checkpoint:
-        from rau_ray import storage
-
         weights, state = run.read_checkpoint(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path,
                                                             cfg.scale.storage_path))
         facts = pretrain.job_facts(cfg, result, OBJECTIVE, started)

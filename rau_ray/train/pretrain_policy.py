@@ -40,11 +40,21 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import ray.train
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from rau_ray.config import from_dict
+from rau_ray.data.scenes import KINDS, TONES, make_scene, random_affine, render, scene_rng
 from rau_ray.errors import ConfigError
-from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData
+from rau_ray.models import pretrained, prompts
+from rau_ray.models.policy import Policy, PolicyConfig, _load_base, number_tokens, tiny_spec
+from rau_ray.models.profiles import model_config_from
+from rau_ray.models.prompts import _SHAPE, MAX_ANSWER_CHARS, resized_size, scale_box, to_pil
+from rau_ray.train import run
+from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, export, job_facts
 from rau_ray.train.run import ScaleConfig
 
 TASKS = ("ground", "describe", "compare", "transfer")
@@ -126,8 +136,6 @@ class PolicyPretrainConfig:
 
     def policy(self):
         """The tiny PolicyConfig whose random init this job trains (the model section, init: random)."""
-        from rau_ray.models.profiles import model_config_from
-
         return replace(model_config_from(self.model, "pretrain-policy config: model").policy, init="random")
 
 
@@ -147,8 +155,6 @@ class View:
 def make_view(image: np.ndarray, label: np.ndarray, names: list[str], frame: tuple[int, int],
               dihedral: int = 0) -> View:
     """A scene image (+ label map: i for names[i - 1]) turned by one of the 8 dihedral maps, boxes from its pixels."""
-    from rau_ray.models.prompts import scale_box
-
     if dihedral >= 4:
         image, label = image[:, ::-1], label[:, ::-1]
     image, label = np.rot90(image, dihedral % 4), np.rot90(label, dihedral % 4)
@@ -281,8 +287,6 @@ def make_item(task: str, v1: View, v2: View, rng: np.random.Generator) -> dict |
 
 def messages(item: dict) -> list[dict]:
     """The chat turn of an item (Qwen's default system turn): one image, or "Image 1:" / "Image 2:" pairs."""
-    from rau_ray.models.prompts import to_pil
-
     images = [{"type": "image", "image": to_pil(v.image)} for v in item["views"]]
     if len(images) == 1:
         content = [images[0], {"type": "text", "text": item["question"]}]
@@ -295,8 +299,6 @@ def messages(item: dict) -> list[dict]:
 def scene_views(seed: int, index: int, size: int, frame: tuple[int, int], single: bool = False):
     """Scene ``index`` of stream ``seed`` (with one shape if ``single``) and its moved partner as (image, label,
     names) pairs."""
-    from rau_ray.data.scenes import make_scene, random_affine, render, scene_rng
-
     scene = make_scene(seed, index, size, n_shapes=(1, 1) if single else (1, 5))
     moved = render(scene.spec, size, random_affine(scene_rng(seed, index, 99), **MOVE))
     return [(s.image, s.label, [sh.name for sh in s.shapes]) for s in (scene, moved)]
@@ -363,8 +365,6 @@ _COMPARE_THINK = re.compile(r"The (.+?) is (?:centred at [xy] )?(\d+)(?: px acro
 
 def parse_choice(text: str) -> tuple[str, str] | None:
     """(think, "image 1"|"image 2") of a comparison answer, None when it is not one (never raises)."""
-    from rau_ray.models.prompts import _SHAPE, MAX_ANSWER_CHARS
-
     if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
         return None
     m = _SHAPE.fullmatch(text)
@@ -382,8 +382,6 @@ def parse_choice(text: str) -> tuple[str, str] | None:
 def score(item: dict, text: str) -> dict[str, float]:
     """What a completion gets right: ``parsed`` (format), the task's metric (``iou`` or ``correct``) and
     ``think_true`` (the reasoning's statements hold for this scene). Unparseable answers score 0."""
-    from rau_ray.models import prompts
-
     task, truth, frame = item["task"], item["truth"], item["views"][-1].frame
     size = (frame[1], frame[0])  # parse_answer wants (width, height)
     if task == "compare":
@@ -466,8 +464,6 @@ def summarize(rows: dict[str, list[dict]]) -> dict:
 
 
 def _policy_from(model, processor):
-    from rau_ray.models.policy import Policy, PolicyConfig
-
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last prompt token
     return Policy(model, processor, PolicyConfig())
 
@@ -475,10 +471,6 @@ def _policy_from(model, processor):
 def quality(folder, seed: int = BENCHMARK_SEED, n: int = 50, size: int = 112, tasks=TASKS) -> dict:
     """Held-out quality of a base folder (``save_pretrained`` layout, e.g. weights/tiny/qwen2_5_vl): ``n`` items per
     task from scenes of stream ``seed`` (7777: never trained on), greedy answers; see ``summarize``."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    from rau_ray.models.prompts import resized_size
-
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     items = heldout_items(seed, n, size, resized_size(size, size, processor), tasks)
@@ -547,8 +539,6 @@ def load_train_state(model, optimizer, weights: dict[str, torch.Tensor], aux=Non
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
-    import torch.distributed as dist
-
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -561,8 +551,6 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -598,8 +586,6 @@ class CompletionLoss:
     little, so the gradient says which way the box should move instead of only "not this number"."""
 
     def __init__(self, tokenizer, vocab_size: int, sigma: float):
-        from rau_ray.models.policy import number_tokens
-
         numbers = number_tokens(tokenizer)
         self.sigma = sigma
         self.value = torch.full((vocab_size,), -1.0)
@@ -626,8 +612,6 @@ class CompletionLoss:
 
 
 def shape_names() -> list[str]:
-    from rau_ray.data.scenes import KINDS, TONES
-
     return [f"{tone} {kind}" for tone in TONES for kind in KINDS]
 
 
@@ -708,19 +692,11 @@ def train_step(policy, items: list[dict], loss_fn: CompletionLoss, aux: AuxHeads
 
 def build_base(cfg: PolicyPretrainConfig):
     """The random-initialised tiny base (model, processor) this job starts from, built once into the cache."""
-    from rau_ray.models.policy import _load_base
-
     return _load_base(cfg.policy())
 
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker; ``config``: "cfg" (PolicyPretrainConfig as a dict)."""
-    import ray.train
-
-    from rau_ray.config import from_dict
-    from rau_ray.models.prompts import resized_size
-    from rau_ray.train import run
-
     cfg = from_dict(PolicyPretrainConfig, config["cfg"], "pretrain-policy config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -793,10 +769,6 @@ OBJECTIVE = ("full-parameter next-token cross-entropy on the completion (<think>
 
 def export_base(cfg: PolicyPretrainConfig, weights: dict[str, torch.Tensor], facts: dict):
     """The trained weights as a ``save_pretrained`` folder at ``cfg.out`` (with its ``rau_tiny_spec.json``)."""
-    from rau_ray.models import pretrained
-    from rau_ray.models.policy import tiny_spec
-    from rau_ray.train.pretrain import export
-
     model, processor = build_base(cfg)
     load_train_state(model, None, {k: v for k, v in weights.items() if not k.startswith("aux.")})
     spec = tiny_spec(replace(cfg.policy(), init="pretrained"))
@@ -811,9 +783,6 @@ def export_base(cfg: PolicyPretrainConfig, weights: dict[str, torch.Tensor], fac
 
 def run_pretrain_policy(cfg: PolicyPretrainConfig):
     """Train on Ray Train, export the last weights to ``cfg.out``; returns Ray Train's Result."""
-    from rau_ray.train import run
-    from rau_ray.train.pretrain import job_facts
-
     cfg.validate()
     started = time.time()
     build_base(cfg)  # once, on the driver: the workers find it in the cache

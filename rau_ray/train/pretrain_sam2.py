@@ -19,17 +19,42 @@ Use: ``rau pretrain sam2 --config jobs/configs/pretrain-sam2-tiny.yaml``; ``qual
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from torchvision.ops import sigmoid_focal_loss
 
+from rau_ray.config import from_dict
+from rau_ray.data.phantoms import PHANTOMS, ct_abdomen, xray_angio
+from rau_ray.data.scenes import make_scene, random_affine, random_spec, render, scene_rng
 from rau_ray.errors import ConfigError
-from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, phantom_train_subjects
+from rau_ray.eval.metrics import dice, mask_to_box
+from rau_ray.models import pretrained, sam2_builder
+from rau_ray.models.losses import sample_corrective_points
+from rau_ray.models.memory_ref import memory_ref_baseline
+from rau_ray.models.pretrained import weights_root
+from rau_ray.models.prompts import to_pil
+from rau_ray.models.sam2_builder import (
+    TINY,
+    build_sam2_model,
+    build_video_predictor,
+    embed_image,
+    predict_with_prompts,
+    predictor_for,
+)
+from rau_ray.train import pretrain, run
+from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, export, phantom_train_subjects
 from rau_ray.train.run import ScaleConfig
+from rau_ray.train.seg import _all_sum
 
 VAL_SEED = 4242  # validation subjects during training: not a training seed, not the benchmark's
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2's transforms
@@ -83,9 +108,6 @@ class Sam2PretrainConfig:
 
     def sam2_config(self):
         """The tiny Sam2Config this run trains: random init, the data's image size unless overridden."""
-        from rau_ray.config import from_dict
-        from rau_ray.models.sam2_builder import TINY
-
         base = {**asdict(TINY), "init": "random", "seed": self.seed, **self.sam2}
         cfg = from_dict(type(TINY), base, f"{self.name}: sam2")
         if cfg.checkpoint != "tiny":
@@ -105,9 +127,6 @@ class Frame:
 
 def ct_frames(seed: int, subjects, size: int, slices_per_subject: int) -> list[Frame]:
     """Axial slices of ct-abdomen subjects, windowed (abdomen) to uint8 as SAM2 sees them."""
-    from rau_ray.data.phantoms import ct_abdomen
-    from rau_ray.models.prompts import to_pil
-
     lo, hi = ct_abdomen.axial_range()
     frames = []
     for s in subjects:
@@ -119,8 +138,6 @@ def ct_frames(seed: int, subjects, size: int, slices_per_subject: int) -> list[F
 
 
 def angio_frames(seed: int, subjects, size: int) -> list[Frame]:
-    from rau_ray.data.phantoms import xray_angio
-
     return [Frame(np.asarray(x.image, np.uint8), x.label, x.labels, s) for s in subjects
             for x in xray_angio.generate_2d(seed, s, size=size)]
 
@@ -149,8 +166,6 @@ class Sampler:
         return None if not len(values) else label == values[int(rng.integers(len(values)))]
 
     def image_sample(self, rng) -> tuple[np.ndarray, np.ndarray]:
-        from rau_ray.data.scenes import make_scene
-
         source = SOURCES[int(rng.choice(3, p=np.asarray(self.cfg.mix) / sum(self.cfg.mix)))]
         while True:
             if source == "scene":
@@ -166,8 +181,6 @@ class Sampler:
 
     def clip_sample(self, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(frame 0, its mask, frame 1, the same structure's mask there, possibly empty)."""
-        from rau_ray.data.scenes import random_affine, random_spec, render, scene_rng
-
         kind = rng.choice(3, p=[0.35, 0.35, 0.3]) if self.ct else 2
         if kind == 2:
             spec = random_spec(scene_rng(self.cfg.data.seed, int(rng.integers(self.cfg.data.scenes))))
@@ -247,8 +260,6 @@ class Sam2Pretrainer(torch.nn.Module):
 
     def _mask_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample focal*w + Dice*w of (B, M, h, w) logits against (B, 1, h, w) targets -> (B, M)."""
-        from torchvision.ops import sigmoid_focal_loss
-
         t = target.expand_as(logits)
         focal = sigmoid_focal_loss(logits, t, alpha=0.25, gamma=2.0, reduction="none").flatten(2).mean(-1)
         p = logits.sigmoid().flatten(2)
@@ -267,9 +278,6 @@ class Sam2Pretrainer(torch.nn.Module):
         return self.cfg.iou_weight * F.mse_loss(ious_pred, self._iou(logits.detach(), target))
 
     def image_losses(self, images: torch.Tensor, masks: torch.Tensor, rng) -> dict[str, torch.Tensor]:
-        from rau_ray.eval.metrics import mask_to_box
-        from rau_ray.models.losses import sample_corrective_points
-
         sam, cfg = self.sam, self.cfg
         b, s = images.shape[0], images.shape[-1]
         _, feats, _, sizes = self.encode(images)
@@ -370,8 +378,6 @@ def val_items(cfg: Sam2PretrainConfig, size: int) -> tuple[list, list]:
 @torch.no_grad()
 def validate(model: Sam2Pretrainer, boxes, pairs, batch: int = 16) -> dict[str, float]:
     """Sums: box Dice (single-mask output as SAM2ImagePredictor gives it) and memory Dice, with counts."""
-    from rau_ray.eval.metrics import dice, mask_to_box
-
     sam = model.sam
     s = sam.image_size
     was = model.training
@@ -406,7 +412,7 @@ def validate(model: Sam2Pretrainer, boxes, pairs, batch: int = 16) -> dict[str, 
         backbone = sam.forward_image(torch.cat([ref, tgt]))
         _, feats, pos, sizes = sam._prepare_backbone_features(backbone)
         b = len(chunk)
-        frame = lambda xs, j: [x[:, j * b:(j + 1) * b] for x in xs]  # noqa: E731
+        frame = lambda xs, j: [x[:, j * b:(j + 1) * b] for x in xs]  # noqa: B023, E731
         output = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         output["cond_frame_outputs"][0] = sam.track_step(0, True, frame(feats, 0), frame(pos, 0), sizes, None,
                                                          ref_mask, output, 2, run_mem_encoder=True)
@@ -428,8 +434,6 @@ def lr_at(cfg: Sam2PretrainConfig, step: int) -> float:
 
 
 def build(cfg: Sam2PretrainConfig, device="cpu") -> Sam2Pretrainer:
-    from rau_ray.models.sam2_builder import build_sam2_model
-
     torch.manual_seed(cfg.seed)
     sam = build_sam2_model(replace(cfg.sam2_config(), device=str(device)))
     return Sam2Pretrainer(sam, cfg).to(device)
@@ -447,13 +451,6 @@ def step_batch(cfg: Sam2PretrainConfig, sampler: Sampler, rng, size: int, device
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from rau_ray.config import from_dict
-    from rau_ray.train import run
-    from rau_ray.train.seg import _all_sum
-
     cfg = from_dict(Sam2PretrainConfig, config["cfg"], "pretrain-sam2 config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -514,8 +511,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_pretrain_sam2(cfg: Sam2PretrainConfig):
     """Train on Ray Train, then export the last checkpoint's weights to ``cfg.out``; returns Ray Train's Result."""
-    from rau_ray.train import pretrain, run
-
     cfg.validate()
     started = time.time()
     result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name)
@@ -532,13 +527,6 @@ OBJECTIVE = ("promptable segmentation (jittered boxes or a click, then correctiv
 
 def export_sam2(cfg: Sam2PretrainConfig, weights: dict, facts: dict):
     """The state dict as ``model.safetensors`` + the architecture spec, atomically into ``cfg.out``."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from rau_ray.models import pretrained, sam2_builder
-    from rau_ray.train.pretrain import export
-
     scfg = cfg.sam2_config()
 
     def write(folder):
@@ -552,10 +540,6 @@ def export_sam2(cfg: Sam2PretrainConfig, weights: dict, facts: dict):
 
 def out_path(out: str):
     """``out`` as given when absolute, else relative to the checkout (where ``weights/`` lives)."""
-    from pathlib import Path
-
-    from rau_ray.models.pretrained import weights_root
-
     p = Path(out)
     return p if p.is_absolute() else weights_root().parents[1] / p
 
@@ -568,14 +552,6 @@ def quality(sam2_cfg=None, seed: int = BENCHMARK_SEED, subjects: int = 12, size:
     memory propagation reference -> target (SAM2-Memory-Ref; another subject at the same level), box Dice on the
     never-trained ultrasound and xray-msk phantoms. Means with 95 % bootstrap intervals over subjects. ``model``: an
     already built SAM2Base (e.g. a CBAM-LoRA one) measured on the single-image figures only."""
-    from rau_ray.data.phantoms import PHANTOMS
-    from rau_ray.eval.metrics import dice, mask_to_box
-    from rau_ray.models.losses import sample_corrective_points
-    from rau_ray.models.memory_ref import memory_ref_baseline
-    from rau_ray.models.prompts import to_pil
-    from rau_ray.models.sam2_builder import (TINY, build_sam2_model, build_video_predictor, embed_image,
-                                             predict_with_prompts, predictor_for)
-
     sam2_cfg = sam2_cfg or TINY
     image_only = model is not None
     model = model if image_only else build_sam2_model(sam2_cfg)

@@ -32,16 +32,18 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 
 from rau_ray.data.manifest import Manifests
 from rau_ray.errors import ConfigError
 from rau_ray.eval import scoring
 from rau_ray.eval.metrics import dice
 from rau_ray.eval.scoring import FORMAT_CREDIT, MATCH, matched_mean_iou  # noqa: F401  (re-exported)
-from rau_ray.models.prompts import parse_answer
+from rau_ray.models.prompts import parse_answer, to_pil
 
 
 def completion_text(completion: Any) -> str | None:
@@ -160,8 +162,6 @@ class MaskDiceReward:
         return value
 
     def _sample(self, manifest_path: str, row_id: str):
-        from rau_ray.models.prompts import to_pil
-
         def load():
             row, image, label = self._manifests.sample(manifest_path, row_id)
             return row, np.asarray(to_pil(image, row.modality)), label
@@ -178,8 +178,6 @@ class MaskDiceReward:
         return (np.asarray(label) == values[0]) if values else None
 
     def score(self, messages, text, manifest_path, reference, target, structure, image_size=None) -> float:
-        import torch
-
         if not parse_answer(text, "segment", image_size=_size(image_size)):
             return 0.0
         ref_row, _, ref_label = self._sample(manifest_path, reference)

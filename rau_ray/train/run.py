@@ -9,17 +9,30 @@ on the driver: ``result = fit(loop, cfg, datasets)``; ``weights, state = read_ch
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import resource
 import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import psutil
+import ray.data
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
 
+from rau_ray import ray_session, storage
 from rau_ray.errors import ConfigError, DataError
+from rau_ray.storage import check_scheme, local_copy, resolve_storage
 
 WEIGHTS = "weights.safetensors"
 STATE = "train_state.json"
@@ -36,10 +49,6 @@ class Resumed:
 def read_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, train_state) of a checkpoint folder (a URI's: downloaded once per node, ``storage.local_copy``); a
     clear DataError when it is not one."""
-    from safetensors.torch import load_file
-
-    from rau_ray.storage import local_copy
-
     where, folder = folder, local_copy(folder, "checkpoint")
     if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
         raise DataError(f"{where}: not a training checkpoint (expected {WEIGHTS} and {STATE})")
@@ -48,8 +57,6 @@ def read_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 def read_history(folder: str | os.PathLike) -> list[dict]:
     """The metric rows of a checkpoint folder (local or a URI: only history.jsonl is read); [] without one."""
-    from rau_ray import storage
-
     path = storage.join(folder, HISTORY)
     if not storage.is_file(path):
         return []
@@ -58,8 +65,6 @@ def read_history(folder: str | os.PathLike) -> list[dict]:
 
 def resume() -> Resumed:
     """Inside a worker: the latest checkpoint Ray Train hands a (re)started run, or a fresh start."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return Resumed()
@@ -72,9 +77,6 @@ def report(metrics: dict, weights: dict[str, torch.Tensor] | None = None, step: 
            history: list[dict] | None = None, config: dict | None = None) -> None:
     """Report metrics from every worker (Ray Train expects all to call); with ``weights``, rank 0 also saves them
     (with the step, config and history) as the checkpoint."""
-    import ray.train
-    from safetensors.torch import save_file
-
     if weights is None:
         ray.train.report(metrics)
         return
@@ -105,8 +107,6 @@ class ScaleConfig:
     placement_strategy: str = "PACK"  # of the workers' placement group: PACK fills nodes, SPREAD one per node
 
     def validate(self) -> None:
-        from rau_ray.storage import check_scheme
-
         if self.num_workers < 1:
             raise ConfigError(f"scale.num_workers must be at least 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
@@ -118,16 +118,12 @@ class ScaleConfig:
 
     def storage(self) -> str:
         """The absolute folder, or the URI once its pyarrow filesystem opened (ConfigError: scheme, credentials)."""
-        from rau_ray.storage import resolve_storage
-
         return resolve_storage(self.storage_path, "scale.storage_path")
 
 
 def materialized(items: list[dict], seed: int):
     """A shuffled Ray Dataset of plain-dict items, materialised on the driver: training workers hold every CPU of
     a small cluster, so a lazy shuffle would wait forever for a CPU of its own."""
-    import ray.data
-
     ray.data.DataContext.get_current().enable_progress_bars = False  # the training metrics are the progress
     return ray.data.from_items(items).random_shuffle(seed=seed).materialize()
 
@@ -150,9 +146,6 @@ def run_callbacks(*callbacks):
 def build_trainer(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None,
                   callbacks: tuple | list = ()):
     """The ``TorchTrainer`` that runs ``loop(loop_config)`` on ``scale.num_workers`` workers (not started)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
     return TorchTrainer(
         loop, train_loop_config=loop_config, datasets=datasets or {},
@@ -168,8 +161,6 @@ def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict |
     """Run ``loop(loop_config)`` on ``scale.num_workers`` Ray Train workers; returns Ray Train's Result.
 
     A failed run (after ``max_failures`` restarts) raises ``ray.train.TrainingFailedError``."""
-    from rau_ray import ray_session
-
     ray_session.connect()
     return build_trainer(loop, loop_config, scale, name, datasets, _RUN_CALLBACKS.get()).fit()
 
@@ -178,8 +169,6 @@ def shard_batches(shard, batch_size: int, seed: int):
     """``(epoch, items)`` without end: this worker's Ray Data shard is streamed once (task items are small dicts,
     images load later), then reshuffled every epoch by a seeded generator. Streaming the shard again every epoch
     stalled on a cluster whose CPUs the training workers hold. The caller stops at its last step."""
-    import numpy as np
-
     items = [dict(row) for row in shard.iter_rows()]
     if not items:
         raise DataError("this worker's data shard is empty: fewer training items than workers")
@@ -205,9 +194,6 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     activation) is its own mapping and goes back to the OS when freed. glibc otherwise raises the threshold after
     each such free, later ones come from the heap, and the process keeps every peak it ever had: a worker's memory
     would show its worst step, not what its ZeRO stage holds. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
@@ -219,9 +205,6 @@ def local_rank_zero_first(build):
     """Call ``build()`` on each node's local rank 0 first, then on the other workers (after a barrier).
 
     The first call builds the tiny models into the node's cache once instead of on every worker at the same time."""
-    import ray.train
-    import torch.distributed as dist
-
     first = ray.train.get_context().get_local_rank() == 0
     distributed = dist.is_available() and dist.is_initialized()
     if first:
@@ -233,14 +216,10 @@ def local_rank_zero_first(build):
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory since it started (model loading included)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mb() -> float:
     """This process's resident memory now; its maximum over training steps is what the ZeRO stage changes on CPU
     (ZeRO-3 keeps only this worker's shard of the weights between steps)."""
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**20

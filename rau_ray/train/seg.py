@@ -27,13 +27,36 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from rau_ray.data.manifest import Manifests
+from rau_ray.config import from_dict
+from rau_ray.data.manifest import Manifests, read_manifest
+from rau_ray.data.tasks import label_boxes, make_pairs
 from rau_ray.errors import ConfigError, DataError
+from rau_ray.eval.metrics import dice, mask_to_box
+from rau_ray.models.cbam_lora import add_cbam_lora
+from rau_ray.models.checkpoint import (
+    load_policy_checkpoint,
+    locate_checkpoint,
+    read_checkpoint,
+    recorded_policy,
+    weights_digest,
+)
+from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.losses import focal_dice_loss, sample_corrective_points
+from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import model_config_from
+from rau_ray.models.prompts import to_pil
+from rau_ray.models.retrieval import reference_picker
+from rau_ray.models.sam2_builder import as_rgb_uint8, build_sam2_model, predictor_for
+from rau_ray.train import run
+from rau_ray.train.policy_examples import PolicyExamples
 from rau_ray.train.run import ScaleConfig
 
 MODES = ("rau", "cbam-lora", "memory-ref")
@@ -107,8 +130,6 @@ class SegJobConfig:
 
     def model_config(self):
         """The ModelConfig this job trains (profile + the ``model`` overrides); cbam-lora's decoder as configured."""
-        from rau_ray.models.profiles import model_config_from
-
         cfg = model_config_from(self.model, f"{self.name}: model")
         return replace(cfg, cbam_lora=replace(cfg.cbam_lora, train_mask_decoder=self.train_mask_decoder))
 
@@ -122,9 +143,6 @@ def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: s
     keys manifest, reference, target, structure (references retrieved by ``retrieval``'s embedder when given, as at
     inference). ``cbam-lora``: every row of ``split`` and each of its structures
     (reference None)."""
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.data.tasks import label_boxes, make_pairs
-
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     m = read_manifest(manifest) if isinstance(manifest, (str, Path)) else manifest
@@ -138,7 +156,7 @@ def seg_items(manifest, split: str, mode: str, seed: int = 0, reference_split: s
     if mode in ("rau", "memory-ref"):
         seen = set()
         for pair in make_pairs(m, split=split, reference_split=reference_split, tasks=("segment",), seed=seed,
-                               retrieval=retrieval):
+                               retrieve=reference_picker(retrieval) if retrieval is not None else None):
             if (pair["reference"], pair["target"]) in seen:
                 continue
             seen.add((pair["reference"], pair["target"]))
@@ -167,8 +185,6 @@ class Samples:
         self.capacity = capacity
 
     def get(self, manifest_path: str, row_id: str):
-        from rau_ray.models.prompts import to_pil
-
         key = (manifest_path, row_id)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -196,8 +212,6 @@ def _resize_masks(masks: list[np.ndarray], size: int, device) -> torch.Tensor:
 
 def _dice_at(logits: torch.Tensor, mask: np.ndarray) -> float:
     """Dice of ``logits`` (h, w) brought to the true mask's size (bilinear, as SAM2 postprocesses) against it."""
-    from rau_ray.eval.metrics import dice
-
     up = F.interpolate(logits[None, None].float(), size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
     return dice((up > 0).cpu().numpy(), mask)
 
@@ -256,8 +270,6 @@ class PromptedSAM2(nn.Module):
     @staticmethod
     def first_prompts(masks: np.ndarray, kinds: list[str], rng) -> tuple[np.ndarray, np.ndarray]:
         """Box (two corner points, labels 2/3) or one positive point inside each (B, S, S) mask -> (B, 2, 2), (B, 2)."""
-        from rau_ray.eval.metrics import mask_to_box
-
         coords = np.zeros((len(masks), 2, 2), np.float32)
         labels = np.full((len(masks), 2), -1, np.int64)
         for i, (m, kind) in enumerate(zip(masks, kinds)):
@@ -342,11 +354,6 @@ class RAUSegTrainer(SegTrainer):
     """Mode rau: frozen policy (teacher-forced canonical segment answer) -> <Seg> hidden -> RAUSegmenter."""
 
     def __init__(self, cfg: SegJobConfig, device="cpu"):
-        from rau_ray.models.fusion import RAUSegmenter
-        from rau_ray.models.policy import load_policy
-        from rau_ray.models.sam2_builder import build_sam2_model
-        from rau_ray.train.policy_examples import PolicyExamples
-
         super().__init__(cfg, device)
         model_cfg = cfg.model_config()
         model_cfg.validate()
@@ -469,8 +476,6 @@ class RAUSegTrainer(SegTrainer):
         """What trains: the segmenter's projector, fusion and decoder (+ the policy adapter, prefixed)."""
         weights = self.segmenter.trainable_state_dict()
         if self.cfg.train_policy_lora:
-            from peft import get_peft_model_state_dict
-
             weights.update({POLICY_PREFIX + k: v.detach().cpu().contiguous()
                             for k, v in get_peft_model_state_dict(self.policy.model).items()})
         return weights
@@ -481,8 +486,6 @@ class RAUSegTrainer(SegTrainer):
         self.segmenter.load_state_dict(seg, strict=False)
         adapter = {k[len(POLICY_PREFIX):]: v for k, v in weights.items() if k.startswith(POLICY_PREFIX)}
         if adapter:
-            from peft import set_peft_model_state_dict
-
             set_peft_model_state_dict(self.policy.model, adapter)
         self._hidden.clear()
 
@@ -492,9 +495,6 @@ class MemoryRefSegTrainer(RAUSegTrainer):
     reference memory conditions the target's features; no policy, no <Seg> query); SAM2's mask decoder trains."""
 
     def __init__(self, cfg: SegJobConfig, device="cpu"):
-        from rau_ray.models.fusion import RAUSegmenter
-        from rau_ray.models.sam2_builder import build_sam2_model
-
         SegTrainer.__init__(self, cfg, device)
         model_cfg = cfg.model_config()
         model_cfg.validate()
@@ -513,9 +513,6 @@ class CBAMLoRASegTrainer(SegTrainer):
     """Mode cbam-lora: SAM2 + CBAM + LoRA, box/point prompt then interactive corrective rounds."""
 
     def __init__(self, cfg: SegJobConfig, device="cpu"):
-        from rau_ray.models.cbam_lora import add_cbam_lora
-        from rau_ray.models.sam2_builder import build_sam2_model, predictor_for
-
         super().__init__(cfg, device)
         model_cfg = cfg.model_config()
         model_cfg.validate()
@@ -536,8 +533,6 @@ class CBAMLoRASegTrainer(SegTrainer):
         self.model.train(on)
 
     def _tensors(self, items):
-        from rau_ray.models.sam2_builder import as_rgb_uint8
-
         s = self.model.sam.image_size
         images = torch.stack([self.transforms(as_rgb_uint8(self.samples.get(it["manifest"], it["target"])[1]))
                               for it in items]).to(self.device)
@@ -596,8 +591,6 @@ class CBAMLoRASegTrainer(SegTrainer):
 def trained_policy(cfg: SegJobConfig, device, model_cfg):
     """The policy of ``cfg.policy_checkpoint``, checked against the digest the driver recorded (a checkpoint
     replaced between the driver and the workers would train a segmenter on another policy)."""
-    from rau_ray.models.checkpoint import load_policy_checkpoint, recorded_policy
-
     return load_policy_checkpoint(recorded_policy(cfg.policy_checkpoint, cfg.policy_sha256 or None, cfg.name),
                                   device, model_cfg)
 
@@ -606,8 +599,6 @@ def with_policy_checkpoint(cfg: SegJobConfig) -> SegJobConfig:
     """``cfg`` with its policy checkpoint resolved (an absolute path or a URI), its digest recorded and the model
     section's policy taken from that checkpoint (the rest as the job gives it); a ConfigError when it is no policy
     checkpoint or another profile's."""
-    from rau_ray.models.checkpoint import locate_checkpoint, read_checkpoint, weights_digest
-
     if not cfg.policy_checkpoint:
         return cfg
     where = locate_checkpoint(cfg.policy_checkpoint)
@@ -642,10 +633,7 @@ def build_seg_trainer(cfg: SegJobConfig, device="cpu") -> SegTrainer:
 def seg_trainer_from_checkpoint(folder: str | Path, device="cpu") -> SegTrainer:
     """The trainer (models included) a checkpoint was saved from, with its trained weights: its ``segmenter``
     (mode rau) or ``model.sam`` (cbam-lora) is the trained model."""
-    from rau_ray.config import from_dict
-    from rau_ray.train.run import read_checkpoint
-
-    weights, state = read_checkpoint(folder)
+    weights, state = run.read_checkpoint(folder)
     trainer = build_seg_trainer(from_dict(SegJobConfig, state["config"], f"{folder}/train_state.json"), device)
     trainer.load_weights(weights)
     return trainer
@@ -654,8 +642,6 @@ def seg_trainer_from_checkpoint(folder: str | Path, device="cpu") -> SegTrainer:
 # -- Ray Train -------------------------------------------------------------------------------------------------------
 def _all_sum(values: dict[str, float], device) -> dict[str, float]:
     """Sum over the ranks (the process group Ray Train set up), or as is in a single process."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return values
     keys = sorted(values)
@@ -666,12 +652,6 @@ def _all_sum(values: dict[str, float], device) -> dict[str, float]:
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker; ``config``: "cfg" (SegJobConfig as a dict), "val_items" (validation items)."""
-    import ray.train
-    import ray.train.torch
-
-    from rau_ray.config import from_dict
-    from rau_ray.train import run
-
     cfg = from_dict(SegJobConfig, config["cfg"], "seg config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -732,9 +712,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_seg(cfg: SegJobConfig):
     """Build the items, run the TorchTrainer, return Ray Train's Result (last metrics with val_dice, checkpoint)."""
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.train import run
-
     cfg.validate()
     cfg = with_policy_checkpoint(cfg)
     cfg.model_config()  # a bad model section fails here, not in every worker

@@ -19,9 +19,25 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import deepspeed
+import ray.train
 import torch
+import torch.distributed as dist
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.utils.data import DataLoader
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from rau_ray.config import from_dict
+from rau_ray.data.manifest import read_manifest
+from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError
+from rau_ray.eval.policy_eval import evaluate_policy, means
+from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import model_config_from
+from rau_ray.models.retrieval import reference_picker
+from rau_ray.train import run
+from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
+from rau_ray.train.policy_examples import PolicyExamples
 from rau_ray.train.run import ScaleConfig
 
 
@@ -59,26 +75,18 @@ class SFTConfig:
 
 def trainable_state(model, zero_stage: int) -> dict[str, torch.Tensor]:
     """The adapter (LoRA + trainable token rows) as plain tensors; under ZeRO-3 gathered from the shards."""
-    import deepspeed
-    from peft import get_peft_model_state_dict
-
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_trainable(model, weights: dict[str, torch.Tensor], zero_stage: int = 0) -> None:
-    import deepspeed
-    from peft import set_peft_model_state_dict
-
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero_stage == 3):
         set_peft_model_state_dict(model, weights)
 
 
 def _all_sum(totals: dict[str, float], keys: list[str]) -> dict[str, float]:
-    import torch.distributed as dist
-
     values = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
@@ -87,8 +95,6 @@ def _all_sum(totals: dict[str, float], keys: list[str]) -> dict[str, float]:
 
 def evaluate(policy, examples, items: list[dict], cfg: SFTConfig, rank: int, world: int) -> dict[str, float]:
     """Held-out scores summed over ranks: each rank answers an equal slice (ZeRO-3 generation runs in lockstep)."""
-    from rau_ray.eval.policy_eval import evaluate_policy, means
-
     per_rank = max(1, min(cfg.eval_items, len(items)) // world)
     # equal counts on every rank (sharded generation must run in lockstep): with fewer items than ranks, some repeat
     mine = [items[(rank * per_rank + i) % len(items)] for i in range(per_rank)]
@@ -102,16 +108,12 @@ class ShardBatches(torch.utils.data.IterableDataset):
     at ``max_steps``); a resumed run skips the batches it trained on before. Counts the answer tokens it yields."""
 
     def __init__(self, shard, policy, batch_size: int, seed: int, skip: int):
-        from rau_ray.train.policy_examples import PolicyExamples
-
         super().__init__()
         self.shard, self.policy, self.batch_size, self.seed, self.skip = shard, policy, batch_size, seed, skip
         self.examples = PolicyExamples(policy.processor)
         self.epoch, self.tokens = 0, 0
 
     def __iter__(self):
-        from rau_ray.train import run
-
         for seen, (epoch, items) in enumerate(run.shard_batches(self.shard, self.batch_size, self.seed), 1):
             if seen <= self.skip:
                 continue
@@ -125,9 +127,6 @@ class ShardBatches(torch.utils.data.IterableDataset):
 def _trainer(**kwargs):
     """A ``transformers.Trainer`` whose dataloader is the worker's own shard (Ray Train's ``prepare_trainer`` does
     the same for Ray Data iterables): accelerate must not split it over the ranks a second time."""
-    from torch.utils.data import DataLoader
-    from transformers import PrinterCallback, Trainer
-
     class ShardTrainer(Trainer):
         def get_train_dataloader(self):
             return DataLoader(self.train_dataset, batch_size=None)  # batches come collated
@@ -140,10 +139,6 @@ def _trainer(**kwargs):
 def _callback(cfg: SFTConfig, policy, batches: ShardBatches, config: dict, resumed, rank: int, world: int):
     """Trainer logs -> ``run.report`` on every worker, with throughput, memory and (every ``eval_every`` steps and
     at the end) held-out scores; at checkpoint steps and the last one, rank 0 also saves adapter, step, history."""
-    from transformers import TrainerCallback
-
-    from rau_ray.train import run
-
     history, start = resumed.history, resumed.step
     samples_per_step = cfg.batch_size * cfg.grad_accumulation * world
 
@@ -199,15 +194,6 @@ def _callback(cfg: SFTConfig, policy, batches: ShardBatches, config: dict, resum
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker; ``config``: "cfg" (SFTConfig as a dict), "val_items" (held-out task items),
     "total_steps" (where the run ends: max_steps, or the epochs' worth of this worker's shard)."""
-    import ray.train
-    from transformers import TrainingArguments
-
-    from rau_ray.config import from_dict
-    from rau_ray.models.policy import load_policy
-    from rau_ray.models.profiles import model_config_from
-    from rau_ray.train import run
-    from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
-
     cfg = from_dict(SFTConfig, config["cfg"], "sft config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -244,18 +230,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_sft(cfg: SFTConfig):
     """Build task pairs, run the TorchTrainer, return Ray Train's Result (last metrics, checkpoint, path)."""
-    from rau_ray.data.manifest import read_manifest
-    from rau_ray.data.tasks import make_pairs
-    from rau_ray.models.profiles import model_config_from
-    from rau_ray.train import run
-
     cfg.validate()
     retrieval = model_config_from(cfg.model, "sft config: model").retrieval  # a bad model section fails here
     manifest = read_manifest(cfg.manifest)
     # references retrieved by the profile's DINOv2 bank, as at inference
-    items = make_pairs(manifest, split=cfg.split, tasks=cfg.tasks, seed=cfg.seed, retrieval=retrieval)
+    retrieve = reference_picker(retrieval)
+    items = make_pairs(manifest, split=cfg.split, tasks=cfg.tasks, seed=cfg.seed, retrieve=retrieve)
     val_items = make_pairs(manifest, split=cfg.val_split, tasks=cfg.tasks, seed=cfg.seed + 1,
-                           retrieval=retrieval)[:cfg.eval_items]
+                           retrieve=retrieve)[:cfg.eval_items]
     if not items:
         raise ConfigError(f"{cfg.manifest}: no reference-target pairs in split {cfg.split!r}")
     if not val_items:

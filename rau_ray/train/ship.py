@@ -19,12 +19,21 @@ import shutil
 from pathlib import Path
 
 from rau_ray.errors import ConfigError
+from rau_ray.models.checkpoint import (
+    HISTORY,
+    STATE,
+    WEIGHTS,
+    load_policy_checkpoint,
+    locate_checkpoint,
+    read_checkpoint,
+    shipped_root,
+    weights_digest,
+)
+from rau_ray.train.pretrain import export
 
 
 def _run_checkpoint(source: str, step: int | None) -> str:
     """``source`` itself, or with ``step`` the ``checkpoint_*`` of run folder ``source`` at that step."""
-    from rau_ray.models.checkpoint import STATE, locate_checkpoint
-
     if step is None:
         return locate_checkpoint(source)
     steps = {json.loads((f / STATE).read_text()).get("step"): f for f in Path(source).glob("checkpoint_*")
@@ -36,8 +45,6 @@ def _run_checkpoint(source: str, step: int | None) -> str:
 
 def _shipped_policy(digest: str, where: str) -> str:
     """``shipped:<name>`` of the shipped sft / grpo checkpoint whose weights have ``digest``."""
-    from rau_ray.models.checkpoint import STATE, read_checkpoint, shipped_root, weights_digest
-
     root = shipped_root()
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if (folder / STATE).is_file():
@@ -50,10 +57,6 @@ def _shipped_policy(digest: str, where: str) -> str:
 
 def ship(source: str, name: str, step: int | None = None) -> dict:
     """Copy checkpoint ``source`` (a run's latest, or its ``step``) to ``shipped:<name>``; returns what was shipped."""
-    from rau_ray.models.checkpoint import HISTORY, STATE, WEIGHTS, load_policy_checkpoint, read_checkpoint, \
-        shipped_root, weights_digest
-    from rau_ray.train.pretrain import export
-
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"ship: --name must be a plain folder name, not {name!r}")
     ck = read_checkpoint(_run_checkpoint(source, step))

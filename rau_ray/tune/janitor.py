@@ -16,7 +16,11 @@ from __future__ import annotations
 import logging
 import time
 
+import ray
+from ray._private.state import state
+from ray.core.generated import gcs_pb2
 from ray.tune import Callback
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 logger = logging.getLogger(__name__)
 freed = 0  # placement groups removed by this process so far (a sweep's summary reports its share)
@@ -26,10 +30,6 @@ LIVE_STATES = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
 def _groups_of_this_job() -> list:
     """(placement group id bytes, state name, creator actor dead) of every non-detached group an actor of this
     driver's job created. Reads the GCS table directly: its creator fields are not in the public summary."""
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-
     job = ray.get_runtime_context().get_job_id()
     out = []
     for raw in state._connect_and_get_accessor().get_placement_group_table():
@@ -46,9 +46,6 @@ def remove_orphans() -> int:
     """Remove this job's live placement groups whose creator actor is dead; returns how many. Never raises (a
     cluster that cannot say is left alone)."""
     global freed
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     removed = 0
     try:
         for pg_id, _, dead in _groups_of_this_job():

@@ -5,7 +5,7 @@ holds per trial), so tests feed them made-up sweeps; ``records_from_experiment``
 Every output goes to a folder or a URI (``s3://``, ``gs://``) alike, through ``rau_ray.storage``.
 Use: ``rows = trial_rows(records_from_experiment(path), paths, "val_dice", "max", 300)``;
 ``write_table(rows, out, ...)``; ``plot_heatmap(rows, x, y, ...)``; ``export_best(best_row(rows, "val_dice", "max"), ...)``.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from ray.tune import ExperimentAnalysis
+
 from rau_ray import storage
 from rau_ray.errors import DataError
+from rau_ray.models.checkpoint import STATE, locate_checkpoint
+from rau_ray.train.run import read_history
 
 STATUSES = ("finished", "stopped early", "error", "unfinished")
 
@@ -33,8 +40,6 @@ def _number(value) -> float | None:
 def records_from_experiment(path: str | os.PathLike) -> list[dict]:
     """One record per trial of the Tune experiment at ``path``, from its saved state (what was last checkpointed:
     after an interrupt, the trials that were running read "unfinished")."""
-    from ray.tune import ExperimentAnalysis
-
     analysis = ExperimentAnalysis(str(path) if storage.is_remote(path) else str(storage.local_copy(path).resolve()))
     frames = analysis.trial_dataframes
     records = []
@@ -147,12 +152,7 @@ def plot_heatmap(rows: list[dict], x: str, y: str, metric: str, mode: str, out: 
                  title: str = "") -> Path | str:
     """A PNG of ``metric`` over the ``x`` x ``y`` values (best per cell, annotated, with the step where ASHA stopped
     it; grey: no result) at ``out`` (a path or a URI)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     xs, ys, cells = heatmap_cells(rows, x, y, metric, mode)
     matrix = [[None if c is None else c[metric] for c in line] for line in cells]
     if not xs or not ys:
@@ -192,9 +192,6 @@ def export_best(best: dict, config: dict, run_dir: str | os.PathLike, out_dir: s
     ``best.json`` (trial, its searched ``config``, metric, source); returns best.json's content. A local ``out_dir``:
     a temp copy beside it, then renamed over any older export. A URI: best.json is removed first, best/ replaced
     by an upload, and best.json written last, so a best.json always describes a complete best/."""
-    from rau_ray.models.checkpoint import STATE, locate_checkpoint
-    from rau_ray.train.run import read_history
-
     source = locate_checkpoint(run_dir)  # a local folder or a URI
     local = storage.local_copy(source, "checkpoint")  # a URI's: downloaded once
     step = int(json.loads((local / STATE).read_text()).get("step", 0))

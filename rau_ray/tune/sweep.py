@@ -21,18 +21,31 @@ Use: ``rau tune --config jobs/configs/tune-seg-tiny.yaml [--resume]`` or ``run_s
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray.tune
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from rau_ray import storage
+from rau_ray import ray_session, storage
 from rau_ray.config import from_dict, load_config, read_yaml
 from rau_ray.errors import ConfigError, DataError, RauError
+from rau_ray.models.checkpoint import STATE, locate_checkpoint
+from rau_ray.models.profiles import model_config_from
 from rau_ray.storage import check_scheme, is_uri, join
+from rau_ray.train import run
+from rau_ray.train.jobs import _registry
+from rau_ray.train.run import read_history
+from rau_ray.tune import janitor, results
 
 DEFAULT_METRICS = {"seg": "val_dice", "sft": "val_accuracy", "grpo": "reward"}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -153,8 +166,6 @@ def get_path(data: dict, path: str, default=None):
 
 def job_types(job: str):
     """(config class, run function) of a training job."""
-    from rau_ray.train.jobs import _registry
-
     jobs = _registry()
     if job not in jobs:
         raise ConfigError(f"unknown training job {job!r}; choose one of {', '.join(jobs)}")
@@ -164,8 +175,6 @@ def job_types(job: str):
 def config_tree(job_cfg) -> dict:
     """Every setting of a job config as nested mappings, its ``model`` section expanded to the full ModelConfig
     (profile defaults included): the paths a sweep may name."""
-    from rau_ray.models.profiles import model_config_from
-
     tree = asdict(job_cfg)
     if isinstance(tree.get("model"), dict):
         tree["model"] = asdict(model_config_from(tree["model"], "model"))
@@ -217,8 +226,6 @@ def search_values(path: str, spec) -> tuple[str, list]:
 
 def domain(path: str, spec):
     """The Tune search domain of one search entry."""
-    from ray import tune
-
     kind, args = search_values(path, spec)
     if kind == "grid":
         return tune.grid_search(args)
@@ -236,8 +243,6 @@ def _candidates(kind: str, args: list) -> list:
 
 def job_config(job: str, data: dict, where: str):
     """The job's config from a mapping, its model section checked too (ConfigError naming ``where``)."""
-    from rau_ray.models.profiles import model_config_from
-
     config_cls, _ = job_types(job)
     try:
         cfg = from_dict(config_cls, data, where)
@@ -316,8 +321,6 @@ def check_fits(cfg: SweepConfig, cluster: dict[str, float]) -> None:
 
 
 def scheduler(prep: Prepared):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     asha = prep.cfg.asha
     if not asha.enabled:
         return FIFOScheduler()
@@ -329,9 +332,6 @@ def scheduler(prep: Prepared):
 
 
 def tune_config(prep: Prepared):
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     cfg = prep.cfg
     # the concurrency limit lives in the search algorithm (Tune ignores max_concurrent_trials next to one)
     search = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
@@ -350,8 +350,6 @@ def trial_name(trial) -> str:
 
 def trainable(prep: Prepared):
     """The function trainable with its fixed arguments and resources: memory only for the driver."""
-    from ray import tune
-
     fn = tune.with_parameters(run_trial, job=prep.cfg.job, base=prep.base, metric=prep.cfg.metric_name,
                               runs_dir=str(prep.runs_dir))
     return tune.with_resources(fn, {"cpu": 0, "memory": prep.cfg.resources.driver_memory_mb * 2**20})
@@ -361,8 +359,6 @@ def trainable(prep: Prepared):
 def _metric_forwarder(metric: str):
     """A ``TuneReportCallback`` that forwards only the rows carrying ``metric`` (validation rows): Tune (strictly)
     wants its metric in every result, and ASHA compares trials at validations."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     class ForwardMetricRows(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metric in metrics[0]:
@@ -373,8 +369,6 @@ def _metric_forwarder(metric: str):
 
 def _latest(run_dir: Path | str):
     """(step, location) of a Ray Train run's latest checkpoint (a folder or a URI), or (-1, None)."""
-    from rau_ray.models.checkpoint import STATE, locate_checkpoint
-
     try:
         folder = locate_checkpoint(run_dir)
         state = json.loads(storage.read_text(join(folder, STATE)))
@@ -387,11 +381,6 @@ def run_trial(config: dict, job: str, base: dict, metric: str, runs_dir: str) ->
     """One Tune trial: the base job config with this trial's values, run as the ordinary Ray Train job (named after
     the trial, under ``runs_dir``) whose validation rows go to Tune. A restarted trial's run resumes from its latest
     checkpoint; one that had already finished reports its last validation row again."""
-    import ray.tune
-
-    from rau_ray.train import run
-    from rau_ray.train.run import read_history
-
     trial_id = ray.tune.get_context().get_trial_id()
     values = config["train_loop_config"]
     data = base
@@ -420,16 +409,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     """Run (or with ``resume`` continue) the sweep; write the table, heatmap and best export; return a summary.
 
     An interrupted sweep (SIGINT) returns ``{"interrupted": True, ...}`` after writing the table of what finished."""
-    from ray import tune
-
-    from rau_ray import ray_session
-    from rau_ray.tune import janitor
-
     prep = prepare(cfg)
     exp = prep.experiment_dir
     saved = join(exp, "sweep.json")
     parent = storage.resolve_storage(cfg.storage_path, "storage_path")  # a URI: opened here (scheme, credentials)
-    ray = ray_session.connect()
+    ray_session.connect()
     check_fits(cfg, {k: float(v) for k, v in ray.cluster_resources().items()})
     if resume:
         if not tune.Tuner.can_restore(str(exp)):
@@ -461,8 +445,6 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
 
 def summarise(prep: Prepared, wall: float, **extra) -> dict:
     """Table, heatmap, summary.json and (when every trial is done) the best export, from the saved experiment."""
-    from rau_ray.tune import results
-
     cfg, exp = prep.cfg, prep.experiment_dir
     paths, metric = list(cfg.search), cfg.metric_name
     records = results.records_from_experiment(exp)
@@ -502,9 +484,6 @@ def summarise(prep: Prepared, wall: float, **extra) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``jobs/tune.py``: ``python jobs/tune.py --config FILE [--resume]``."""
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(description="Ray job: a Ray Tune sweep over a training job (rau_ray.tune).")
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 
 import hashlib
 import json
-import signal
 import os
+import signal
 import subprocess
 import sys
 import time

@@ -16,9 +16,19 @@ from rau_ray.train.run import read_history
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_end_to_end(ray_cluster, tmp_path):
+def test_demo_runs_end_to_end(ray_cluster, tmp_path, capfd):
     steps = {"sft": 4, "grpo": 2, "seg": 4, "seg-memref": 2, "seg-cbam": 2}
     report = run_demo(tmp_path / "demo", subjects=6, size=64, train_steps=steps, eval_targets=2)
+    screen, screen_err = capfd.readouterr()
+    # a person reads the terminal: a line per stage and the summary table, two screens at most; the rest in the log
+    lines = (screen + screen_err).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
+    assert lines[0].startswith("rau demo -> ") and str(tmp_path / "demo" / "demo.log") in lines[0]
+    for stage in ("data", "models", "train", "eval", "eval_shipped", "serve"):
+        assert any(line.startswith(f"{stage} ") for line in lines), stage
+    assert "| train grpo |" in screen and "| eval (shipped) |" in screen and "Dice VLM+SAM2" in screen
+    assert not any("PlacementGroupCleaner" in line or "FutureWarning" in line for line in lines)
+    assert "GET    readiness" in (tmp_path / "demo" / "demo.log").read_text()  # the serving log went to the file
     assert set(report["datasets"]) == {"ct-abdomen", "xray-angio", "ultrasound", "xray-msk"}
     assert report["datasets"]["ct-abdomen"]["samples"] == 24
     assert read_manifest(tmp_path / "demo" / "data" / "ct-abdomen-3d-imported").rows
@@ -50,7 +60,8 @@ def test_demo_runs_end_to_end(ray_cluster, tmp_path):
     # beside them, the shipped checkpoints (the long runs) on the same CT targets
     shipped = report["eval_shipped"]
     assert set(shipped["segmentation_dice"]) == {"ct-abdomen"} and "shipped:grpo" in Path(shipped["report"]).read_text()
-    assert {"VLM+SAM2", "SAM2-Memory-Ref-SFT", "CBAM-LoRA SAM2 (box)"} <= set(shipped["segmentation_dice"]["ct-abdomen"])
+    shipped_rows = set(shipped["segmentation_dice"]["ct-abdomen"])
+    assert {"VLM+SAM2", "SAM2-Memory-Ref-SFT", "CBAM-LoRA SAM2 (box)"} <= shipped_rows
     # then Ray Serve on the demo's bank and checkpoints answers real HTTP requests, and is shut down
     serve_report = report["serve"]
     assert serve_report["ready"] and serve_report["url"].startswith("http://127.0.0.1:")

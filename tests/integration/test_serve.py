@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from rau_ray.data import formats
-from rau_ray.serve import codecs
+from rau_ray.serve import codecs, http
 
 pytestmark = pytest.mark.integration
 TTL = 8.0
@@ -75,11 +75,35 @@ def test_health_docs_and_page(base):
     assert requests.get(base + "/healthz").json() == {"status": "ok"}
     ready = requests.get(base + "/readyz").json()
     assert ready["ready"] and set(ready["deployments"]) == {"retriever", "policy", "segmenter", "commander"}
-    paths = requests.get(base + "/openapi.json").json()["paths"]
+    doc = requests.get(base + "/openapi.json").json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
     for p in ("/v1/segment", "/v1/label", "/v1/sessions", "/v1/sessions/{sid}", "/v1/sessions/{sid}/commands",
               "/v1/sessions/{sid}/mask", "/healthz", "/readyz"):
         assert p in paths, p
-    assert "multipart/form-data" in paths["/v1/segment"]["post"]["requestBody"]["content"]
+
+    def schema(ref):
+        return schemas[ref["$ref"].rsplit("/", 1)[1]]
+
+    # the bodies the routes parse themselves are documented by their pydantic models' generated schemas
+    for path, form, as_json in [("/v1/segment", http.SegmentForm, http.SegmentJson),
+                                ("/v1/label", http.LabelForm, http.LabelJson),
+                                ("/v1/sessions", http.SessionForm, http.SessionJson)]:
+        content = paths[path]["post"]["requestBody"]["content"]
+        assert set(schema(content["multipart/form-data"]["schema"])["properties"]) == set(form.model_fields), path
+        assert set(schema(content["application/json"]["schema"])["properties"]) == set(as_json.model_fields), path
+    segment_form = schema(paths["/v1/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"])
+    assert {"image", "structures", "modality", "mask_format", "reference_id"} <= set(segment_form["properties"])
+    commands = paths["/v1/sessions/{sid}/commands"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema(commands)["properties"]) == {"text", "operations", "mask_format"}
+    for path, method, status, model in [("/v1/segment", "post", "200", http.SegmentResponse),
+                                        ("/v1/label", "post", "200", http.LabelResponse),
+                                        ("/v1/sessions", "post", "201", http.SessionCreated),
+                                        ("/v1/sessions/{sid}/commands", "post", "200", http.CommandResponse),
+                                        ("/readyz", "get", "200", http.Readiness)]:
+        answer = paths[path][method]["responses"][status]["content"]["application/json"]["schema"]
+        assert set(schema(answer)["properties"]) == set(model.model_fields), path
+        if path != "/readyz":  # its 503 is the readiness report (not every deployment answers yet)
+            assert "ErrorBody" in json.dumps(paths[path][method]["responses"].get("503")), path
     assert "swagger" in requests.get(base + "/docs").text.lower()
     page = requests.get(base + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
@@ -89,6 +113,7 @@ def test_segment_multipart_and_json(base, ct_png):
     r = post_image(base, "/v1/segment", ct_png, structures="liver, spleen")
     assert r.status_code == 200, r.text
     body = r.json()
+    http.SegmentResponse.model_validate(body)  # the documented response is the one given
     assert [x["structure"] for x in body["results"]] == ["liver", "spleen"]
     for x in body["results"]:
         mask = codecs.rle_decode(x["mask"])
@@ -119,6 +144,7 @@ def test_label(base, ct_png):
     r = post_image(base, "/v1/label", ct_png)
     assert r.status_code == 200, r.text
     body = r.json()
+    http.LabelResponse.model_validate(body)
     assert body["regions"] and body["boxes_from"] in ("policy", "reference")
     r = requests.post(base + "/v1/label", json={"image_b64": base64.b64encode(ct_png).decode(),
                                                 "boxes": [[20, 30, 60, 80], [70, 30, 100, 60]], "method": "fgw"})
@@ -129,6 +155,7 @@ def test_label(base, ct_png):
 def test_session_commands(base, ct_png):
     r = post_image(base, "/v1/sessions", ct_png)
     assert r.status_code == 201, r.text
+    http.SessionCreated.model_validate(r.json())
     sid = r.json()["id"]
 
     def cmd(text):
@@ -137,6 +164,7 @@ def test_session_commands(base, ct_png):
     r = cmd("add a point at 40,50")
     assert r.status_code == 200, r.text
     body = r.json()
+    http.CommandResponse.model_validate(body)
     assert body["operations"] == [{"op": "add_point", "positive": True, "x": 40, "y": 50, "count": 1}]
     assert codecs.rle_decode(body["mask"]).shape == (128, 128) and body["session"]["can_undo"] == 1
     r = cmd("add a point at 60, 70")  # the same image: the Segmenter's cached embedding
@@ -208,7 +236,7 @@ def test_click_decoded_in_the_ingress_is_the_segmenters_mask(base, ct_png):
     image = np.asarray(to_pil(codecs.decode_image(ct_png).array, "CT"))  # the session's model input
     want = serve.get_deployment_handle("Segmenter", app_name="rau").prompt.remote(
         image, [p[:2] for p in points], [p[2] for p in points], None).result(timeout_s=60)
-    np.testing.assert_array_equal(codecs.rle_decode(r.json()["mask"]), want["mask"])
+    np.testing.assert_array_equal(codecs.rle_decode(r.json()["mask"]), want.mask)
     requests.delete(f"{base}/v1/sessions/{sid}")
 
 

@@ -188,8 +188,7 @@ def test_sweep_stored_in_a_bucket_writes_its_outputs_there_and_resumes_from_it(r
 
 def test_janitor_removes_only_groups_whose_creator_actor_died(ray_cluster):
     import ray
-    from ray.util.placement_group import (PlacementGroup, placement_group, placement_group_table,
-                                          remove_placement_group)
+    from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 
     @ray.remote(num_cpus=0)
     class Creator:  # stands for a Ray Train controller, which makes its workers' placement group

@@ -1,10 +1,36 @@
 """Unit-test fixtures shared across packages: a training checkpoint folder written as the jobs write one, and a
-tiny policy adapter with every tensor changed, as training would leave it."""
+tiny policy adapter with every tensor changed, as training would leave it. The unit tier starts no Ray cluster:
+a unit test asking for ``ray_cluster`` (or a fixture built on it) is refused at collection; it belongs in
+tests/integration."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+
+RAY_FIXTURES = {"ray_cluster", "run_cli"}
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).resolve().parent
+    starts_ray = [item.nodeid for item in items if here in Path(item.fspath).resolve().parents
+                  and RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if starts_ray:
+        raise pytest.UsageError("unit tests must not start Ray (move them to tests/integration): "
+                                + ", ".join(starts_ray))
+
+
+@pytest.fixture(autouse=True)
+def no_ray_cluster(monkeypatch):
+    """``ray.init`` refuses inside a unit test: code under test that would start a cluster fails loudly."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a unit test tried to start Ray (ray.init); it belongs in tests/integration")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
 
 ADAPTER_MODEL = {"profile": "tiny", "policy": {"lora_rank": 4}}  # the model section of the tests' sft configs
 

@@ -10,8 +10,15 @@ import jsonschema
 import pytest
 
 from rau_ray.cli import main as rau
-from rau_ray.commands import (MAX_TEXT, OPERATION_SCHEMA, OPERATIONS, ChatFallback, CommandError,
-                              OpenAICompatibleFallback, parse_command)
+from rau_ray.commands import (
+    MAX_TEXT,
+    OPERATION_SCHEMA,
+    OPERATIONS,
+    ChatFallback,
+    CommandError,
+    OpenAICompatibleFallback,
+    parse_command,
+)
 
 CORPUS = [json.loads(line) for line in
           (Path(__file__).parents[1] / "data" / "commands_corpus.jsonl").read_text().splitlines() if line.strip()]

@@ -42,3 +42,54 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "c.yaml", MakeConfig)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "none.yaml", MakeConfig)
+
+
+SFT_TINY = CONFIGS / "sft-tiny.yaml"
+
+
+def test_dotted_overrides_reach_nested_sections_with_their_types():
+    from rau_ray.train.sft import SFTConfig
+
+    cfg = load_config(SFT_TINY, SFTConfig, dotted=["scale.num_workers=1", "lr=1e-3", "name=my run",
+                                                   "model.policy.lora_rank=16", "scale.storage_path=null"])
+    # storage_path is a str: "null" stays text there (a folder of that name); where None is allowed it means None
+    assert cfg.scale.num_workers == 1 and isinstance(cfg.scale.num_workers, int)
+    assert cfg.lr == 1e-3 and cfg.name == "my run" and cfg.scale.storage_path == "null"
+    assert cfg.model["policy"]["lora_rank"] == 16  # below the untyped model section: read as YAML
+    assert load_config(SFT_TINY, SFTConfig).scale.num_workers == 2  # the file itself is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scale.num_wokers=1", r"ScaleConfig has no field 'num_wokers'; valid fields: .*num_workers"),
+    ("lr", r"'lr' is not KEY=VALUE"),
+    ("=3", r"is not KEY=VALUE"),
+    ("scale.num_workers=two", r"scale.num_workers: expected int, got 'two'"),
+    ("lr.x=1", r"lr has no fields"),
+])
+def test_bad_dotted_overrides_are_named(override, message):
+    from rau_ray.train.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(SFT_TINY, SFTConfig, dotted=[override])
+
+
+def test_text_values_take_their_field_types():
+    from dataclasses import dataclass
+
+    from rau_ray.config import text_fields
+
+    @dataclass
+    class Args:
+        threads: int | None = 1
+        bank_dir: str | None = "banks"
+        wait_s: float = 0.01
+
+    assert from_dict(Args, text_fields(Args, {"threads": "4", "bank_dir": "null", "wait_s": "1e-3"})) == Args(
+        4, None, 1e-3)
+    assert from_dict(Args, text_fields(Args, {"threads": "null", "bank_dir": "4"})) == Args(None, "4")
+    with pytest.raises(ConfigError, match=r"threads: '4x' matches none of"):
+        from_dict(Args, text_fields(Args, {"threads": "4x"}), "serve args")
+
+    cfg = from_dict(MakeConfig, text_fields(MakeConfig, {"modality": "ct-abdomen", "n": "4", "out": "5",
+                                                         "size": "96"}))
+    assert (cfg.n, cfg.size, cfg.out) == (4, 96, "5")  # a str field keeps "5" as text

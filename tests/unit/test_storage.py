@@ -108,7 +108,8 @@ def test_upload_download_and_one_local_copy_per_version(s3_bucket, tmp_path, mon
         (bank / name).write_text(name)
     (bank / "sub" / "x.bin").write_bytes(b"\x00\x01")
     copied, real_copy = [], pyarrow.fs.copy_files
-    monkeypatch.setattr(pyarrow.fs, "copy_files", lambda src, dst, **kw: (copied.append(dst), real_copy(src, dst, **kw)))
+    monkeypatch.setattr(pyarrow.fs, "copy_files",
+                        lambda src, dst, **kw: (copied.append(dst), real_copy(src, dst, **kw)))
     dest = f"{s3_bucket}/banks/ct"
     assert upload_dir(bank, dest, last=("bank.json",)) == dest
     assert copied[-1].endswith("banks/ct/bank.json") and len(copied) == 4  # the completeness marker last

@@ -51,7 +51,7 @@ class SmoothField:
 
     @classmethod
     def random(cls, rng: np.random.Generator, dims: int, amplitude_mm: float, wavelength_mm: tuple[float, float],
-               waves: int = 3) -> "SmoothField":
+               waves: int = 3) -> SmoothField:
         direction = rng.normal(size=(dims, waves, dims))
         direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
         wavelength = rng.uniform(*wavelength_mm, size=(dims, waves, 1))

@@ -14,8 +14,15 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from rau_ray.data.phantoms.common import (PhantomSample, SmoothField, inside_ellipsoid, pixel_grid, rotation_2d,
-                                          subject_id, subject_rng)
+from rau_ray.data.phantoms.common import (
+    PhantomSample,
+    SmoothField,
+    inside_ellipsoid,
+    pixel_grid,
+    rotation_2d,
+    subject_id,
+    subject_rng,
+)
 
 NAME = "ct-abdomen"
 MODALITY = "CT"
@@ -71,7 +78,7 @@ def slice_depth(k: int, depth: int = DEPTH) -> float:
     return TOP_MM + (depth - 1 - k) * step
 
 
-def render_slice(p: dict, seed: int, subject: int, k: int, size: int, depth: int = DEPTH) -> tuple[np.ndarray, np.ndarray]:
+def render_slice(p: dict, seed: int, subject: int, k: int, size: int, depth: int = DEPTH) -> tuple[np.ndarray, np.ndarray]:  # noqa: E501
     """One axial slice: (HU int16 (size, size), label uint8 (size, size))."""
     spacing = FOV_MM / size
     world_xy = pixel_grid(size, size, (spacing, spacing))

@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from rau_ray.cli import build_parser
-from rau_ray.cluster.submit import (DEFAULT_EXCLUDES, build_submission, normalise_address, parse_env,
-                                    run_from_args, submit_job)
+from rau_ray.cluster.submit import (
+    DEFAULT_EXCLUDES,
+    build_submission,
+    normalise_address,
+    parse_env,
+    run_from_args,
+    submit_job,
+)
 from rau_ray.errors import ConfigError, RauError
 
 REPO = Path(__file__).resolve().parents[3]

@@ -55,11 +55,11 @@ def test_an_absent_structure_trains_a_null_answer_with_true_reasoning(ct_manifes
 
 def test_retrieved_references_are_the_banks_best_hit_of_another_subject(ct_manifest):
     from rau_ray.models.profiles import get_profile
-    from rau_ray.models.retrieval import Embedder, ReferenceBank
+    from rau_ray.models.retrieval import Embedder, ReferenceBank, reference_picker
 
     m = read_manifest(ct_manifest(6, 64, 4))
     retrieval = get_profile("tiny").retrieval
-    items = make_pairs(m, split="train", tasks=("segment",), retrieval=retrieval)
+    items = make_pairs(m, split="train", tasks=("segment",), retrieve=reference_picker(retrieval))
     assert items
     rows = {r.id: r for r in m.rows}
     bank = ReferenceBank.build(m.path, retrieval, split="train", backend="local", progress=False)

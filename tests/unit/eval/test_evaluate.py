@@ -77,8 +77,8 @@ def volumes(tmp_path) -> Path:
 
 
 def fake_checkpoint(folder: Path, config: dict, step: int = 1) -> Path:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
     save_file({"w": torch.zeros(1)}, str(folder / "weights.safetensors"))

@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 
 from rau_ray.data.formats import apply_window
 from rau_ray.data.phantoms import ct_abdomen
-from rau_ray.models.fusion import (PROJECTOR_DIMS, FusionConfig, RAUSegmenter, memory_ref_baseline,
-                                   propagate_volume)
+from rau_ray.models.fusion import PROJECTOR_DIMS, FusionConfig, RAUSegmenter, memory_ref_baseline, propagate_volume
 from rau_ray.models.sam2_builder import TINY, build_sam2_model, build_video_predictor
 
 

@@ -32,12 +32,12 @@ def test_boxes_go_into_the_frame_and_answers_come_back_in_the_targets_pixels(pro
     q = pipeline.ask(processor, "all_boxes", tgt.image, ref.image, ref_boxes)
     assert q.size == (192, 192) and q.frame == prompts.resized_size(192, 192, processor) != q.size
     text = "".join(c.get("text", "") for c in q.messages[1]["content"])
-    for name, box in ref_boxes.items():  # the prompt holds the reference's boxes in the policy's frame
+    for box in ref_boxes.values():  # the prompt holds the reference's boxes in the policy's frame
         assert str(prompts.scale_box(box, (192, 192), q.frame)) in text
     answer = q.parse(q.completion(boxes=tgt_boxes))
     assert answer and [label for label, _ in answer.boxes] == list(tgt_boxes)
     scale = 192 / q.frame[0]
-    for (label, got), want in zip(answer.boxes, tgt_boxes.values()):  # back in pixels, within the frame's rounding
+    for (_label, got), want in zip(answer.boxes, tgt_boxes.values()):  # back in pixels, within the frame's rounding
         assert np.abs(np.subtract(got, want)).max() <= scale
 
 

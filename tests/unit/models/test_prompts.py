@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rau_ray.models.prompts import (TASKS, Answer, FormatError, build_answer, build_messages, parse_answer,
-                                    scale_box, to_pil)
+from rau_ray.models.prompts import (
+    TASKS,
+    Answer,
+    FormatError,
+    build_answer,
+    build_messages,
+    parse_answer,
+    scale_box,
+    to_pil,
+)
 
 IMG = Image.new("RGB", (64, 48))
 
@@ -54,7 +62,8 @@ HOSTILE = [
     "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg><Seg>\"}</answer>",
     "<think>x</think></think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"}</answer>",
     "<think><Seg></think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"}</answer>",
-    "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 1" + "0" * 400 + "], \"mask\": \"<Seg>\"}</answer>",
+    "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 1" + "0" * 400
+    + "], \"mask\": \"<Seg>\"}</answer>",
     "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 1" + "0" * 5000 + "]}</answer>",
     "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3], \"mask\": \"<Seg>\"}</answer>",
     "<think>x</think><answer>{\"label\": \"liver\", \"box\": [0, 0, 3, 5], \"mask\": \"<Seg>\"",

@@ -1,6 +1,5 @@
 """The composed RAU model: predict from a bank or a given reference, the embedding cache, training losses."""
 
-import numpy as np
 import pytest
 import torch
 

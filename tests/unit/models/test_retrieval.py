@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,21 +62,6 @@ def test_embedder_loads_offline_and_gives_deterministic_unit_vectors(embedder, d
     windowed = embedder.embed([apply_window(images[0], "abdomen")], ["CT"])  # HU is windowed to 8 bits first
     assert np.allclose(windowed[0], a[0], atol=1e-6)
     assert re.fullmatch(rf"tiny\|cls\+mean\|{embedder.dim}\|pretrained-[0-9a-f]{{12}}", embedder.id)  # the shipped
-
-
-def test_ray_build_equals_local_build(dataset, bank, ray_cluster):
-    on_ray = ReferenceBank.build(dataset, replace(TINY, batch_size=8), split="train", backend="ray", progress=False)
-    assert [r["id"] for r in on_ray.rows] == [r["id"] for r in bank.rows]  # manifest order
-    assert on_ray.info == bank.info
-    assert np.allclose(vectors(on_ray), vectors(bank), atol=1e-5)
-
-
-def test_a_bad_image_on_a_ray_worker_is_a_data_error(dataset, tmp_path, ray_cluster):
-    shutil.copytree(dataset.parent / "xray-angio", tmp_path / "angio")
-    bad = read_manifest(tmp_path / "angio" / "manifest.jsonl").select(split="train")[2]
-    (tmp_path / "angio" / bad.image).write_bytes(b"not a png")
-    with pytest.raises(DataError, match=bad.image.split("/")[-1]):
-        ReferenceBank.build(tmp_path / "angio" / "manifest.jsonl", TINY, backend="ray", progress=False)
 
 
 def test_bank_rows_carry_the_manifest_row_and_where_to_load_it(bank, dataset):

@@ -10,9 +10,16 @@ import torch
 
 from rau_ray.errors import ConfigError
 from rau_ray.models import pretrained
-from rau_ray.models.sam2_builder import (PAPER, TINY, Sam2Config, build_sam2_model, checkpoint_path, embed_image,
-                                         predict_with_prompts, predictor_for)
-
+from rau_ray.models.sam2_builder import (
+    PAPER,
+    TINY,
+    Sam2Config,
+    build_sam2_model,
+    checkpoint_path,
+    embed_image,
+    predict_with_prompts,
+    predictor_for,
+)
 
 RANDOM = replace(TINY, init="random")
 
@@ -53,7 +60,7 @@ def test_embedding_once_many_prompts(model):
         hook.remove()
     assert len(calls) == 1
     assert emb.orig_hw == (90, 110) and emb.features["image_embed"].shape[-2:] == (TINY.image_size // 16,) * 2
-    for masks, scores, low_res in outs:
+    for masks, scores, _low_res in outs:
         assert masks.shape == (1, 90, 110) and scores.shape == (1,)
     assert not np.array_equal(outs[0][2], outs[2][2])  # different prompts, different logits
 

@@ -1,4 +1,5 @@
-"""Codecs: COCO RLE round trips (and pycocotools' own strings, pycocotools being a dev dependency), image decoding with limits, bad images."""
+"""Codecs: COCO RLE round trips (and pycocotools' own strings, pycocotools being a dev dependency), image decoding
+with limits, bad images."""
 
 import base64
 import io
@@ -22,7 +23,8 @@ def test_rle_round_trip(seed):
 
 
 def test_rle_matches_coco_spec():
-    # a 3x3 mask with the centre pixel set: column-major runs 4 zeros, 1 one, 4 zeros (pycocotools writes "414": the first three counts as they are)
+    # a 3x3 mask with the centre pixel set: column-major runs 4 zeros, 1 one, 4 zeros (pycocotools writes "414": the
+    # first three counts as they are)
     mask = np.zeros((3, 3), bool)
     mask[1, 1] = True
     assert rle_encode(mask)["counts"] == "414"

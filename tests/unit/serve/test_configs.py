@@ -54,6 +54,19 @@ def test_build_app_args():
         build_app({"prompt_decoding": "ingress", "ingress_embedding_cache": 0})
 
 
+def test_serve_run_text_args_take_their_types():
+    """`serve run rau_ray.serve.app:build_app threads=4 ...` hands every arg over as text."""
+    from rau_ray.errors import ConfigError
+    from rau_ray.serve.app import build_app
+
+    app = build_app({"threads": "4", "bank_dir": "null", "policy_batch_wait_s": "0.02", "max_sessions": "8",
+                     "prompt_decoding": "ingress"})
+    retriever = app._bound_deployment.init_args[0]._bound_deployment  # Ingress(retriever, policy, ...)
+    assert retriever.init_kwargs["threads"] == 4 and retriever.init_kwargs["bank_dir"] is None
+    with pytest.raises(ConfigError, match=r"serve args.threads: '4x' matches none of"):
+        build_app({"threads": "4x"})
+
+
 def test_command_llm_args():
     from rau_ray.errors import ConfigError
     from rau_ray.serve.app import build_app

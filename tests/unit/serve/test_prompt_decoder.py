@@ -36,9 +36,9 @@ def test_ingress_decode_equals_segmenter_decode(image_u8):
                                 (None, None, [10, 12, 70, 80]), ([[40, 45]], [1], [10, 12, 70, 80])]:
         want_mask, want_score = decode_prompts(segmenter.predictor, embedding, points, labels, box)
         got = decoder.predict(key, points, labels, box)
-        assert got["mask"].shape == image.shape[:2] and got["mask"].dtype == bool
-        np.testing.assert_array_equal(got["mask"], want_mask)
-        assert got["score"] == pytest.approx(want_score, abs=1e-5)
+        assert got.mask.shape == image.shape[:2] and got.mask.dtype == bool
+        np.testing.assert_array_equal(got.mask, want_mask)
+        assert got.score == pytest.approx(want_score, abs=1e-5)
     for other in ("b", "c"):  # capacity 2: the least recently used image is dropped
         decoder.put(other, features_to_numpy(embedding))
     assert key not in decoder and "b" in decoder and "c" in decoder
@@ -46,10 +46,11 @@ def test_ingress_decode_equals_segmenter_decode(image_u8):
 
 def test_segmenter_prepare_then_segment(image_u8):
     """``prepare`` (embeddings + reference memory, sent while the Policy generates) and ``segment`` with the <Seg>
-    state give the mask of one ``segment`` call with the images; a token prepared elsewhere is ``missing``."""
+    state give the mask of one ``segment`` call with the images; a token prepared elsewhere is ``NotHeld``."""
     import torch
 
     from rau_ray.serve.deployments import Segmenter
+    from rau_ray.serve.messages import Answer, NotHeld, Segmentation
 
     image, ref_mask = image_u8
     seg = Segmenter.func_or_class(profile="tiny")
@@ -58,14 +59,15 @@ def test_segmenter_prepare_then_segment(image_u8):
     async def run():
         await seg.prepare("t1", image, image, ref_mask)
         assert "t1" in seg._prepared
-        prepared = await seg.segment("t1", {"seg_hidden": hidden})
+        prepared = await seg.segment("t1", Answer("<Seg>", None, None, seg_hidden=hidden))
         assert "t1" not in seg._prepared
         direct = await seg.segment("t2", hidden, image, image, ref_mask)
         missing = await seg.segment("t3", hidden)
         return prepared, direct, missing
 
     prepared, direct, missing = asyncio.run(run())
-    np.testing.assert_array_equal(prepared["mask"], direct["mask"])
-    assert prepared["score"] == pytest.approx(direct["score"])
-    assert prepared["cached"] is False and direct["cached"] is True  # the encoder ran once, in prepare
-    assert missing == {"missing": True}
+    assert isinstance(prepared, Segmentation) and isinstance(direct, Segmentation)
+    np.testing.assert_array_equal(prepared.mask, direct.mask)
+    assert prepared.score == pytest.approx(direct.score)
+    assert prepared.cached is False and direct.cached is True  # the encoder ran once, in prepare
+    assert isinstance(missing, NotHeld)

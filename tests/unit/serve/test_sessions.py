@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from rau_ray.commands import parse_command
-from rau_ray.serve.sessions import (Session, SessionError, SessionGone, SessionLimit, SessionNotFound,
-                                    SessionStore)
+from rau_ray.serve.sessions import Session, SessionError, SessionGone, SessionLimit, SessionNotFound, SessionStore
 
 
 class FakeBackend:

@@ -12,8 +12,14 @@ from rau_ray.errors import ConfigError, DataError
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import get_profile
 from rau_ray.models.prompts import resized_size
-from rau_ray.train.grpo import (GRPOJobConfig, Prompts, _copy_to_reference, _patch_output_head, adapter_state,
-                                load_adapter)
+from rau_ray.train.grpo import (
+    GRPOJobConfig,
+    Prompts,
+    _copy_to_reference,
+    _patch_output_head,
+    adapter_state,
+    load_adapter,
+)
 from rau_ray.train.rewards import accuracy_reward, format_reward
 from rau_ray.train.run import STATE, WEIGHTS
 
@@ -67,7 +73,7 @@ def test_rows_are_the_sft_prompts_with_reward_columns(manifest, policy):
     prompts = Prompts(policy.processor)
     batch = prompts({k: [i[k] for i in items[:2]] for k in items[0]})  # how datasets' with_transform calls it
     assert len(batch["prompt"]) == 2 and batch["task"] == [items[0]["task"], items[1]["task"]]
-    for i, item in enumerate(items[:2]):
+    for i, _item in enumerate(items[:2]):
         messages = batch["prompt"][i]
         images = [c for m in messages if isinstance(m["content"], list) for c in m["content"] if c["type"] == "image"]
         assert len(images) == 2  # reference + target

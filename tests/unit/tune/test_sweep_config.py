@@ -7,8 +7,17 @@ import yaml
 
 from rau_ray.errors import ConfigError
 from rau_ray.train import run
-from rau_ray.tune.sweep import (SweepConfig, check_fits, get_path, load_sweep_config, param_space, prepare,
-                                search_values, set_path, tune_config)
+from rau_ray.tune.sweep import (
+    SweepConfig,
+    check_fits,
+    get_path,
+    load_sweep_config,
+    param_space,
+    prepare,
+    search_values,
+    set_path,
+    tune_config,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIGS = REPO / "jobs" / "configs"

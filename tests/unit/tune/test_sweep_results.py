@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from rau_ray.tune.results import (best_row, export_best, heatmap_grid, plot_heatmap, short_names, trial_rows,
-                                  write_table)
+from rau_ray.tune.results import best_row, export_best, heatmap_grid, plot_heatmap, short_names, trial_rows, write_table
 
 PATHS = ["model.fusion.projector_dim", "model.policy.lora_rank", "lr"]
 
