@@ -129,8 +129,8 @@ def phase_a(png, image, n_overhead: int) -> dict:
 
     from rau_ray.models.profiles import get_profile
     from rau_ray.models.rau import RAUModel
+    from rau_ray.models.retrieval import phantom_bank
     from rau_ray.serve.app import start, stop
-    from rau_ray.serve.deployments import build_phantom_bank
 
     fixed = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}}
     options = {d: fixed for d in ("Ingress", "Retriever", "Policy", "Segmenter", "Commander")}
@@ -145,7 +145,7 @@ def phase_a(png, image, n_overhead: int) -> dict:
         import torch
 
         torch.set_num_threads(1)
-        model = RAUModel.build(get_profile("tiny"), bank_dir=build_phantom_bank(tempfile.mkdtemp(prefix="rau-bench-")))
+        model = RAUModel.build(get_profile("tiny"), bank_dir=phantom_bank(tempfile.mkdtemp(prefix="rau-bench-")))
         # a session for the point prompts: one click (what the web page sends), undone before the next
         sid = sess.post(base + "/v1/sessions", files={"image": ("x.png", png, "image/png")}).json()["id"]
         click = {"operations": [{"op": "add_point", "positive": True, "x": 40, "y": 50, "count": 1}],
@@ -193,11 +193,12 @@ def phase_a(png, image, n_overhead: int) -> dict:
         # Policy: batched vs unbatched at concurrency 16, through the handle
         from rau_ray.data.tasks import label_boxes
         from rau_ray.models.prompts import to_pil
+        from rau_ray.serve.messages import Question
 
         ref = model.retrieve(image, "CT", structure="liver")
-        ask = {"task": "segment", "ref_image": np.asarray(to_pil(ref.image, "CT")),
-               "ref_boxes": label_boxes(ref.label, ref.names), "target": np.asarray(to_pil(image, "CT")),
-               "structure": "liver", "modality": "CT"}
+        ask = Question(task="segment", ref_image=np.asarray(to_pil(ref.image, "CT")),
+                       ref_boxes=label_boxes(ref.label, ref.names), target=np.asarray(to_pil(image, "CT")),
+                       structure="liver", modality="CT")
         policy = serve.get_deployment_handle("Policy", app_name="rau")
 
         async def burst(total, conc):

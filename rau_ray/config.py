@@ -6,6 +6,7 @@ Use: ``cfg = load_config("jobs/configs/data-tiny.yaml", MakeConfig)``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -97,41 +98,40 @@ def load_config(path: str | Path, cls, overrides: dict | None = None, dotted: li
     return from_dict(cls, data, where=str(path))
 
 
+def _options(typ) -> tuple:
+    """The members of a union type (``int | None`` -> (int, NoneType)); any other type alone."""
+    return typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+
+
 def field_type(cls, path: str, where: str = "config"):
     """The type of dotted field ``path`` (``scale.num_workers``) in dataclass ``cls``; ConfigError naming the first
     part that is no field. Below an untyped mapping (a ``dict`` / ``Any`` field) every key is allowed: ``Any``."""
     typ = cls
     for i, part in enumerate(path.split(".")):
-        options = [t for t in typing.get_args(typ) if t is not type(None)] if typing.get_origin(typ) in (
-            typing.Union, types.UnionType) else [typ]
+        options = [t for t in _options(typ) if t is not type(None)]
         typed = [t for t in options if dataclasses.is_dataclass(t)]
         if not typed:
             if any(t is typing.Any or typing.get_origin(t) is dict or t is dict for t in options):
                 return typing.Any
             raise ConfigError(f"{where}: {'.'.join(path.split('.')[:i])} has no fields; {path!r} names none")
-        hints = typing.get_type_hints(typed[0])
-        if part not in hints or part not in {f.name for f in dataclasses.fields(typed[0])}:
+        names = [f.name for f in dataclasses.fields(typed[0])]
+        if part not in names:
             raise ConfigError(f"{where}: {path!r}: {typed[0].__name__} has no field {part!r}; valid fields: "
-                              f"{', '.join(f.name for f in dataclasses.fields(typed[0]))}")
-        typ = hints[part]
+                              f"{', '.join(names)}")
+        typ = typing.get_type_hints(typed[0])[part]
     return typ
-
-
-def _takes_text(typ) -> bool:
-    options = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
-    return str in options
 
 
 def parse_text(text: str, typ):
     """A value given as text on a command line, as field type ``typ`` wants it: kept as text where the type takes a
     string (``null`` / ``~`` still mean None where it takes None), else read as YAML (``4`` -> 4, ``[1, 2]``)."""
-    if _takes_text(typ):
-        return None if text in ("null", "~") and type(None) in typing.get_args(typ) else text
+    options = _options(typ)
+    if str in options:
+        return None if text in ("null", "~") and type(None) in options else text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text  # the type check names the field and what it expected
-    options = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
     if isinstance(value, str) and float in options:  # YAML 1.1 reads 1e-3 (no dot) as text
         try:
             return float(value)
@@ -151,7 +151,7 @@ def apply_overrides(cls, data: dict, overrides: list[str], where: str = "command
     """``data`` (a config mapping for ``cls``) with ``KEY=VALUE`` overrides set, KEY dotted into nested sections
     (``scale.num_workers=8``, ``model.policy.lora_rank=16``): each KEY checked against the dataclass tree, each VALUE
     read as its field's type (``parse_text``). The result still goes through ``from_dict``."""
-    out = _deep_copy(data)
+    out = copy.deepcopy(data)
     for text in overrides:
         key, sep, value = text.partition("=")
         key = key.strip()
@@ -169,7 +169,3 @@ def apply_overrides(cls, data: dict, overrides: list[str], where: str = "command
             node = child
         node[parts[-1]] = parse_text(value, typ)
     return out
-
-
-def _deep_copy(data):
-    return {k: _deep_copy(v) for k, v in data.items()} if isinstance(data, dict) else data

@@ -71,17 +71,21 @@ def output_to(log_path: Path, tail: int = 40):
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     screen = os.fdopen(os.dup(1), "w", buffering=1)
-    with open(log_path, "ab", buffering=0) as log:
+    streams = sys.stdout, sys.stderr
+    with open(log_path, "ab", buffering=0) as log, open(log_path, "a", buffering=1, errors="replace") as text:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        # Python's own streams too: where sys.stdout is not fd 1 (a capturing test runner), Ray's forwarded worker
+        # logs and the libraries' prints would otherwise miss the log
+        sys.stdout = sys.stderr = text
         _SCREEN.append(screen)
         failed = True
         try:
             yield
             failed = False
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            text.flush()
+            sys.stdout, sys.stderr = streams
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
@@ -479,6 +483,10 @@ def _eval_figure(ev: dict, dataset: str = "ct-abdomen") -> str:
             f"{_fmt(labeling.get('GRPO+OT'))}")
 
 
+def _answered(serve: dict) -> str:
+    return f"{sum(1 for s in serve['statuses'].values() if s < 400)}/{len(serve['statuses'])} requests answered"
+
+
 def _stage_line(stage: str, seconds: float, report: dict) -> str:
     """``<stage> <seconds> <key figure> -> <where its output went>``."""
     if stage == "data":
@@ -496,10 +504,7 @@ def _stage_line(stage: str, seconds: float, report: dict) -> str:
     elif stage in ("eval", "eval_shipped"):
         figure, where = _eval_figure(report[stage]), report[stage]["report"]
     else:
-        serve = report["serve"]
-        answered = sum(1 for s in serve["statuses"].values() if s < 400)
-        figure = f"{answered}/{len(serve['statuses'])} requests answered at {serve['url']}"
-        where = serve["responses"]
+        figure, where = f"{_answered(report['serve'])} at {report['serve']['url']}", report["serve"]["responses"]
     return f"{stage:<13}{seconds:>7.1f} s  {figure}  -> {where}"
 
 
@@ -516,9 +521,7 @@ def summary_table(report: dict, out: Path) -> str:
     rows.append(("eval (shipped)", report["stage_seconds"]["eval_shipped"], _eval_figure(report["eval_shipped"]),
                  report["eval_shipped"]["report"]))
     serve = report["serve"]
-    answered = sum(1 for s in serve["statuses"].values() if s < 400)
-    rows.append(("serve", report["stage_seconds"]["serve"], f"{answered}/{len(serve['statuses'])} answered",
-                 serve["picture"]))
+    rows.append(("serve", report["stage_seconds"]["serve"], _answered(serve), serve["picture"]))
     lines = ["", f"rau demo: done in {report['seconds']:.0f} s", "", "| stage | s | key figure | output |",
              "|---|---:|---|---|"]
     lines += [f"| {name} | {_fmt(sec, 1)} | {figure} | {where} |" for name, sec, figure, where in rows]

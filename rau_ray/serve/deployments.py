@@ -54,10 +54,6 @@ from rau_ray.serve.messages import (
 )
 from rau_ray.serve.prompt_decoder import decode_prompts, features_to_numpy
 
-# Kept for callers outside the serving package (benchmarks/serve_load.py imports it from here): the one phantom bank
-# builder lives in the models layer.
-build_phantom_bank = retrieval.phantom_bank
-
 
 def _threads(n: int | None) -> None:
     if n:
@@ -192,14 +188,11 @@ class Policy:
     def batch_sizes(self) -> list[int]:
         return list(self.batches[-1000:])
 
-    async def answer(self, question: Question | dict) -> Answer:
-        """One question's answer (a dict with ``Question``'s fields is taken too: benchmarks/serve_load.py sends
-        one). Arriving alone at a replica that has been idle longer than the batch wait, it is answered at once
-        (under low load the wait would only add latency); otherwise it goes through ``@serve.batch``. Generation
-        blocks this replica's event loop, so requests arriving meanwhile find it just busy when it ends and form
-        the next batch."""
-        if isinstance(question, dict):
-            question = Question(**question)
+    async def answer(self, question: Question) -> Answer:
+        """One question's answer. Arriving alone at a replica that has been idle longer than the batch wait, it is
+        answered at once (under low load the wait would only add latency); otherwise it goes through
+        ``@serve.batch``. Generation blocks this replica's event loop, so requests arriving meanwhile find it just
+        busy when it ends and form the next batch."""
         self._waiting += 1
         try:
             if self._waiting == 1 and time.monotonic() - self._last_done > self._batch_wait:

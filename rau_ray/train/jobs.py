@@ -16,39 +16,26 @@ from importlib import import_module
 from rau_ray import storage
 from rau_ray.config import load_config
 from rau_ray.errors import ConfigError, RauError
-from rau_ray.train import grpo, seg, sft
 from rau_ray.train.curves import curve_keys, plot_history
 from rau_ray.train.run import read_history
 
-
-def _registry() -> dict:
-
-    jobs = {"sft": (sft.SFTConfig, sft.run_sft)}
-    try:
-
-        jobs["grpo"] = (grpo.GRPOJobConfig, grpo.run_grpo)
-    except ImportError:
-        pass
-    try:
-
-        jobs["seg"] = (seg.SegJobConfig, seg.run_seg)
-    except ImportError:
-        pass
-    return jobs
+# job -> (module, config class, run function). The modules are imported when a job is asked for, not with this one:
+# the CLI builds its parser from here, and `rau --help` or `rau command parse` must not load deepspeed and trl.
+JOBS = {"sft": ("rau_ray.train.sft", "SFTConfig", "run_sft"),
+        "grpo": ("rau_ray.train.grpo", "GRPOJobConfig", "run_grpo"),
+        "seg": ("rau_ray.train.seg", "SegJobConfig", "run_seg"),
+        "pretrain-sam2": ("rau_ray.train.pretrain_sam2", "Sam2PretrainConfig", "run_pretrain_sam2"),
+        "pretrain-dino": ("rau_ray.train.pretrain_dino", "DinoPretrainConfig", "run_pretrain_dino"),
+        "pretrain-policy": ("rau_ray.train.pretrain_policy", "PolicyPretrainConfig", "run_pretrain_policy")}
 
 
-def _pretrain_job(backbone: str) -> tuple:
-    """(config class, run function) of ``rau pretrain <backbone>``: rau_ray/train/pretrain_<backbone>.py."""
-
-    config_cls, run = PRETRAIN_JOBS[backbone]
-    module = import_module(f"rau_ray.train.pretrain_{backbone}")
-    return getattr(module, config_cls), getattr(module, run)
-
-
-# backbone -> (config class, run function) of rau_ray/train/pretrain_<backbone>.py
-PRETRAIN_JOBS = {"sam2": ("Sam2PretrainConfig", "run_pretrain_sam2"),
-                 "dino": ("DinoPretrainConfig", "run_pretrain_dino"),
-                 "policy": ("PolicyPretrainConfig", "run_pretrain_policy")}
+def job_types(kind: str) -> tuple:
+    """(config class, run function) of training job ``kind`` (a key of ``JOBS``); ConfigError naming the choices."""
+    if kind not in JOBS:
+        raise ConfigError(f"unknown training job {kind!r}; choose one of {', '.join(JOBS)}")
+    module, config_cls, run = JOBS[kind]
+    loaded = import_module(module)
+    return getattr(loaded, config_cls), getattr(loaded, run)
 
 
 def summarise(result, kind: str, storage_path: str | None = None) -> dict:
@@ -75,13 +62,7 @@ def summarise(result, kind: str, storage_path: str | None = None) -> dict:
 def run_job(kind: str, config_path: str, overrides: dict | None = None, dotted: list[str] | tuple = ()) -> dict:
     """Load ``config_path`` as the job's config (``overrides``: top-level fields; ``dotted``: ``KEY=VALUE`` texts
     into nested sections, e.g. ``scale.num_workers=2``), run it, summarise the run."""
-    if kind.startswith("pretrain-") and kind[len("pretrain-"):] in PRETRAIN_JOBS:
-        config_cls, run = _pretrain_job(kind[len("pretrain-"):])
-    else:
-        jobs = _registry()
-        if kind not in jobs:
-            raise ConfigError(f"unknown training job {kind!r}; choose one of {', '.join(jobs)}")
-        config_cls, run = jobs[kind]
+    config_cls, run = job_types(kind)
     cfg = load_config(config_path, config_cls, {k: v for k, v in (overrides or {}).items() if v is not None},
                       dotted)
     scale = getattr(cfg, "scale", None)

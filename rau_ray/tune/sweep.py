@@ -43,7 +43,7 @@ from rau_ray.models.checkpoint import STATE, locate_checkpoint
 from rau_ray.models.profiles import model_config_from
 from rau_ray.storage import check_scheme, is_uri, join
 from rau_ray.train import run
-from rau_ray.train.jobs import _registry
+from rau_ray.train.jobs import job_types
 from rau_ray.train.run import read_history
 from rau_ray.tune import janitor, results
 
@@ -162,14 +162,6 @@ def get_path(data: dict, path: str, default=None):
             return default
         node = node[part]
     return node
-
-
-def job_types(job: str):
-    """(config class, run function) of a training job."""
-    jobs = _registry()
-    if job not in jobs:
-        raise ConfigError(f"unknown training job {job!r}; choose one of {', '.join(jobs)}")
-    return jobs[job]
 
 
 def config_tree(job_cfg) -> dict:
