@@ -17,9 +17,9 @@ ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
 from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
+from rau_ray.models.checkpoint import read_history, read_weights_and_state
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import model_config_from
-from rau_ray.train import run
 from rau_ray.train.grpo import GRPOJobConfig, load_adapter, run_grpo
 from rau_ray.train.policy_examples import PolicyExamples
 from rau_ray.train.rewards import accuracy_score, format_score
@@ -54,7 +54,7 @@ grpo = run_grpo(from_dict(GRPOJobConfig, dict(manifest=DATA, name=GNAME, structu
                                               temperature=T, max_completion_length=128, beta=0.04, lr=float(os.environ.get("GRPO_LR", "0.001")),
                                               format_weight=0.5, max_steps=100, checkpoint_every=50)))
 t_grpo = time.time() - t0
-history = run.read_history(grpo.checkpoint.path)
+history = read_history(grpo.checkpoint.path)
 mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
 print("GRPO", round(t_grpo), "s; training-log accuracy reward, steps 1-10:", round(mean(history[:10], "rewards/accuracy/mean"), 3),
       "steps 91-100:", round(mean(history[-10:], "rewards/accuracy/mean"), 3),
@@ -64,7 +64,7 @@ print("GRPO", round(t_grpo), "s; training-log accuracy reward, steps 1-10:", rou
 
 def evaluate(checkpoint, split, k=8):
     """Mean rewards of k samples per prompt with trl's sampling (temperature T, no top-k/top-p), and greedy."""
-    weights, state = run.read_checkpoint(checkpoint)
+    weights, state = read_weights_and_state(checkpoint)
     policy = load_policy(model_config_from(state["config"]["model"]).policy)
     load_adapter(policy.model, weights)
     policy.model.eval()

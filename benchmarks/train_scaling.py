@@ -18,8 +18,8 @@ from pathlib import Path
 from rau_ray.atomic import atomic_write_text
 from rau_ray.config import from_dict
 from rau_ray.data.make import MakeConfig, make_dataset
+from rau_ray.models.checkpoint import read_history
 from rau_ray.train.grpo import GRPOJobConfig, run_grpo
-from rau_ray.train.run import read_history
 from rau_ray.train.sft import SFTConfig, run_sft
 
 TINY_LEARNING = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64, "lora_targets": [

@@ -134,8 +134,19 @@ def _demo(a: argparse.Namespace) -> dict:
     return run_demo(a.out, subjects=a.subjects, seed=a.seed, serve_forever=a.serve_forever, port=a.port)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), or None."""
+    return next((w for w in argv if not w.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``rau`` parser; ``only``: build just that subcommand's own arguments (None: all of them). Several come
+    from modules that take seconds to import (torch, transformers, Ray Train): ``rau data make`` need not wait for
+    them, and ``rau --help`` lists the subcommands without them."""
     from rau_ray.data.phantoms import PHANTOMS
+
+    def full(name: str) -> bool:
+        return only is None or only == name
 
     p = argparse.ArgumentParser(prog="rau", description="RAU-Ray: reference-based anatomical understanding on Ray.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -220,51 +231,58 @@ def build_parser() -> argparse.ArgumentParser:
     parse.add_argument("--llm-timeout", type=float, default=10.0, help="seconds to wait for the fallback")
     parse.set_defaults(func=_command_parse)
 
-    from rau_ray.train.jobs import add_arguments
-
     train = sub.add_parser("train", help="training jobs on Ray Train: sft, grpo (policy), seg (segmenter)")
     train.add_argument("job", choices=("sft", "grpo", "seg"), help="which training job")
-    add_arguments(train)
+    if full("train") or full("pretrain"):
+        from rau_ray.train.jobs import add_arguments
+
+        add_arguments(train)
     train.set_defaults(func=_train)
 
     pre = sub.add_parser("pretrain", help="pretrain a tiny backbone on Ray Train (sam2, dino, policy) and export it "
                                           "where the tiny profile loads it from (weights/tiny/)")
     pre.add_argument("backbone", choices=("sam2", "dino", "policy"), help="which backbone")
-    add_arguments(pre)
+    if full("train") or full("pretrain"):
+        add_arguments(pre)
     pre.set_defaults(func=_pretrain)
-
-    from rau_ray.train.ship import add_arguments as ship_arguments
 
     shp = sub.add_parser("ship", help="copy a trained checkpoint into weights/tiny/rau/<name> (then shipped:<name>), "
                                       "a policy's adapter also as a plain peft folder")
-    ship_arguments(shp)
-    shp.set_defaults(func=_ship)
+    if full("ship"):
+        from rau_ray.train.ship import add_arguments as ship_arguments
 
-    from rau_ray.tune.sweep import add_arguments as tune_arguments
+        ship_arguments(shp)
+    shp.set_defaults(func=_ship)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over a training job (projector width, LoRA rank, lr...): "
                                        "ASHA, results table, heatmap, best checkpoint exported")
-    tune_arguments(tune)
-    tune.set_defaults(func=_tune)
+    if full("tune"):
+        from rau_ray.tune.sweep import add_arguments as tune_arguments
 
-    from rau_ray.eval.evaluate import add_arguments as eval_arguments
+        tune_arguments(tune)
+    tune.set_defaults(func=_tune)
 
     ev = sub.add_parser("eval", help="evaluation report on held-out targets: labeling, segmentation, retrieval, "
                                      "latency, 3D (Ray actors)")
-    eval_arguments(ev)
-    ev.set_defaults(func=_eval)
+    if full("eval"):
+        from rau_ray.eval.evaluate import add_arguments as eval_arguments
 
-    from rau_ray.cluster.submit import add_arguments as submit_arguments
+        eval_arguments(ev)
+    ev.set_defaults(func=_eval)
 
     submit = sub.add_parser("submit", help="submit a jobs/ entrypoint to a Ray cluster (Ray Jobs API, runtime_env "
                                            "with this repo), stream its logs, exit with its final status")
-    submit_arguments(submit)
+    if full("submit"):
+        from rau_ray.cluster.submit import add_arguments as submit_arguments
+
+        submit_arguments(submit)
     submit.set_defaults(func=_submit)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(only=_chosen_command(words) or "").parse_args(words)
     try:
         result = args.func(args)
     except RauError as e:

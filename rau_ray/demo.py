@@ -44,7 +44,8 @@ from rau_ray.data.manifest import read_manifest
 from rau_ray.data.phantoms import PHANTOMS
 from rau_ray.data.preview import preview
 from rau_ray.errors import ConfigError, RauError
-from rau_ray.eval.evaluate import EvalConfig, run_eval
+from rau_ray.eval.evaluate import run_eval
+from rau_ray.eval.plan import EvalConfig
 from rau_ray.models.profiles import get_profile
 from rau_ray.models.rau import RAUModel
 from rau_ray.models.retrieval import Embedder, ReferenceBank, recall_at_k

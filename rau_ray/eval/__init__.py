@@ -1,1 +1,1 @@
-"""Evaluation: metrics, label matching, reports."""
+"""Evaluation: the eval job (plan, workers, driver), its tables and report."""

@@ -30,8 +30,8 @@ from matplotlib.colors import ListedColormap
 from rau_ray.atomic import atomic_write_figure, atomic_write_text
 from rau_ray.data.manifest import Manifests
 from rau_ray.eval import tables as T
-from rau_ray.eval.metrics import mask_to_box
 from rau_ray.models.prompts import to_pil
+from rau_ray.scoring.metrics import mask_to_box
 
 COLOURS = {"SFT": "#8da0cb", "GRPO": "#66c2a5", "OT (boxes only)": "#b3b3b3", "GRPO+OT": "#fc8d62",
            "GRPO+FGW": "#e78ac3", "SFT boxes": "#c6d0e6", "GRPO boxes": "#b3e2d3",
@@ -237,7 +237,7 @@ def header_markdown(hdr: dict) -> str:
                      + " |")
     if hdr["seg_policy"]:
         lines.append(f"| `<Seg>` of VLM+SAM2 from | {hdr['seg_policy']} policy |")
-    fgw = "available" if hdr["match_methods"].get("fgw") else "not available in rau_ray.eval.matching yet (n/a)"
+    fgw = "available" if hdr["match_methods"].get("fgw") else "not available in rau_ray.scoring.matching yet (n/a)"
     lines.append(f"| FGW matching | {fgw} |")
     lines.append(f"| held out | targets from split `{hdr['split']}` only; references from split "
                  f"`{hdr['reference_split']}` (test-only sets: other subjects) |")

@@ -35,8 +35,8 @@ from collections import defaultdict
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from rau_ray.eval import metrics
-from rau_ray.eval.matching import MatchConfig, assign, assign_with_fallback
+from rau_ray.scoring import metrics
+from rau_ray.scoring.matching import MatchConfig, assign, assign_with_fallback
 
 # (row name, the policy whose answers it scores, the transport method that re-assigns them or None, which boxes:
 # "predicted" by the policy's all-boxes answer or the "given" true ones). "OT (boxes only)" is transport without any
@@ -50,7 +50,7 @@ SEG_METHODS = ("SAM2-Memory-Ref", "SAM2-Memory-Ref-SFT", "VLM+SAM2", "CBAM-LoRA 
 
 
 def match_available(method: str) -> bool:
-    """Whether ``rau_ray.eval.matching`` knows ``method`` (FGW arrives there separately)."""
+    """Whether ``rau_ray.scoring.matching`` knows ``method`` (FGW arrives there separately)."""
     try:
         MatchConfig(method=method).validate()
     except Exception:  # noqa: BLE001 -- any refusal means "not available"
@@ -59,7 +59,7 @@ def match_available(method: str) -> bool:
 
 
 def same_label(answer, truth: str) -> bool:
-    """A right label: case and surrounding blanks ignored (as ``rau_ray.eval.scoring`` compares them)."""
+    """A right label: case and surrounding blanks ignored (as ``rau_ray.scoring.answers`` compares them)."""
     return isinstance(answer, str) and answer.strip().casefold() == truth.strip().casefold()
 
 
@@ -178,7 +178,7 @@ def per_label_accuracy(records: list[dict]) -> dict:
 
 def reasoning_table(records: list[dict]) -> dict:
     """{dataset: {"SFT" / "GRPO": {"answers", "with_statements", "statements", "true", "share", "ci95"}}}: the
-    relative-position statements of the label answers' ``<think>`` (``eval.reasoning``), the share true with a 95 %
+    relative-position statements of the label answers' ``<think>`` (``scoring.reasoning``), the share true with a 95 %
     interval over subjects. From ``reasoning`` {policy: [[made, true] per answer]} of the label records."""
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():

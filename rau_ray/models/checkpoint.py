@@ -1,18 +1,21 @@
-"""The one checkpoint loader: a training run's checkpoint folder -> the model it trained, weights loaded exactly.
+"""The one owner of the checkpoint layout and its loader: a training run's checkpoint folder -> the model it trained.
 
-A checkpoint folder (written by ``rau train sft|grpo|seg``) holds ``weights.safetensors`` (only what the job trained),
-``train_state.json`` ({"step", "config": the job's config, whose ``model`` section rebuilds the model}) and
-``history.jsonl`` (the metric rows). Its kind follows from the config: ``sft`` / ``grpo`` (a policy adapter: LoRA +
-the ``<Seg>`` rows, named as peft's ``get_peft_model_state_dict``), ``seg`` (RAU's projector + memory fusion + SAM2
-mask decoder, named as ``RAUSegmenter.trainable_state_dict``, plus ``policy.``-prefixed adapter keys when the
-policy's LoRA trained too) or ``cbam`` (SAM2's CBAM + LoRA (+ decoder) parameters, named as in the SAM2 model).
-Loading is strict: a missing or unexpected tensor name is a DataError, a shape that does not fit the rebuilt model a
-ConfigError. Safetensors only, never pickle. A run folder (``checkpoint_*/`` inside, or its ``summary.json``) means
-its latest checkpoint; of an ``s3://`` or ``gs://`` URI only that checkpoint is downloaded, once per node, into the
-local cache (``rau_ray.storage.local_copy``); ``file://`` URIs are local folders; ``shipped:<name>`` is the checkpoint
-the project ships in ``weights/tiny/rau/<name>`` (``rau ship``).
-Use: ``ck = read_checkpoint("runs/train/sft")``; ``policy = load_policy_checkpoint(ck)``;
-``RAUModel.from_checkpoint(policy="runs/train/grpo", segmenter="runs/train/seg", bank_dir="banks/ct")``.
+A checkpoint folder (``write_checkpoint``, called by every training job through ``rau_ray.train.run.report``) holds
+``weights.safetensors`` (only what the job trained), ``train_state.json`` ({"step", "config": the job's config, whose
+``model`` section rebuilds the model}) and ``history.jsonl`` (the metric rows). Its kind follows from the config:
+``sft`` / ``grpo`` (a policy adapter: LoRA + the ``<Seg>`` rows, named as peft's ``get_peft_model_state_dict``),
+``seg`` (RAU's projector + memory fusion + SAM2 mask decoder, named as ``RAUSegmenter.trainable_state_dict``, plus
+``policy.``-prefixed adapter keys when the policy's LoRA trained too) or ``cbam`` (SAM2's CBAM + LoRA (+ decoder)
+parameters, named as in the SAM2 model). Loading is strict: a missing or unexpected tensor name is a DataError, a
+shape that does not fit the rebuilt model a ConfigError. Safetensors only, never pickle. A run folder
+(``checkpoint_*/`` inside, or its ``summary.json``) means its latest checkpoint; of an ``s3://`` or ``gs://`` URI
+only that checkpoint is downloaded, once per node, into the local cache (``rau_ray.storage.local_copy``);
+``file://`` URIs are local folders; ``shipped:<name>`` is the checkpoint the project ships in
+``weights/tiny/rau/<name>`` (``rau ship``).
+Use: ``write_checkpoint(folder, weights, step, config, history)``; ``read_weights_and_state(folder)`` and
+``read_history(folder)`` (any job's checkpoint, local or a URI); ``ck = read_checkpoint("runs/train/sft")``;
+``policy = load_policy_checkpoint(ck)``; ``RAUModel.from_checkpoint(policy="runs/train/grpo",
+segmenter="runs/train/seg", bank_dir="banks/ct")``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rau_ray import storage
 from rau_ray.errors import ConfigError, DataError, RauError
@@ -37,10 +40,9 @@ from rau_ray.models.pretrained import weights_root
 from rau_ray.models.profiles import get_profile, model_config_from
 from rau_ray.models.sam2_builder import build_sam2_model
 
-# the names rau_ray.train.run writes (models never import train)
-WEIGHTS = "weights.safetensors"
-STATE = "train_state.json"
-HISTORY = "history.jsonl"
+WEIGHTS = "weights.safetensors"  # what the job trained, nothing else
+STATE = "train_state.json"  # {"step": N, "config": the job's config}
+HISTORY = "history.jsonl"  # one metric row per line
 KINDS = ("sft", "grpo", "seg", "cbam")
 POLICY_PREFIX = "policy."  # a seg checkpoint that trained the policy's LoRA too keeps the adapter under this prefix
 
@@ -69,10 +71,7 @@ class Checkpoint:
         return cfg
 
     def history(self) -> list[dict]:
-        path = self.path / HISTORY
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_history(self.path)
 
     def describe(self) -> dict:
         """Provenance for reports: where, what kind, which step, trained on which manifest."""
@@ -82,6 +81,37 @@ class Checkpoint:
                 "seed": self.config.get("seed")}
 
 
+# -- the layout ------------------------------------------------------------------------------------------------------
+def write_checkpoint(folder: str | os.PathLike, weights: dict[str, torch.Tensor], step: int, config: dict,
+                     history: list[dict] | tuple = ()) -> Path:
+    """A checkpoint in ``folder`` (created; Ray Train then moves it into the run's storage): the weights, the step and
+    job config, the metric rows."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS))
+    (folder / STATE).write_text(json.dumps({"step": step, "config": config}))
+    (folder / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history))
+    return folder
+
+
+def read_weights_and_state(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, train_state) of any job's checkpoint folder (a URI's: downloaded once per node,
+    ``storage.local_copy``); a clear DataError when it is not one."""
+    where, folder = folder, storage.local_copy(folder, "checkpoint")
+    if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
+        raise DataError(f"{where}: not a training checkpoint (expected {WEIGHTS} and {STATE})")
+    return load_file(str(folder / WEIGHTS)), json.loads((folder / STATE).read_text())
+
+
+def read_history(folder: str | os.PathLike) -> list[dict]:
+    """The metric rows of a checkpoint folder (local or a URI: only history.jsonl is read); [] without one."""
+    path = storage.join(folder, HISTORY)
+    if not storage.is_file(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+# -- the loader ------------------------------------------------------------------------------------------------------
 def checkpoint_kind(config: dict, where: str = "checkpoint") -> str:
     """sft / grpo / seg / cbam / memref from the job config a checkpoint recorded."""
     if not isinstance(config, dict):

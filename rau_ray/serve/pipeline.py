@@ -9,7 +9,7 @@ call the routes need, with the typed messages of ``rau_ray.serve.messages``:
   and the Segmenter's mask with the Segmenter working alongside the Policy: its ``prepare`` (embeddings, reference
   memory) runs while the Policy generates and the Policy's pending response is handed straight to
   ``Segmenter.segment``, routed (``multiplexed_model_id`` = the image's digest) to the replica holding the image.
-- ``label``: the Policy's boxes (or the client's), a label per box, global OT matching (``rau_ray.eval.matching``).
+- ``label``: the Policy's boxes (or the client's), a label per box, global OT matching (``rau_ray.scoring.matching``).
 - ``prompt`` / ``segment``: what a ``Session`` asks of the models (the pipeline is the sessions' backend). A click
   is decoded where ``prompt_decoding`` puts the prompt decoder: on the Segmenter replica holding the image's
   embedding, or in the Ingress itself (``PromptDecoder``, on the features fetched once per image).
@@ -32,9 +32,9 @@ import ray.exceptions as rx
 import torch
 
 from rau_ray.data.tasks import label_boxes
-from rau_ray.eval.matching import MatchConfig, assign
 from rau_ray.models.prompts import to_pil
 from rau_ray.models.rau import Reference, image_digest
+from rau_ray.scoring.matching import MatchConfig, assign
 from rau_ray.serve import codecs
 from rau_ray.serve.deployments import load_segmenter
 from rau_ray.serve.http import ApiError, BankReference, ClientReference, ReferenceChoice

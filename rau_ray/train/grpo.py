@@ -50,7 +50,7 @@ from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.models.checkpoint import locate_checkpoint
+from rau_ray.models.checkpoint import STATE, locate_checkpoint, read_weights_and_state
 from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import model_config_from
@@ -61,7 +61,7 @@ from rau_ray.storage import local_copy
 from rau_ray.train import rewards, run
 from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
 from rau_ray.train.policy_examples import PolicyExamples
-from rau_ray.train.run import STATE, ScaleConfig
+from rau_ray.train.run import ScaleConfig
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same adapter init on every worker
     policy = load_policy(model_cfg.policy)
     if cfg.sft_checkpoint:
-        weights, _ = run.read_checkpoint(cfg.sft_checkpoint)
+        weights, _ = read_weights_and_state(cfg.sft_checkpoint)
         load_adapter(policy.model, weights, cfg.sft_checkpoint)  # before trl copies it into the KL reference
     _patch_output_head(policy.model)
     resumed = run.resume()

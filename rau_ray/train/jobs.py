@@ -16,8 +16,8 @@ from importlib import import_module
 from rau_ray import storage
 from rau_ray.config import load_config
 from rau_ray.errors import ConfigError, RauError
+from rau_ray.models.checkpoint import read_history
 from rau_ray.train.curves import curve_keys, plot_history
-from rau_ray.train.run import read_history
 
 # job -> (module, config class, run function). The modules are imported when a job is asked for, not with this one:
 # the CLI builds its parser from here, and `rau --help` or `rau command parse` must not load deepspeed and trl.

@@ -2,7 +2,7 @@
 
 The prompts and answers are the pipeline's (``rau_ray.models.pipeline``): boxes in the processor's resized image, as
 the policy sees and answers them. The ``<think>`` text places the structure in the reference (its box) and in the
-target relative to its nearest neighbour (``eval.reasoning.relative_statement``: true by construction, what the
+target relative to its nearest neighbour (``scoring.reasoning.relative_statement``: true by construction, what the
 reasoning check reads back). Manifests and images are read once per process.
 Use: ``messages, completion = PolicyExamples(processor).example(item)``;
 ``truth(item)`` -> what a right answer holds (label, box, all boxes, the resized image size), for scoring.
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from rau_ray.data.manifest import Manifests
 from rau_ray.data.tasks import label_boxes
-from rau_ray.eval.reasoning import relative_statement
 from rau_ray.models import pipeline
+from rau_ray.scoring.reasoning import relative_statement
 
 
 class PolicyExamples:

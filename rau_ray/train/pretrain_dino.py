@@ -42,7 +42,6 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,9 +51,10 @@ from rau_ray.data.phantoms import get_phantom
 from rau_ray.data.phantoms.ct_abdomen import draw_subject, slice_depth
 from rau_ray.data.scenes import make_scene
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.eval.metrics import grouped_bootstrap
 from rau_ray.models import pretrained, prompts
+from rau_ray.models.checkpoint import read_weights_and_state
 from rau_ray.models.retrieval import TINY, Embedder, RetrievalConfig, tiny_model, tiny_processor, tiny_spec
+from rau_ray.scoring.metrics import grouped_bootstrap
 from rau_ray.train import pretrain, run
 from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, phantom_train_subjects
 from rau_ray.train.run import ScaleConfig
@@ -546,7 +546,7 @@ def train_loop_per_worker(config: dict) -> None:
                    config=asdict(cfg))
 
     if step == 0:  # the untrained start, and how many images the workers rendered
-        counts = _all_sum({"images": len(data["images"]), "phantom_images": int((data["group"] >= 0).sum())}, device)
+        counts = run.all_sum({"images": len(data["images"]), "phantom_images": int((data["group"] >= 0).sum())}, device)
         log({**validate(), **{k: int(v) for k, v in counts.items()}, "render_s": round(render_s, 1)}, save=False)
     sums: dict[str, float] = {}
     count, t0 = 0, time.perf_counter()
@@ -569,15 +569,6 @@ def train_loop_per_worker(config: dict) -> None:
                 row.update(validate())
             log(row, save=save)
             sums, count, t0 = {}, 0, time.perf_counter()
-
-
-def _all_sum(values: dict[str, float], device=None) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
 
 
 def export_weights(weights: dict[str, torch.Tensor], cfg: DinoPretrainConfig, folder: Path) -> None:
@@ -606,7 +597,7 @@ def run_pretrain_dino(cfg: DinoPretrainConfig):
     result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name,
                      datasets={"train": run.materialized(items, cfg.seed)})
     if result.error is None and result.checkpoint:
-        weights, state = run.read_checkpoint(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path,
+        weights, state = read_weights_and_state(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path,
                                                             cfg.scale.storage_path))
         facts = pretrain.job_facts(cfg, result, OBJECTIVE, started)
         facts.update({"steps": state["step"], "seed": cfg.seed, "data_seed": cfg.data.seed,

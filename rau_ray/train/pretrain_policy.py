@@ -50,6 +50,7 @@ from rau_ray.config import from_dict
 from rau_ray.data.scenes import KINDS, TONES, make_scene, random_affine, render, scene_rng
 from rau_ray.errors import ConfigError
 from rau_ray.models import pretrained, prompts
+from rau_ray.models.checkpoint import read_history, read_weights_and_state
 from rau_ray.models.policy import Policy, PolicyConfig, _load_base, number_tokens, tiny_spec
 from rau_ray.models.profiles import model_config_from
 from rau_ray.models.prompts import _SHAPE, MAX_ANSWER_CHARS, resized_size, scale_box, to_pil
@@ -550,13 +551,6 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
         offset += t.numel()
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def validate_model(policy, items: list[dict]) -> dict[str, float]:
     """Held-out scores summed over the workers (each answers its slice): val_* metrics of the curves."""
     rows = evaluate(policy, items)
@@ -566,7 +560,7 @@ def validate_model(policy, items: list[dict]) -> dict[str, float]:
         for k in ("n", metric, "parsed", "think_true"):
             keys.append(f"{task}_{k}")
             values.append(float(len(rows[task])) if k == "n" else float(sum(r[k] for r in rows[task])))
-    totals = dict(zip(keys, _all_sum(values)))
+    totals = run.all_sum(dict(zip(keys, values)))
     out = {}
     for task in TASKS:
         n = totals[f"{task}_n"]
@@ -744,12 +738,13 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         elapsed = time.perf_counter() - t_window
         keys = sorted(aux_losses[-1])
-        means = _all_sum([sum(losses) / len(losses), float(tokens)] +
-                         [sum(a[k] for a in aux_losses) / len(aux_losses) for k in keys])
+        sums = run.all_sum({"loss": sum(losses) / len(losses), "tokens": float(tokens),
+                            **{f"aux_{k}": sum(a[k] for a in aux_losses) / len(aux_losses) for k in keys}})
         row = {"step": step, "resumed_from": resumed.step, "epoch": step * cfg.batch_size * world // cfg.data.scenes,
-               "loss": means[0] / world, "lr": lr, "grad_norm": grad_norm,
-               **{f"aux_{k}": v / world for k, v in zip(keys, means[2:])},
-               "samples_per_s": len(losses) * cfg.batch_size * world / elapsed, "tokens_per_s": means[1] / elapsed,
+               "loss": sums["loss"] / world, "lr": lr, "grad_norm": grad_norm,
+               **{f"aux_{k}": sums[f"aux_{k}"] / world for k in keys},
+               "samples_per_s": len(losses) * cfg.batch_size * world / elapsed,
+               "tokens_per_s": sums["tokens"] / elapsed,
                "rss_mb": run.rss_mb()}
         if evaluate_now:
             model.eval()
@@ -789,10 +784,10 @@ def run_pretrain_policy(cfg: PolicyPretrainConfig):
     result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name)
     if result.error is not None or not result.checkpoint:
         return result  # jobs.summarise reports the failure
-    weights, _ = run.read_checkpoint(result.checkpoint.path)
+    weights, _ = read_weights_and_state(result.checkpoint.path)
     facts = job_facts(cfg, result, OBJECTIVE, started)
     facts.update(seed=cfg.seed, data_seed=cfg.data.seed, steps=cfg.max_steps,
-                 history=run.read_history(result.checkpoint.path))
+                 history=read_history(result.checkpoint.path))
     folder = export_base(cfg, weights, facts)
     if cfg.quality_items:
         q = quality(folder, n=cfg.quality_items, size=cfg.data.size)

@@ -37,8 +37,8 @@ from rau_ray.config import from_dict
 from rau_ray.data.phantoms import PHANTOMS, ct_abdomen, xray_angio
 from rau_ray.data.scenes import make_scene, random_affine, random_spec, render, scene_rng
 from rau_ray.errors import ConfigError
-from rau_ray.eval.metrics import dice, mask_to_box
 from rau_ray.models import pretrained, sam2_builder
+from rau_ray.models.checkpoint import read_weights_and_state
 from rau_ray.models.losses import sample_corrective_points
 from rau_ray.models.memory_ref import memory_ref_baseline
 from rau_ray.models.pretrained import weights_root
@@ -51,10 +51,10 @@ from rau_ray.models.sam2_builder import (
     predict_with_prompts,
     predictor_for,
 )
+from rau_ray.scoring.metrics import dice, mask_to_box
 from rau_ray.train import pretrain, run
 from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, export, phantom_train_subjects
 from rau_ray.train.run import ScaleConfig
-from rau_ray.train.seg import _all_sum
 
 VAL_SEED = 4242  # validation subjects during training: not a training seed, not the benchmark's
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2's transforms
@@ -470,7 +470,7 @@ def train_loop_per_worker(config: dict) -> None:
     boxes, pairs = boxes[rank::world], pairs[rank::world]
 
     def val() -> dict:
-        sums = _all_sum(validate(model, boxes, pairs), device)
+        sums = run.all_sum(validate(model, boxes, pairs), device)
         return {"val_box_dice": sums["box_dice"] / max(sums["box_n"], 1),
                 "val_mem_dice": sums["mem_dice"] / max(sums["mem_n"], 1)}
 
@@ -515,7 +515,7 @@ def run_pretrain_sam2(cfg: Sam2PretrainConfig):
     started = time.time()
     result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name)
     if result.error is None and result.checkpoint:
-        weights, _ = run.read_checkpoint(result.checkpoint.path)
+        weights, _ = read_weights_and_state(result.checkpoint.path)
         export_sam2(cfg, weights, pretrain.job_facts(cfg, result, OBJECTIVE, started))
     return result
 

@@ -10,12 +10,12 @@ other dataset columns arrive as keyword lists, one value per completion:
 - for ``MaskDiceReward`` also ``manifest``, ``reference``, ``target`` (manifest row ids) and ``structure``.
 
 Rewards (each in [0, 1]; a completion that is garbage in any way scores 0, nothing here raises on model output).
-Format and accuracy are ``rau_ray.eval.scoring``'s, the same definitions eval reports:
+Format and accuracy are ``rau_ray.scoring.answers``'s, the same definitions eval reports:
 
-- ``format_reward``: ``scoring.format_credit``: strict ``<think>...</think><answer>{JSON}</answer>`` with the task's
+- ``format_reward``: ``answers.format_credit``: strict ``<think>...</think><answer>{JSON}</answer>`` with the task's
   fields and coordinates inside the image is worth 1; partial credit on the way there (right tags 0.25, + valid
   JSON 0.5, + the task's fields 0.75) gives a random policy a slope to climb.
-- ``accuracy_reward``: ``scoring.answer_accuracy`` against the parsed ``solution``: label right (1/0); ground /
+- ``accuracy_reward``: ``answers.answer_accuracy`` against the parsed ``solution``: label right (1/0); ground /
   segment: box IoU if the answer names the asked structure (a correct ``null`` for an absent one is 1); all_boxes:
   IoU after optimal-transport matching of predicted to true boxes, over max(#predicted, #true).
 - ``MaskDiceReward`` (optional): for segment answers the ``<Seg>`` hidden state goes through the RAU segmenter
@@ -40,10 +40,9 @@ import torch
 
 from rau_ray.data.manifest import Manifests
 from rau_ray.errors import ConfigError
-from rau_ray.eval import scoring
-from rau_ray.eval.metrics import dice
-from rau_ray.eval.scoring import FORMAT_CREDIT, MATCH, matched_mean_iou  # noqa: F401  (re-exported)
 from rau_ray.models.prompts import parse_answer, to_pil
+from rau_ray.scoring import answers
+from rau_ray.scoring.metrics import dice
 
 
 def completion_text(completion: Any) -> str | None:
@@ -76,7 +75,7 @@ def _column(values, name: str, n: int, optional: bool = False) -> list:
     return list(values)
 
 
-_size = scoring.image_size
+_size = answers.image_size
 
 
 def _safe(fn: Callable[[], float]) -> float:
@@ -88,8 +87,8 @@ def _safe(fn: Callable[[], float]) -> float:
 
 
 def format_score(text, task: str, image_size=None) -> float:
-    """Format credit of one completion (``scoring.format_credit``)."""
-    return scoring.format_credit(text, task, image_size)
+    """Format credit of one completion (``answers.format_credit``)."""
+    return answers.format_credit(text, task, image_size)
 
 
 def format_reward(prompts, completions, task=None, image_size=None, **kwargs) -> list[float]:
@@ -100,11 +99,11 @@ def format_reward(prompts, completions, task=None, image_size=None, **kwargs) ->
 
 
 def accuracy_score(text, task: str, solution, image_size=None) -> float:
-    """Accuracy of one completion against the reference completion ``solution`` (``scoring.score_answer``)."""
+    """Accuracy of one completion against the reference completion ``solution`` (``answers.score_answer``)."""
     truth = parse_answer(solution, task)
     if not truth:
         return 0.0
-    return scoring.score_answer(text, truth, image_size)["accuracy"]
+    return answers.score_answer(text, truth, image_size)["accuracy"]
 
 
 def accuracy_reward(prompts, completions, task=None, solution=None, image_size=None, **kwargs) -> list[float]:

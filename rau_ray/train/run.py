@@ -1,24 +1,22 @@
 """What every training job shares: the TorchTrainer around a worker loop, checkpoints, and the metric history.
 
-A checkpoint folder holds ``weights.safetensors`` (only what the job trains: a LoRA adapter, a projector...),
-``train_state.json`` (global step, the job's config) and ``history.jsonl`` (every logged metric row so far). The
-history travels inside the checkpoint, so a run restarted after a failure, or stored on s3://, continues its curve.
-Use (inside a worker loop): ``state = resume()``; ``report(metrics, weights=..., step=..., history=...)``;
-on the driver: ``result = fit(loop, cfg, datasets)``; ``weights, state = read_checkpoint(result.checkpoint.path)``.
+A checkpoint folder (its layout: ``rau_ray.models.checkpoint``) holds ``weights.safetensors`` (only what the job
+trains: a LoRA adapter, a projector...), ``train_state.json`` (global step, the job's config) and ``history.jsonl``
+(every logged metric row so far). The history travels inside the checkpoint, so a run restarted after a failure, or
+stored on s3://, continues its curve. Use (inside a worker loop): ``state = resume()``; ``report(metrics,
+weights=..., step=..., history=...)``; ``all_sum(values)`` over the ranks; on the driver: ``result = fit(loop, cfg,
+datasets)``; ``weights, state = read_weights_and_state(result.checkpoint.path)`` (``rau_ray.models.checkpoint``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
-import os
 import resource
 import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -28,15 +26,11 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file, save_file
 
-from rau_ray import ray_session, storage
+from rau_ray import ray_session
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.storage import check_scheme, local_copy, resolve_storage
-
-WEIGHTS = "weights.safetensors"
-STATE = "train_state.json"
-HISTORY = "history.jsonl"
+from rau_ray.models.checkpoint import read_history, read_weights_and_state, write_checkpoint
+from rau_ray.storage import check_scheme, resolve_storage
 
 
 @dataclass
@@ -46,21 +40,14 @@ class Resumed:
     history: list[dict] = field(default_factory=list)
 
 
-def read_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, train_state) of a checkpoint folder (a URI's: downloaded once per node, ``storage.local_copy``); a
-    clear DataError when it is not one."""
-    where, folder = folder, local_copy(folder, "checkpoint")
-    if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
-        raise DataError(f"{where}: not a training checkpoint (expected {WEIGHTS} and {STATE})")
-    return load_file(str(folder / WEIGHTS)), json.loads((folder / STATE).read_text())
-
-
-def read_history(folder: str | os.PathLike) -> list[dict]:
-    """The metric rows of a checkpoint folder (local or a URI: only history.jsonl is read); [] without one."""
-    path = storage.join(folder, HISTORY)
-    if not storage.is_file(path):
-        return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line]
+def all_sum(values: dict[str, float], device=None) -> dict[str, float]:
+    """Each value summed over the ranks (the process group Ray Train set up), or as is in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
 
 
 def resume() -> Resumed:
@@ -69,7 +56,7 @@ def resume() -> Resumed:
     if not checkpoint:
         return Resumed()
     with checkpoint.as_directory() as folder:
-        weights, state = read_checkpoint(folder)
+        weights, state = read_weights_and_state(folder)
         return Resumed(step=state["step"], weights=weights, history=read_history(folder))
 
 
@@ -83,9 +70,7 @@ def report(metrics: dict, weights: dict[str, torch.Tensor] | None = None, step: 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(tmp) / WEIGHTS))
-            (Path(tmp) / STATE).write_text(json.dumps({"step": step, "config": config or {}}))
-            (Path(tmp) / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history or []))
+            write_checkpoint(tmp, weights, step, config or {}, history or ())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 

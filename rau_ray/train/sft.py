@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 import deepspeed
 import ray.train
 import torch
-import torch.distributed as dist
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -31,10 +30,10 @@ from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError
-from rau_ray.eval.policy_eval import evaluate_policy, means
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import model_config_from
 from rau_ray.models.retrieval import reference_picker
+from rau_ray.scoring.answers import evaluate_policy, means
 from rau_ray.train import run
 from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
 from rau_ray.train.policy_examples import PolicyExamples
@@ -86,13 +85,6 @@ def load_trainable(model, weights: dict[str, torch.Tensor], zero_stage: int = 0)
         set_peft_model_state_dict(model, weights)
 
 
-def _all_sum(totals: dict[str, float], keys: list[str]) -> dict[str, float]:
-    values = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
-
-
 def evaluate(policy, examples, items: list[dict], cfg: SFTConfig, rank: int, world: int) -> dict[str, float]:
     """Held-out scores summed over ranks: each rank answers an equal slice (ZeRO-3 generation runs in lockstep)."""
     per_rank = max(1, min(cfg.eval_items, len(items)) // world)
@@ -100,7 +92,7 @@ def evaluate(policy, examples, items: list[dict], cfg: SFTConfig, rank: int, wor
     mine = [items[(rank * per_rank + i) % len(items)] for i in range(per_rank)]
     totals = evaluate_policy(policy, examples, mine, cfg.max_new_tokens, synced_gpus=cfg.zero_stage == 3 and world > 1)
     keys = ["n", "format", "accuracy"] + [f"{t}_{k}" for t in cfg.tasks for k in ("n", "format", "accuracy")]
-    return {f"val_{k}": v for k, v in means(_all_sum(totals, keys)).items()}
+    return {f"val_{k}": v for k, v in means(run.all_sum({k: totals.get(k, 0.0) for k in keys})).items()}
 
 
 class ShardBatches(torch.utils.data.IterableDataset):

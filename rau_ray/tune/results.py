@@ -25,8 +25,7 @@ from ray.tune import ExperimentAnalysis
 
 from rau_ray import storage
 from rau_ray.errors import DataError
-from rau_ray.models.checkpoint import STATE, locate_checkpoint
-from rau_ray.train.run import read_history
+from rau_ray.models.checkpoint import STATE, locate_checkpoint, read_history
 
 STATUSES = ("finished", "stopped early", "error", "unfinished")
 

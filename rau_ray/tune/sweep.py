@@ -39,12 +39,11 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rau_ray import ray_session, storage
 from rau_ray.config import from_dict, load_config, read_yaml
 from rau_ray.errors import ConfigError, DataError, RauError
-from rau_ray.models.checkpoint import STATE, locate_checkpoint
+from rau_ray.models.checkpoint import STATE, locate_checkpoint, read_history
 from rau_ray.models.profiles import model_config_from
 from rau_ray.storage import check_scheme, is_uri, join
 from rau_ray.train import run
 from rau_ray.train.jobs import job_types
-from rau_ray.train.run import read_history
 from rau_ray.tune import janitor, results
 
 DEFAULT_METRICS = {"seg": "val_dice", "sft": "val_accuracy", "grpo": "reward"}

@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from rau_ray.data.manifest import read_manifest
-from rau_ray.train.run import read_checkpoint, read_history
+from rau_ray.models.checkpoint import read_history, read_weights_and_state
 
 pytestmark = pytest.mark.integration
 
@@ -443,7 +443,7 @@ def test_train_run_has_a_worker_on_each_node_and_survives_losing_one(cluster, ct
     resumed = max(row["resumed_from"] for row in history)
     assert resumed >= 3 and resumed % 3 == 0  # restarted from a checkpoint, not from step 0
     assert [row["step"] for row in history if row["resumed_from"] == resumed][0] == resumed + 1  # and went on
-    assert read_checkpoint(summary["checkpoint"])[1]["step"] == STEPS
+    assert read_weights_and_state(summary["checkpoint"])[1]["step"] == STEPS
 
 
 def test_everything_started_is_stopped(cluster):

@@ -10,8 +10,8 @@ from ray import serve
 
 from rau_ray.data.manifest import read_manifest
 from rau_ray.demo import run_demo
+from rau_ray.models.checkpoint import read_history
 from rau_ray.train.curves import curve_keys
-from rau_ray.train.run import read_history
 
 REPO = Path(__file__).resolve().parents[2]
 

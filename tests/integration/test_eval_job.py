@@ -19,11 +19,12 @@ from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import label_boxes
 from rau_ray.eval.tables import match_available
+from rau_ray.models.checkpoint import HISTORY, STATE, WEIGHTS
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import model_config_from
 from rau_ray.train.grpo import GRPOJobConfig, adapter_state
-from rau_ray.train.run import HISTORY, STATE, WEIGHTS
-from rau_ray.train.seg import SegJobConfig, build_seg_trainer
+from rau_ray.train.seg import build_seg_trainer
+from rau_ray.train.seg_base import SegJobConfig
 from rau_ray.train.sft import SFTConfig
 
 

@@ -13,10 +13,10 @@ from rau_ray.config import from_dict
 from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
+from rau_ray.models.checkpoint import STATE, WEIGHTS, read_history, read_weights_and_state
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import model_config_from
 from rau_ray.train.grpo import GRPOJobConfig, adapter_state, load_adapter, run_grpo
-from rau_ray.train.run import STATE, WEIGHTS, read_checkpoint, read_history
 
 # the SFT recipe of jobs/configs/sft-tiny.yaml: LoRA on the attention and the MLPs
 MODEL = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64, "lora_targets": [
@@ -83,9 +83,9 @@ def test_grpo_logs_rewards_saves_loadable_checkpoints_and_resumes(ray_cluster, m
     assert max(row["rewards/format/mean"] for row in history) > 0
     assert max(row["reward_std"] for row in history) > 0  # some group had an advantage to learn from
 
-    weights, state = read_checkpoint(result.checkpoint.path)
+    weights, state = read_weights_and_state(result.checkpoint.path)
     assert state["step"] == 2 and state["config"]["model"] == MODEL  # the model the adapter fits
-    sft_weights, _ = read_checkpoint(sft_checkpoint)
+    sft_weights, _ = read_weights_and_state(sft_checkpoint)
     assert set(weights) == set(sft_weights) and any("trainable_tokens" in k for k in weights)  # + the <Seg> rows
     assert any(not torch.equal(weights[k], sft_weights[k]) for k in weights)  # GRPO moved the adapter
     fresh = load_policy(model_config_from(MODEL).policy)
@@ -99,4 +99,4 @@ def test_grpo_logs_rewards_saves_loadable_checkpoints_and_resumes(ray_cluster, m
     resumed = run_grpo(grpo_config(manifest, sft_checkpoint, tmp_path, max_steps=3))  # same name: resumes
     assert resumed.error is None and resumed.metrics["step"] == 3
     assert [row["step"] for row in read_history(resumed.checkpoint.path)] == [1, 2, 3]
-    assert read_checkpoint(resumed.checkpoint.path)[1]["step"] == 3
+    assert read_weights_and_state(resumed.checkpoint.path)[1]["step"] == 3

@@ -35,17 +35,17 @@ def test_pretrain_sam2_exports_loadable_weights_and_resumes(run_cli, tmp_path, m
 
     from dataclasses import replace
 
+    from rau_ray.models.checkpoint import read_weights_and_state
     from rau_ray.models.sam2_builder import TINY, build_sam2_model
-    from rau_ray.train.run import read_checkpoint
 
     monkeypatch.setenv("RAU_WEIGHTS", str(tmp_path / "weights"))
     model = build_sam2_model(replace(TINY, image_size=64, init="pretrained"))
-    weights, _ = read_checkpoint(summary["checkpoint"])
+    weights, _ = read_weights_and_state(summary["checkpoint"])
     assert all((model.state_dict()[k] == v).all() for k, v in weights.items())
 
     again = run_cli("pretrain", "sam2", "--config", config, "--max-steps", "4")  # same name: resumes at step 2
     assert again.returncode == 0, again.stderr[-3000:]
-    _, state = read_checkpoint(json.loads(again.stdout[again.stdout.index("{"):])["checkpoint"])
+    _, state = read_weights_and_state(json.loads(again.stdout[again.stdout.index("{"):])["checkpoint"])
     assert state["step"] == 4
 
 

@@ -8,8 +8,9 @@ import torch
 
 from rau_ray.config import from_dict
 from rau_ray.errors import ConfigError
-from rau_ray.train.run import read_checkpoint, read_history
-from rau_ray.train.seg import SegJobConfig, run_seg, seg_trainer_from_checkpoint
+from rau_ray.models.checkpoint import read_history, read_weights_and_state
+from rau_ray.train.seg import run_seg, seg_trainer_from_checkpoint
+from rau_ray.train.seg_base import SegJobConfig
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_rau_mode_reports_val_dice_checkpoints_loads_and_resumes(ray_cluster, ma
     assert all(row["loss"] > 0 and 0 <= row["dice"] <= 1 for row in history[1:])
     assert result.metrics["step"] == 4 and "val_dice" in result.metrics
 
-    weights, state = read_checkpoint(result.checkpoint.path)
+    weights, state = read_weights_and_state(result.checkpoint.path)
     assert state["step"] == 4 and state["config"]["mode"] == "rau"
     assert any(k.startswith("projector.") for k in weights) and any(k.startswith("sam.sam_mask_decoder.")
                                                                      for k in weights)
@@ -52,7 +53,7 @@ def test_rau_mode_reports_val_dice_checkpoints_loads_and_resumes(ray_cluster, ma
     history = read_history(resumed.checkpoint.path)
     assert [row["step"] for row in history] == [0, 1, 2, 3, 4, 5, 6]  # continued, not restarted
     assert [row["resumed_from"] for row in history[-2:]] == [4, 4]
-    assert read_checkpoint(resumed.checkpoint.path)[1]["step"] == 6
+    assert read_weights_and_state(resumed.checkpoint.path)[1]["step"] == 6
 
 
 def test_cbam_lora_mode_trains_interactively_on_two_workers(ray_cluster, manifest, tmp_path):
@@ -62,7 +63,7 @@ def test_cbam_lora_mode_trains_interactively_on_two_workers(ray_cluster, manifes
     m = result.metrics
     assert m["step"] == 2 and 0 <= m["val_dice"] <= 1 and 0 <= m["val_dice_interactive"] <= 1
     assert 0 <= m["dice_last_round"] <= 1 and m["loss"] > 0
-    weights, state = read_checkpoint(result.checkpoint.path)
+    weights, state = read_weights_and_state(result.checkpoint.path)
     assert state["config"]["mode"] == "cbam-lora"
     assert any("lora_A" in k for k in weights) and any(".cbam." in k for k in weights)
     assert any(k.startswith("sam_mask_decoder.") for k in weights)  # train_mask_decoder (the default)

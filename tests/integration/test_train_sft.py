@@ -17,9 +17,9 @@ import yaml
 from rau_ray.config import from_dict
 from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.errors import ConfigError
+from rau_ray.models.checkpoint import read_history, read_weights_and_state
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import get_profile
-from rau_ray.train.run import read_checkpoint, read_history
 from rau_ray.train.sft import SFTConfig, load_trainable, run_sft
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_zero2_and_zero3_learn_a_fixed_batch_identically_and_checkpoints_load(ra
     # ZeRO-3 shards what ZeRO-2 replicates; the same run up to reduction order
     assert losses[3] == pytest.approx(losses[2], rel=1e-2)
 
-    weights, state = read_checkpoint(result.checkpoint.path)
+    weights, state = read_weights_and_state(result.checkpoint.path)
     assert state["step"] == 8 and state["config"]["zero_stage"] == 3
     assert any("lora_A" in k for k in weights) and any("trainable_tokens" in k for k in weights)
     fresh = load_policy(get_profile("tiny").policy)
@@ -112,5 +112,5 @@ def test_killed_worker_resumes_from_checkpoint_and_step_continues(ray_cluster, m
     assert max(resumed) >= 5 and max(resumed) % 5 == 0  # restarted from a checkpoint, not from step 0
     assert min(s for s in steps if s > 0 and history[steps.index(s)]["resumed_from"] > 0) > max(resumed)
     assert Path(summary["curves"]).is_file()
-    _, state = read_checkpoint(summary["checkpoint"])
+    _, state = read_weights_and_state(summary["checkpoint"])
     assert state["step"] == 30

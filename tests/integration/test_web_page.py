@@ -143,7 +143,7 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom, tmp_path):
         # the shipped chain (serve_configs/local.yaml) on a slice it never saw: the liver, and words in the reasoning
         import base64
 
-        from rau_ray.eval.metrics import dice
+        from rau_ray.scoring.metrics import dice
         from rau_ray.serve.codecs import decode_image
 
         mask = decode_image(base64.b64decode(answer.value.json()["mask"])).array > 0  # the page asks for a PNG

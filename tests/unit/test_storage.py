@@ -153,10 +153,9 @@ def fake_run(folder: Path, steps: list[int]) -> Path:
 def test_checkpoints_exports_and_run_summaries_in_a_bucket(s3_bucket, tmp_path):
     import ray.train
 
-    from rau_ray.models.checkpoint import locate_checkpoint, read_checkpoint
+    from rau_ray.models.checkpoint import locate_checkpoint, read_checkpoint, read_history
     from rau_ray.train import grpo
     from rau_ray.train.jobs import summarise
-    from rau_ray.train.run import read_history
     from rau_ray.tune.results import export_best
 
     run = f"{s3_bucket}/train/seg"

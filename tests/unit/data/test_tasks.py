@@ -32,10 +32,10 @@ def test_ground_items_ask_for_absent_structures_at_the_share_asked(ct_manifest):
 
 
 def test_an_absent_structure_trains_a_null_answer_with_true_reasoning(ct_manifest):
-    from rau_ray.eval.reasoning import check
     from rau_ray.models import prompts
     from rau_ray.models.policy import load_policy
     from rau_ray.models.profiles import get_profile
+    from rau_ray.scoring.reasoning import check
     from rau_ray.train.policy_examples import PolicyExamples
 
     m = read_manifest(ct_manifest(6, 64, 4))

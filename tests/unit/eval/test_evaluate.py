@@ -13,9 +13,11 @@ from rau_ray.cli import main as cli_main
 from rau_ray.data import formats
 from rau_ray.data.manifest import ManifestRow, write_manifest
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.eval import evaluate, report, tables
-from rau_ray.eval.evaluate import EvalConfig, EvalWorker, pack, plan_eval, predict_all, unpack
-from rau_ray.eval.matching import MatchConfig, assign
+from rau_ray.eval import report, tables
+from rau_ray.eval.evaluate import predict_all
+from rau_ray.eval.plan import EvalConfig, plan_eval
+from rau_ray.eval.worker import EvalWorker, pack, slot_grid, unpack
+from rau_ray.scoring.matching import MatchConfig, assign
 
 SIZE = 100
 SPACING = (2.0, 1.0)  # [x, y] mm: columns are 2 mm apart, rows 1 mm
@@ -348,7 +350,7 @@ def test_attention_stats_read_collapse():
     grid = np.array([[0.5, 0.5], [0.0, 0.0]])
     s = tables.attention_stats(np.array([[0.0, 0.0, 0.5, 0.5]]), grid)  # all of it off the structure
     assert s["on_structure"] == 0.0 and s["lift"] == 0.0 and s["entropy"] == pytest.approx(0.5)
-    assert evaluate.slot_grid(np.pad(np.ones((4, 4), bool), ((0, 4), (0, 4))), 4).tolist() == [[1, 0], [0, 0]]
+    assert slot_grid(np.pad(np.ones((4, 4), bool), ((0, 4), (0, 4))), 4).tolist() == [[1, 0], [0, 0]]
 
 
 @pytest.mark.parametrize("name", ["eval-tiny.yaml", "eval-paper.yaml"])

@@ -9,6 +9,7 @@ from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError, DataError
+from rau_ray.models.checkpoint import STATE, WEIGHTS
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import get_profile
 from rau_ray.models.prompts import resized_size
@@ -21,7 +22,6 @@ from rau_ray.train.grpo import (
     load_adapter,
 )
 from rau_ray.train.rewards import accuracy_reward, format_reward
-from rau_ray.train.run import STATE, WEIGHTS
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,8 @@ import pytest
 
 from rau_ray.errors import ConfigError
 from rau_ray.models.prompts import build_answer
-from rau_ray.train.rewards import (
-    FORMAT_CREDIT,
-    accuracy_reward,
-    completion_text,
-    format_reward,
-    matched_mean_iou,
-    with_decoder,
-)
+from rau_ray.scoring.answers import FORMAT_CREDIT, matched_mean_iou
+from rau_ray.train.rewards import accuracy_reward, completion_text, format_reward, with_decoder
 
 SIZE = [112, 112]
 BOXES = {"liver": [10, 20, 50, 70], "spleen": [70, 20, 100, 60], "aorta": [50, 60, 60, 70]}

@@ -7,7 +7,9 @@ import torch
 from rau_ray.config import from_dict
 from rau_ray.data.manifest import read_manifest
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.train.seg import PromptedSAM2, SegJobConfig, build_seg_trainer, job_items, seg_items
+from rau_ray.train.seg import build_seg_trainer
+from rau_ray.train.seg_base import SegJobConfig, job_items, seg_items
+from rau_ray.train.seg_cbam import PromptedSAM2
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_a_policy_checkpoint_feeds_the_segmenter_its_own_answers(manifest, tmp_p
     from peft import get_peft_model_state_dict
 
     from rau_ray.models.checkpoint import read_checkpoint, weights_digest
-    from rau_ray.train.seg import with_policy_checkpoint
+    from rau_ray.train.seg_rau import with_policy_checkpoint
 
     model = {"profile": "tiny", "policy": {"lora_rank": 4}}
     folder, adapter = _policy_checkpoint(tmp_path / "sft", model)

@@ -6,7 +6,7 @@ import numpy as np
 import ot
 import pytest
 
-from rau_ray.eval.matching import MatchConfig, assign, assign_with_fallback, box_features, cost_matrix
+from rau_ray.scoring.matching import MatchConfig, assign, assign_with_fallback, box_features, cost_matrix
 
 SIZE = (100, 100)
 

@@ -1,8 +1,10 @@
 """The one scoring of a policy answer against its truth: format (valid or not, or graded credit) and task accuracy.
 
-Eval reports it (``policy_eval``) and the GRPO rewards train on it (``rau_ray.train.rewards``), so both mean the same.
-Use: ``score_answer(text, truth)`` -> {"format": 0|1, "accuracy": float}, ``truth`` as ``PolicyExamples.truth``
-gives it or a parsed reference ``Answer``; ``format_credit(text, task, image_size)`` -> graded format in [0, 1].
+Eval reports it (``evaluate_policy`` below, used by SFT) and the GRPO rewards train on it (``rau_ray.train.rewards``),
+so both mean the same. Use: ``score_answer(text, truth)`` -> {"format": 0|1, "accuracy": float}, ``truth`` as
+``PolicyExamples.truth`` gives it or a parsed reference ``Answer``; ``format_credit(text, task, image_size)`` ->
+graded format in [0, 1]; ``evaluate_policy(policy, examples, items)`` -> sums per task, ``means(totals)`` -> rates
+{"format", "accuracy", "<task>_format", "<task>_accuracy"}.
 
 Accuracy (in [0, 1]; an invalid answer scores 0):
 
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import math
 
-from rau_ray.eval.matching import MatchConfig, assign
-from rau_ray.eval.metrics import box_iou
 from rau_ray.models.prompts import Answer, parse_answer
+from rau_ray.scoring.matching import MatchConfig, assign
+from rau_ray.scoring.metrics import box_iou
 
 # graded format: credit for a completion that got this far before the parser stopped it (``FormatError.reason``);
 # a valid answer is worth 1. The slope gives a random GRPO policy something to climb
@@ -98,3 +100,31 @@ def score_answer(text, truth: dict | Answer, size=None) -> dict[str, float]:
         return {"format": 0.0, "accuracy": 0.0}
     return {"format": 1.0, "accuracy": answer_accuracy(parsed, truth, size)}
 
+
+def evaluate_policy(policy, examples, items: list[dict], max_new_tokens: int = 128,
+                    synced_gpus: bool = False) -> dict[str, float]:
+    """Greedy answers for ``items`` (one at a time), scored; sums and counts per task, so ranks can add them.
+    ``synced_gpus`` when the policy is ZeRO-3-sharded over ranks (each rank then passes as many items)."""
+    totals: dict[str, float] = {}
+    for item in items:
+        messages, _ = examples.example(item)
+        text = policy.generate([messages], max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)[0]
+        score = score_answer(text, examples.truth(item))
+        for key in ("format", "accuracy"):
+            totals[key] = totals.get(key, 0.0) + score[key]
+            totals[f"{item['task']}_{key}"] = totals.get(f"{item['task']}_{key}", 0.0) + score[key]
+        totals["n"] = totals.get("n", 0) + 1
+        totals[f"{item['task']}_n"] = totals.get(f"{item['task']}_n", 0) + 1
+    return totals
+
+
+def means(totals: dict[str, float]) -> dict[str, float]:
+    """Sums from ``evaluate_policy`` (possibly added over ranks) -> rates: format, accuracy, <task>_accuracy..."""
+    out = {}
+    for key, value in totals.items():
+        if key.endswith("_n") or key == "n":
+            continue
+        task = key.rsplit("_", 1)[0] if key not in ("format", "accuracy") else None
+        n = totals.get(f"{task}_n" if task else "n", 0)
+        out[key] = value / n if n else float("nan")
+    return out

@@ -1,11 +1,11 @@
-"""Hand-computed checks for rau_ray.eval.metrics (the arithmetic is in the comments)."""
+"""Hand-computed checks for rau_ray.scoring.metrics (the arithmetic is in the comments)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from rau_ray.eval.metrics import (
+from rau_ray.scoring.metrics import (
     box_iou,
     ciou,
     dice,

@@ -2,9 +2,8 @@
 
 import pytest
 
-from rau_ray.eval.policy_eval import score_answer as eval_score_answer
-from rau_ray.eval.scoring import FORMAT_CREDIT, format_credit, score_answer
 from rau_ray.models.prompts import build_answer, parse_answer
+from rau_ray.scoring.answers import FORMAT_CREDIT, format_credit, score_answer
 from rau_ray.train.rewards import accuracy_score, format_score
 
 SIZE = [112, 112]
@@ -13,10 +12,6 @@ BOXES = {"liver": [10, 20, 50, 70], "spleen": [70, 20, 100, 60], "aorta": [50, 6
 
 def truth(task, structure="liver", boxes=BOXES):
     return {"task": task, "label": structure, "box": boxes.get(structure), "boxes": boxes, "image_size": SIZE}
-
-
-def test_policy_eval_re_exports_the_one_definition():
-    assert eval_score_answer is score_answer
 
 
 @pytest.mark.parametrize("task,answer,expected", [

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rau_ray.eval import reasoning
-from rau_ray.eval.reasoning import check, holds, relative_statement
+from rau_ray.scoring import reasoning
+from rau_ray.scoring.reasoning import check, holds, relative_statement
 
 # image coordinates: x grows to the right, y downwards
 BOXES = {"liver": [10, 20, 50, 70], "stomach": [60, 20, 80, 40], "right kidney": [20, 80, 30, 95]}
