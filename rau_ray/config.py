@@ -1,6 +1,8 @@
 """Typed configs from YAML: a file maps onto the config dataclass that lives next to its component.
 
 A wrong field name or a value of the wrong type fails at load, naming the file, the field and what was expected.
+A nested dataclass whose class has ``from_mapping(data, where)`` reads its section that way (``ModelConfig``: a
+profile plus overrides), so a job config holds its typed ``model`` from the start.
 Use: ``cfg = load_config("jobs/configs/data-tiny.yaml", MakeConfig)``.
 """
 
@@ -34,6 +36,10 @@ def _check(value, typ, where: str):
             raise ConfigError(f"{where}: expected null, got {value!r}")
         return None
     if dataclasses.is_dataclass(typ):
+        if isinstance(value, typ):
+            return value
+        if hasattr(typ, "from_mapping"):  # a section read its own way (ModelConfig: a profile + overrides)
+            return typ.from_mapping(value, where)
         return from_dict(typ, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -30,6 +30,11 @@ class ModelConfig:
     max_new_tokens: int = 96  # a think + answer completion; longer ones are runaway generation
     embedding_cache: int = 32  # SAM2 image embeddings kept per process (keyed by image hash)
 
+    @classmethod
+    def from_mapping(cls, data: dict | None, where: str = "model") -> ModelConfig:
+        """A job config's ``model:`` section (``config.from_dict`` reads it so): ``model_config_from``."""
+        return model_config_from(data, where)
+
     def validate(self) -> None:
         for part in (self.retrieval, self.policy, self.sam2, self.fusion):
             part.validate()

@@ -53,7 +53,7 @@ from rau_ray.errors import ConfigError, DataError
 from rau_ray.models.checkpoint import STATE, locate_checkpoint, read_weights_and_state
 from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.policy import load_policy
-from rau_ray.models.profiles import model_config_from
+from rau_ray.models.profiles import ModelConfig, model_config_from
 from rau_ray.models.prompts import TASKS
 from rau_ray.models.retrieval import reference_picker
 from rau_ray.models.sam2_builder import build_sam2_model
@@ -69,7 +69,8 @@ class GRPOJobConfig:
     manifest: str  # training manifest: targets from `split`, references from its train split
     name: str = "grpo"  # run folder under scale.storage_path; the same name resumes from its latest checkpoint
     sft_checkpoint: str | None = None  # SFT checkpoint or run folder (its latest), local or s3:// / gs://; None: fresh
-    model: dict | None = None  # profile + overrides (models.profiles); None: the SFT checkpoint's, else tiny
+    model: ModelConfig | None = None  # YAML: a profile + overrides (models.profiles); None: the SFT checkpoint's,
+    #                                   else tiny
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     split: str = "train"
     tasks: tuple[str, ...] = ("label", "ground", "all_boxes", "segment")
@@ -123,7 +124,7 @@ class GRPOJobConfig:
         if min(self.format_weight, self.accuracy_weight, self.mask_dice_weight) < 0:
             raise ConfigError("reward weights must be non-negative")
 
-    def model_section(self) -> dict:
+    def model_config(self) -> ModelConfig:
         """The model config: given, else the SFT checkpoint's (its adapter only fits that), else tiny."""
         if self.model is not None:
             return self.model
@@ -131,8 +132,8 @@ class GRPOJobConfig:
             state = _read_state(self.sft_checkpoint)
             section = state.get("config", {}).get("model")
             if isinstance(section, dict):
-                return section
-        return {"profile": "tiny"}
+                return model_config_from(section, f"{self.sft_checkpoint}: model")
+        return ModelConfig()
 
 
 def _sft_checkpoint(source: str | os.PathLike) -> str:
@@ -264,7 +265,7 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[l
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: ``config`` = {"cfg": GRPOJobConfig as a dict, "items": task items}."""
     cfg = from_dict(GRPOJobConfig, config["cfg"], "grpo config")
-    model_cfg = model_config_from(cfg.model)
+    model_cfg = cfg.model_config()
     run.prepare_worker(cfg.scale)
     torch.manual_seed(cfg.seed)  # the same adapter init on every worker
     policy = load_policy(model_cfg.policy)
@@ -312,8 +313,8 @@ def run_grpo(cfg: GRPOJobConfig):
     cfg.validate()
     if cfg.sft_checkpoint:  # the exact checkpoint (absolute: workers have another cwd), recorded in the config
         cfg = replace(cfg, sft_checkpoint=_sft_checkpoint(cfg.sft_checkpoint))
-    cfg = replace(cfg, model=cfg.model_section())  # resolved: checkpoints record the model they fit
-    retrieval = model_config_from(cfg.model).retrieval  # a bad model section fails here, not in every worker
+    cfg = replace(cfg, model=cfg.model_config())  # resolved: checkpoints record the model they fit
+    retrieval = cfg.model.retrieval
     items = make_pairs(read_manifest(cfg.manifest), split=cfg.split, tasks=cfg.tasks, seed=cfg.seed,
                        retrieve=reference_picker(retrieval))  # references as the DINOv2 bank retrieves them
     if cfg.structures is not None:

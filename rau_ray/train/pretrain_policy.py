@@ -52,7 +52,7 @@ from rau_ray.errors import ConfigError
 from rau_ray.models import pretrained, prompts
 from rau_ray.models.checkpoint import read_history, read_weights_and_state
 from rau_ray.models.policy import Policy, PolicyConfig, _load_base, number_tokens, tiny_spec
-from rau_ray.models.profiles import model_config_from
+from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.prompts import _SHAPE, MAX_ANSWER_CHARS, resized_size, scale_box, to_pil
 from rau_ray.train import run
 from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, export, job_facts
@@ -76,7 +76,7 @@ JSON_SEPARATORS = (", ", ": ")  # prompts.build_answer's
 class PolicyPretrainConfig:
     name: str = "pretrain-policy"  # run name: the folder under scale.storage_path (the same name resumes)
     out: str = "weights/tiny/qwen2_5_vl"  # where the trained base is exported (init: pretrained loads it)
-    model: dict = field(default_factory=lambda: {"profile": "tiny"})  # its policy section: the tiny architecture
+    model: ModelConfig = field(default_factory=ModelConfig)  # its policy section: the tiny architecture
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     data: PretrainData = field(default_factory=lambda: PretrainData(scenes=6000, phantoms=(), phantom_subjects=0,
                                                                     size=112))
@@ -137,7 +137,7 @@ class PolicyPretrainConfig:
 
     def policy(self):
         """The tiny PolicyConfig whose random init this job trains (the model section, init: random)."""
-        return replace(model_config_from(self.model, "pretrain-policy config: model").policy, init="random")
+        return replace(self.model.policy, init="random")
 
 
 # --- the generic tasks -------------------------------------------------------------------------------------------

@@ -119,7 +119,6 @@ def run_seg(cfg: SegJobConfig):
     """Build the items, run the TorchTrainer, return Ray Train's Result (last metrics with val_dice, checkpoint)."""
     cfg.validate()
     cfg = with_policy_checkpoint(cfg)
-    cfg.model_config()  # a bad model section fails here, not in every worker
     manifest = read_manifest(cfg.manifest)
     items = job_items(cfg, manifest, cfg.train_split, cfg.seed)
     if len(items) < cfg.scale.num_workers:

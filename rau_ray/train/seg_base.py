@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rau_ray.data.manifest import Manifests, read_manifest
 from rau_ray.data.tasks import label_boxes, make_pairs
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.models.profiles import model_config_from
+from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.prompts import to_pil
 from rau_ray.models.retrieval import reference_picker
 from rau_ray.scoring.metrics import dice
@@ -38,7 +38,7 @@ class SegJobConfig:
     name: str = "seg"  # run name: the folder under scale.storage_path; the same name again resumes
     mode: str = "rau"  # "rau": <Seg> -> projector -> memory fusion -> SAM2 decoder; "cbam-lora": prompted SAM2;
     #                    "memory-ref": SAM2-Memory-Ref-SFT, the rau pairs through SAM2's memory alone (no policy)
-    model: dict = field(default_factory=lambda: {"profile": "tiny"})  # profile + overrides (models.profiles)
+    model: ModelConfig = field(default_factory=ModelConfig)  # YAML: a profile + overrides (models.profiles)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     train_split: str = "train"
     val_split: str = "val"  # other subjects than training: the Dice there is what generalises
@@ -97,8 +97,7 @@ class SegJobConfig:
 
     def model_config(self):
         """The ModelConfig this job trains (profile + the ``model`` overrides); cbam-lora's decoder as configured."""
-        cfg = model_config_from(self.model, f"{self.name}: model")
-        return replace(cfg, cbam_lora=replace(cfg.cbam_lora, train_mask_decoder=self.train_mask_decoder))
+        return replace(self.model, cbam_lora=replace(self.model.cbam_lora, train_mask_decoder=self.train_mask_decoder))
 
 
 # -- data ------------------------------------------------------------------------------------------------------------

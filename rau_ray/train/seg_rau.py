@@ -29,6 +29,7 @@ from rau_ray.models.checkpoint import (
 from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.losses import focal_dice_loss
 from rau_ray.models.policy import load_policy
+from rau_ray.models.profiles import get_profile
 from rau_ray.models.sam2_builder import build_sam2_model
 from rau_ray.train.policy_examples import PolicyExamples
 from rau_ray.train.seg_base import SegJobConfig, SegTrainer, check_keys, dice_at, resize_masks, single_mask_output
@@ -211,12 +212,13 @@ def with_policy_checkpoint(cfg: SegJobConfig) -> SegJobConfig:
     if ck.kind not in ("sft", "grpo"):
         raise ConfigError(f"policy_checkpoint {cfg.policy_checkpoint}: a {ck.kind} checkpoint, not a policy "
                           "(sft / grpo) one")
-    mine, theirs = cfg.model.get("profile", "tiny"), ck.model_section.get("profile", "tiny")
-    if mine != theirs:
-        raise ConfigError(f"policy_checkpoint {cfg.policy_checkpoint} is a {theirs}-profile policy, this job's "
-                          f"model is the {mine} profile")
-    if "policy" in cfg.model and cfg.model["policy"] != ck.model_section.get("policy", cfg.model["policy"]):
+    theirs = ck.model_config()
+    if cfg.model.profile != theirs.profile:
+        raise ConfigError(f"policy_checkpoint {cfg.policy_checkpoint} is a {theirs.profile}-profile policy, this "
+                          f"job's model is the {cfg.model.profile} profile")
+    if cfg.model.policy not in (get_profile(cfg.model.profile).policy, theirs.policy):
         raise ConfigError(f"model.policy and policy_checkpoint {cfg.policy_checkpoint} disagree: the policy "
                           "section comes from the checkpoint, leave it out")
-    model = {**cfg.model, **({"policy": ck.model_section["policy"]} if "policy" in ck.model_section else {})}
+    model = replace(cfg.model, policy=theirs.policy)
+    model.validate()  # e.g. the fusion's width against the checkpoint policy's hidden size
     return replace(cfg, policy_checkpoint=where, policy_sha256=weights_digest(ck), model=model)

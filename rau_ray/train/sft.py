@@ -31,7 +31,7 @@ from rau_ray.data.manifest import read_manifest
 from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError
 from rau_ray.models.policy import load_policy
-from rau_ray.models.profiles import model_config_from
+from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.retrieval import reference_picker
 from rau_ray.scoring.answers import evaluate_policy, means
 from rau_ray.train import run
@@ -44,7 +44,7 @@ from rau_ray.train.run import ScaleConfig
 class SFTConfig:
     manifest: str  # the manifest: targets from `split`, references from its train split, held-out from `val_split`
     name: str = "sft"  # run name: the folder under scale.storage_path
-    model: dict = field(default_factory=lambda: {"profile": "tiny"})  # profile + overrides (models.profiles)
+    model: ModelConfig = field(default_factory=ModelConfig)  # YAML: a profile + overrides (models.profiles)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     split: str = "train"
     val_split: str = "val"  # other subjects than training: accuracy there is what generalises
@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same LoRA init on every worker
     # Loaded whole, then partitioned when DeepSpeed starts under ZeRO-3: peft sets up its trainable <Seg> rows on a
     # model loaded partitioned (zero.Init) only on CUDA. On CPU that costs nothing after the start (measured).
-    policy = run.local_rank_zero_first(lambda: load_policy(model_config_from(cfg.model).policy))
+    policy = run.local_rank_zero_first(lambda: load_policy(cfg.model.policy))
     if resumed.weights is not None:
         load_trainable(policy.model, resumed.weights)
     if not cfg.scale.use_gpu:
@@ -223,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
 def run_sft(cfg: SFTConfig):
     """Build task pairs, run the TorchTrainer, return Ray Train's Result (last metrics, checkpoint, path)."""
     cfg.validate()
-    retrieval = model_config_from(cfg.model, "sft config: model").retrieval  # a bad model section fails here
+    retrieval = cfg.model.retrieval
     manifest = read_manifest(cfg.manifest)
     # references retrieved by the profile's DINOv2 bank, as at inference
     retrieve = reference_picker(retrieval)

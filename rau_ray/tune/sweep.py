@@ -40,7 +40,6 @@ from rau_ray import ray_session, storage
 from rau_ray.config import from_dict, load_config, read_yaml
 from rau_ray.errors import ConfigError, DataError, RauError
 from rau_ray.models.checkpoint import STATE, locate_checkpoint, read_history
-from rau_ray.models.profiles import model_config_from
 from rau_ray.storage import check_scheme, is_uri, join
 from rau_ray.train import run
 from rau_ray.train.jobs import job_types
@@ -164,12 +163,9 @@ def get_path(data: dict, path: str, default=None):
 
 
 def config_tree(job_cfg) -> dict:
-    """Every setting of a job config as nested mappings, its ``model`` section expanded to the full ModelConfig
-    (profile defaults included): the paths a sweep may name."""
-    tree = asdict(job_cfg)
-    if isinstance(tree.get("model"), dict):
-        tree["model"] = asdict(model_config_from(tree["model"], "model"))
-    return tree
+    """Every setting of a job config as nested mappings (its typed ``model`` the full ModelConfig, profile defaults
+    included): the paths a sweep may name."""
+    return asdict(job_cfg)
 
 
 def check_path(tree: dict, path: str, job: str, where: str) -> None:
@@ -233,14 +229,10 @@ def _candidates(kind: str, args: list) -> list:
 
 
 def job_config(job: str, data: dict, where: str):
-    """The job's config from a mapping, its model section checked too (ConfigError naming ``where``)."""
+    """The job's config from a mapping, its typed model section included (ConfigError naming ``where``)."""
     config_cls, _ = job_types(job)
     try:
         cfg = from_dict(config_cls, data, where)
-        if isinstance(getattr(cfg, "model", None), dict):
-            model_config_from(cfg.model, f"{where}: model").validate()
-        if hasattr(cfg, "model_config"):
-            cfg.model_config()
     except ConfigError as e:  # components' own checks do not know where the values came from
         raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     return cfg

@@ -55,7 +55,10 @@ def test_dotted_overrides_reach_nested_sections_with_their_types():
     # storage_path is a str: "null" stays text there (a folder of that name); where None is allowed it means None
     assert cfg.scale.num_workers == 1 and isinstance(cfg.scale.num_workers, int)
     assert cfg.lr == 1e-3 and cfg.name == "my run" and cfg.scale.storage_path == "null"
-    assert cfg.model["policy"]["lora_rank"] == 16  # below the untyped model section: read as YAML
+    assert cfg.model.policy.lora_rank == 16  # the typed model section: the profile's, with this override
+    assert cfg.model.policy.hidden_size == load_config(SFT_TINY, SFTConfig).model.policy.hidden_size
+    with pytest.raises(ConfigError, match="PolicyConfig has no field 'lora_rnk'"):
+        load_config(SFT_TINY, SFTConfig, dotted=["model.policy.lora_rnk=16"])
     assert load_config(SFT_TINY, SFTConfig).scale.num_workers == 2  # the file itself is untouched
 
 

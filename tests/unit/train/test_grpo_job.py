@@ -11,7 +11,7 @@ from rau_ray.data.tasks import make_pairs
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.models.checkpoint import STATE, WEIGHTS
 from rau_ray.models.policy import load_policy
-from rau_ray.models.profiles import get_profile
+from rau_ray.models.profiles import ModelConfig, get_profile
 from rau_ray.models.prompts import resized_size
 from rau_ray.train.grpo import (
     GRPOJobConfig,
@@ -55,17 +55,16 @@ def test_bad_configs_are_clear_errors(manifest, tmp_path):
     with pytest.raises(ConfigError, match="unknown field"):
         job(manifest, zero=2)
     with pytest.raises(DataError, match="not a training checkpoint"):
-        job(manifest, sft_checkpoint=str(tmp_path)).model_section()
+        job(manifest, sft_checkpoint=str(tmp_path)).model_config()
 
 
 def test_model_section_follows_the_sft_checkpoint(manifest, tmp_path):
     (tmp_path / WEIGHTS).write_bytes(b"")
     (tmp_path / STATE).write_text(json.dumps({"step": 5, "config": {"model": {"profile": "tiny",
                                                                                "policy": {"lora_rank": 4}}}}))
-    assert job(manifest, sft_checkpoint=str(tmp_path)).model_section()["policy"] == {"lora_rank": 4}
-    assert job(manifest, sft_checkpoint=str(tmp_path), model={"profile": "tiny"}).model_section() == {
-        "profile": "tiny"}
-    assert job(manifest).model_section() == {"profile": "tiny"}
+    assert job(manifest, sft_checkpoint=str(tmp_path)).model_config().policy.lora_rank == 4
+    assert job(manifest, sft_checkpoint=str(tmp_path), model={"profile": "tiny"}).model_config() == ModelConfig()
+    assert job(manifest).model_config() == ModelConfig()
 
 
 def test_rows_are_the_sft_prompts_with_reward_columns(manifest, policy):

@@ -67,13 +67,15 @@ def test_a_policy_checkpoint_feeds_the_segmenter_its_own_answers(manifest, tmp_p
     from peft import get_peft_model_state_dict
 
     from rau_ray.models.checkpoint import read_checkpoint, weights_digest
+    from rau_ray.models.profiles import model_config_from
     from rau_ray.train.seg_rau import with_policy_checkpoint
 
     model = {"profile": "tiny", "policy": {"lora_rank": 4}}
     folder, adapter = _policy_checkpoint(tmp_path / "sft", model)
     cfg = with_policy_checkpoint(job(manifest, policy_checkpoint=str(folder), answers="generated",
                                      model={"profile": "tiny"}))
-    assert cfg.policy_sha256 == weights_digest(read_checkpoint(folder)) and cfg.model == model  # its policy section
+    assert cfg.policy_sha256 == weights_digest(read_checkpoint(folder))
+    assert cfg.model == model_config_from(model)  # its policy section from the checkpoint
     trainer = build_seg_trainer(cfg)
     loaded = get_peft_model_state_dict(trainer.policy.model)
     assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)  # the policy it will serve with, frozen
@@ -90,9 +92,10 @@ def test_a_policy_checkpoint_feeds_the_segmenter_its_own_answers(manifest, tmp_p
         with_policy_checkpoint(job(manifest, policy_checkpoint=str(seg_folder)))
     with pytest.raises(ConfigError, match="a tiny-profile policy, this job's model is the paper profile"):
         with_policy_checkpoint(job(manifest, policy_checkpoint=str(folder), model={"profile": "paper"}))
+    # a policy section other than the profile's and the checkpoint's is a contradiction (the profile's is the default)
     with pytest.raises(ConfigError, match="model.policy and policy_checkpoint .* disagree"):
         with_policy_checkpoint(job(manifest, policy_checkpoint=str(folder),
-                                   model={"profile": "tiny", "policy": {"lora_rank": 8}}))
+                                   model={"profile": "tiny", "policy": {"lora_rank": 2}}))
 
 
 def test_items_pair_every_shared_structure(manifest):
