@@ -21,7 +21,7 @@ from rau_ray.data.tasks import label_boxes
 from rau_ray.eval.tables import match_available
 from rau_ray.models.checkpoint import HISTORY, STATE, WEIGHTS
 from rau_ray.models.policy import load_policy
-from rau_ray.models.profiles import ModelConfig, model_config_from
+from rau_ray.models.profiles import ModelConfig
 from rau_ray.train.grpo import GRPOJobConfig, adapter_state
 from rau_ray.train.seg import build_seg_trainer
 from rau_ray.train.seg_base import SegJobConfig
@@ -53,7 +53,7 @@ def checkpoints(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     sft = SFTConfig(manifest=data["ct"], tasks=("label",), max_new_tokens=48)
     torch.manual_seed(0)
-    policy = load_policy(model_config_from(sft.model).policy)
+    policy = load_policy(sft.model.policy)
     _write(root / "sft" / "checkpoint_000", get_peft_model_state_dict(policy.model), sft)
     grpo = GRPOJobConfig(manifest=data["ct"], model=ModelConfig(), max_completion_length=48)
     _write(root / "grpo" / "checkpoint_000", adapter_state(policy.model), grpo)
