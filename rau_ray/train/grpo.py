@@ -35,7 +35,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ray.train.torch
@@ -61,17 +61,16 @@ from rau_ray.storage import local_copy
 from rau_ray.train import rewards, run
 from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
 from rau_ray.train.policy_examples import PolicyExamples
-from rau_ray.train.run import ScaleConfig
+from rau_ray.train.run import TrainJobConfig
 
 
-@dataclass(frozen=True)
-class GRPOJobConfig:
+@dataclass(frozen=True, kw_only=True)
+class GRPOJobConfig(TrainJobConfig):
     manifest: str  # training manifest: targets from `split`, references from its train split
     name: str = "grpo"  # run folder under scale.storage_path; the same name resumes from its latest checkpoint
     sft_checkpoint: str | None = None  # SFT checkpoint or run folder (its latest), local or s3:// / gs://; None: fresh
     model: ModelConfig | None = None  # YAML: a profile + overrides (models.profiles); None: the SFT checkpoint's,
     #                                   else tiny
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
     split: str = "train"
     tasks: tuple[str, ...] = ("label", "ground", "all_boxes", "segment")
     structures: tuple[str, ...] | None = None  # ask only about these (a curriculum / a subset); None: all of them
@@ -87,7 +86,6 @@ class GRPOJobConfig:
     max_steps: int = 20  # optimizer steps in total; a resumed run counts the steps already done
     log_every: int = 1  # steps between metric reports (each one syncs every worker with Ray Train)
     checkpoint_every: int = 10  # steps between checkpoints, a multiple of log_every (the last step always saves)
-    seed: int = 0
     format_weight: float = 1.0  # weights of the rewards in the sum whose group-normalised value is the advantage
     accuracy_weight: float = 1.0
     mask_dice_weight: float = 0.0  # > 0 builds SAM2 + the RAU segmenter once per worker, scores segment masks
@@ -97,7 +95,7 @@ class GRPOJobConfig:
     tensorboard: bool = True  # trl's logs also to TensorBoard (tensorboard or tensorboardX must be installed)
 
     def validate(self) -> None:
-        self.scale.validate()
+        super().validate()
         if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every) < 1:
             raise ConfigError("batch_size, max_steps, log_every and checkpoint_every must be at least 1")
         if self.checkpoint_every % self.log_every:

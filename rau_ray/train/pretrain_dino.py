@@ -57,7 +57,7 @@ from rau_ray.models.retrieval import TINY, Embedder, RetrievalConfig, tiny_model
 from rau_ray.scoring.metrics import grouped_bootstrap
 from rau_ray.train import pretrain, run
 from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, phantom_train_subjects
-from rau_ray.train.run import ScaleConfig
+from rau_ray.train.run import TrainJobConfig
 
 OBJECTIVE = ("self-supervised InfoNCE (NT-Xent, temperature `temperature`) between two augmented views, of one image "
              "(scenes) or of two slices at most `neighbour` slices apart in one phantom volume (a depth-contrastive "
@@ -97,8 +97,8 @@ class Augment:
             raise ConfigError("augment: contrast, brightness, gamma, noise must be >= 0 and blur_p in [0, 1]")
 
 
-@dataclass(frozen=True)
-class DinoPretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class DinoPretrainConfig(TrainJobConfig):
     name: str = "pretrain-dino-tiny"  # run name: the folder under scale.storage_path; the same name again resumes
     out: str = "weights/tiny/dinov2"  # export folder; a relative path is relative to the checkout (repo root)
     data: PretrainData = field(default_factory=PretrainData)
@@ -114,7 +114,6 @@ class DinoPretrainConfig:
     far: int = 8  # another volume's slice is a negative only this many slice indices away (never a near one)
     arch: dict = field(default_factory=dict)  # RetrievalConfig overrides: hidden_size, num_layers, num_heads, pooling
     augment: Augment = field(default_factory=Augment)
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
     batch_size: int = 64  # images per worker and step (two views each; the InfoNCE negatives are the worker's)
     temperature: float = 0.2  # InfoNCE softmax temperature
     proj_dim: int = 128  # projection head output (the head is dropped at export)
@@ -131,9 +130,9 @@ class DinoPretrainConfig:
     seed: int = 0  # model init (RetrievalConfig.seed), head init, batches and augmentations
 
     def validate(self) -> None:
+        super().validate()
         self.data.validate()
         self.augment.validate()
-        self.scale.validate()
         bad = sorted(set(self.arch) - set(ARCH_FIELDS))
         if bad:
             raise ConfigError(f"arch: {', '.join(bad)} cannot be overridden; choose from {', '.join(ARCH_FIELDS)}")

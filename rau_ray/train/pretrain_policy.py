@@ -56,7 +56,7 @@ from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.prompts import _SHAPE, MAX_ANSWER_CHARS, resized_size, scale_box, to_pil
 from rau_ray.train import run
 from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, export, job_facts
-from rau_ray.train.run import ScaleConfig
+from rau_ray.train.run import TrainJobConfig
 
 TASKS = ("ground", "describe", "compare", "transfer")
 # comparison -> (measure, phrase, the image with the smaller measure wins?)
@@ -72,12 +72,11 @@ MAX_NEW_TOKENS = {"ground": 48, "describe": 160, "compare": 56, "transfer": 56}
 JSON_SEPARATORS = (", ", ": ")  # prompts.build_answer's
 
 
-@dataclass(frozen=True)
-class PolicyPretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class PolicyPretrainConfig(TrainJobConfig):
     name: str = "pretrain-policy"  # run name: the folder under scale.storage_path (the same name resumes)
     out: str = "weights/tiny/qwen2_5_vl"  # where the trained base is exported (init: pretrained loads it)
     model: ModelConfig = field(default_factory=ModelConfig)  # its policy section: the tiny architecture
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
     data: PretrainData = field(default_factory=lambda: PretrainData(scenes=6000, phantoms=(), phantom_subjects=0,
                                                                     size=112))
     # share of each task in a batch
@@ -102,10 +101,9 @@ class PolicyPretrainConfig:
     val_seed: int = 2002  # validation scenes: neither the training stream nor the benchmark's 7777
     checkpoint_every: int = 250
     quality_items: int = 0  # per task: quality() of the exported base on held-out seed-7777 scenes (0: skip)
-    seed: int = 0
 
     def validate(self) -> None:
-        self.scale.validate()
+        super().validate()
         self.data.validate()
         if self.data.phantoms or self.data.phantom_subjects:
             raise ConfigError("data.phantoms / data.phantom_subjects: the policy base is pretrained on generic scenes "

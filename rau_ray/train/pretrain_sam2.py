@@ -54,20 +54,19 @@ from rau_ray.models.sam2_builder import (
 from rau_ray.scoring.metrics import dice, mask_to_box
 from rau_ray.train import pretrain, run
 from rau_ray.train.pretrain import BENCHMARK_SEED, PretrainData, export, phantom_train_subjects
-from rau_ray.train.run import ScaleConfig
+from rau_ray.train.run import TrainJobConfig
 
 VAL_SEED = 4242  # validation subjects during training: not a training seed, not the benchmark's
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2's transforms
 SOURCES = ("ct", "angio", "scene")
 
 
-@dataclass(frozen=True)
-class Sam2PretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class Sam2PretrainConfig(TrainJobConfig):
     name: str = "pretrain-sam2-tiny"  # run folder under scale.storage_path; the same name again resumes
     out: str = "weights/tiny/sam2"  # where the final weights are exported (what the tiny profile loads)
     data: PretrainData = field(default_factory=PretrainData)
     sam2: dict = field(default_factory=dict)  # overrides of the tiny Sam2Config (image_size, widths...)
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
     mix: tuple[float, float, float] = (0.55, 0.1, 0.35)  # image half: share of ct / angio / scene samples
     batch_size: int = 8  # image samples per worker and step
     clip_batch: int = 4  # memory clips per worker and step (0: no memory training)
@@ -88,11 +87,10 @@ class Sam2PretrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 250
     val_subjects: int = 6  # VAL_SEED ct-abdomen subjects for the validation curves
-    seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         self.data.validate()
-        self.scale.validate()
         if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
             raise ConfigError(f"mix: three shares >= 0 (ct, angio, scene), got {self.mix}")
         for share, phantom in zip(self.mix, ("ct-abdomen", "xray-angio")):

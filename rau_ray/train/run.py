@@ -106,6 +106,33 @@ class ScaleConfig:
         return resolve_storage(self.storage_path, "scale.storage_path")
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainJobConfig:
+    """The fields every training job repeats; each job's config subclasses it (``kw_only``) and sets its defaults.
+
+    ``name`` is the run folder under ``scale.storage_path``: the same name again resumes from its latest checkpoint.
+    """
+
+    name: str  # run name: a folder name (no slashes); each job gives its default
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    max_steps: int = 0  # optimizer steps in all; a resumed run counts the steps already done
+    log_every: int = 10  # steps between metric reports (each is a sync of all workers)
+    checkpoint_every: int = 100  # steps between checkpoints (the last step always saves)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name or "\\" in self.name \
+                or self.name in (".", ".."):
+            raise ConfigError(f"name must be a folder name without slashes (the run under scale.storage_path), "
+                              f"got {self.name!r}")
+        if self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError(f"log_every and checkpoint_every must be at least 1, got {self.log_every} and "
+                              f"{self.checkpoint_every}")
+        self.scale.validate()
+
+
 def materialized(items: list[dict], seed: int):
     """A shuffled Ray Dataset of plain-dict items, materialised on the driver: training workers hold every CPU of
     a small cluster, so a lazy shuffle would wait forever for a CPU of its own."""

@@ -25,21 +25,20 @@ from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.prompts import to_pil
 from rau_ray.models.retrieval import reference_picker
 from rau_ray.scoring.metrics import dice
-from rau_ray.train.run import ScaleConfig
+from rau_ray.train.run import TrainJobConfig
 
 MODES = ("rau", "cbam-lora", "memory-ref")
 FIRST_PROMPTS = ("box", "point", "mixed")
 ANSWERS = ("canonical", "generated")
 
 
-@dataclass(frozen=True)
-class SegJobConfig:
+@dataclass(frozen=True, kw_only=True)
+class SegJobConfig(TrainJobConfig):
     manifest: str  # manifest.jsonl: `train_split` rows train, `val_split` rows give the validation Dice
     name: str = "seg"  # run name: the folder under scale.storage_path; the same name again resumes
     mode: str = "rau"  # "rau": <Seg> -> projector -> memory fusion -> SAM2 decoder; "cbam-lora": prompted SAM2;
     #                    "memory-ref": SAM2-Memory-Ref-SFT, the rau pairs through SAM2's memory alone (no policy)
     model: ModelConfig = field(default_factory=ModelConfig)  # YAML: a profile + overrides (models.profiles)
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
     train_split: str = "train"
     val_split: str = "val"  # other subjects than training: the Dice there is what generalises
     eval_items: int = 256  # validation items at most (a seeded sample, split over the ranks); one forward each
@@ -69,6 +68,7 @@ class SegJobConfig:
     policy_sha256: str = ""  # set by run_seg: the digest of policy_checkpoint's weights (what eval and serve check)
 
     def validate(self) -> None:
+        super().validate()
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.first_prompt not in FIRST_PROMPTS:
@@ -93,7 +93,6 @@ class SegJobConfig:
         if self.answers == "generated" and self.train_policy_lora:
             raise ConfigError("answers: generated needs a frozen policy (its answers are generated once and "
                               "cached); with train_policy_lora the canonical answer is trained")
-        self.scale.validate()
 
     def model_config(self):
         """The ModelConfig this job trains (profile + the ``model`` overrides); cbam-lora's decoder as configured."""

@@ -37,15 +37,14 @@ from rau_ray.scoring.answers import evaluate_policy, means
 from rau_ray.train import run
 from rau_ray.train.deepspeed import deepspeed_config, use_deepspeed_on_cpu
 from rau_ray.train.policy_examples import PolicyExamples
-from rau_ray.train.run import ScaleConfig
+from rau_ray.train.run import TrainJobConfig
 
 
-@dataclass(frozen=True)
-class SFTConfig:
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(TrainJobConfig):
     manifest: str  # the manifest: targets from `split`, references from its train split, held-out from `val_split`
     name: str = "sft"  # run name: the folder under scale.storage_path
     model: ModelConfig = field(default_factory=ModelConfig)  # YAML: a profile + overrides (models.profiles)
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
     split: str = "train"
     val_split: str = "val"  # other subjects than training: accuracy there is what generalises
     tasks: tuple[str, ...] = ("label", "ground", "all_boxes", "segment")
@@ -61,9 +60,9 @@ class SFTConfig:
     eval_items: int = 24  # held-out items evaluated (split over the ranks); generation is the slow part
     max_new_tokens: int = 128  # for evaluation answers
     checkpoint_every: int = 100  # steps between checkpoints (the last step always saves)
-    seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         if self.batch_size < 1 or self.epochs < 1 or self.grad_accumulation < 1:
             raise ConfigError("batch_size, grad_accumulation and epochs must be at least 1")
         if self.zero_stage not in (2, 3):
