@@ -96,8 +96,8 @@ class GRPOJobConfig(TrainJobConfig):
 
     def validate(self) -> None:
         super().validate()
-        if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every) < 1:
-            raise ConfigError("batch_size, max_steps, log_every and checkpoint_every must be at least 1")
+        if min(self.batch_size, self.max_steps) < 1:
+            raise ConfigError("batch_size and max_steps must be at least 1")
         if self.checkpoint_every % self.log_every:
             raise ConfigError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
                               f"({self.log_every}): checkpoints go out with the metric reports")

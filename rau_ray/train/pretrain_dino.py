@@ -137,11 +137,10 @@ class DinoPretrainConfig(TrainJobConfig):
         if bad:
             raise ConfigError(f"arch: {', '.join(bad)} cannot be overridden; choose from {', '.join(ARCH_FIELDS)}")
         self.retrieval_config().validate()
-        if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every, self.proj_dim,
-               self.slices_per_subject, self.group_slices) < 1 or min(self.eval_every, self.warmup_steps,
-                                                                       self.neighbour) < 0:
-            raise ConfigError("batch_size, max_steps, log_every, checkpoint_every, proj_dim, slices_per_subject and "
-                              "group_slices must be >= 1; eval_every, warmup_steps and neighbour >= 0")
+        if min(self.batch_size, self.max_steps, self.proj_dim, self.slices_per_subject, self.group_slices) < 1 \
+                or min(self.eval_every, self.warmup_steps, self.neighbour) < 0:
+            raise ConfigError("batch_size, max_steps, proj_dim, slices_per_subject and group_slices must be >= 1; "
+                              "eval_every, warmup_steps and neighbour >= 0")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2: InfoNCE needs other images as negatives")
         if self.lr <= 0 or self.temperature <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:

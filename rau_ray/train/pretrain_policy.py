@@ -117,8 +117,8 @@ class PolicyPretrainConfig(TrainJobConfig):
         if any(not isinstance(w, (int, float)) or w < 0 for w in self.task_weights.values()) \
                 or sum(self.task_weights.values()) <= 0:
             raise ConfigError("task_weights must be numbers >= 0 with a positive sum")
-        if self.batch_size < 1 or self.max_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("batch_size, max_steps, log_every and checkpoint_every must be at least 1")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("batch_size and max_steps must be at least 1")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
             raise ConfigError("lr must be > 0, min_lr_ratio within 0..1 and warmup_steps >= 0")
         if not 0 <= self.single_shape <= 1 or self.coord_sigma < 0 or self.aux_weight < 0:

@@ -96,8 +96,8 @@ class Sam2PretrainConfig(TrainJobConfig):
         for share, phantom in zip(self.mix, ("ct-abdomen", "xray-angio")):
             if share > 0 and phantom not in self.data.phantoms:
                 raise ConfigError(f"mix gives {phantom} samples a share of {share}, but data.phantoms lacks {phantom}")
-        if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every, self.val_subjects) < 1:
-            raise ConfigError("batch_size, max_steps, log_every, checkpoint_every and val_subjects must be >= 1")
+        if min(self.batch_size, self.max_steps, self.val_subjects) < 1:
+            raise ConfigError("batch_size, max_steps and val_subjects must be >= 1")
         if min(self.clip_batch, self.rounds, self.eval_every, self.warmup_steps) < 0:
             raise ConfigError("clip_batch, rounds, eval_every and warmup_steps must be >= 0")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.p_box <= 1:

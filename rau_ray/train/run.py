@@ -121,8 +121,7 @@ class TrainJobConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name or "\\" in self.name \
-                or self.name in (".", ".."):
+        if not self.name.strip() or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name must be a folder name without slashes (the run under scale.storage_path), "
                               f"got {self.name!r}")
         if self.max_steps < 0:

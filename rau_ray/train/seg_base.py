@@ -73,10 +73,8 @@ class SegJobConfig(TrainJobConfig):
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.first_prompt not in FIRST_PROMPTS:
             raise ConfigError(f"first_prompt must be one of {', '.join(FIRST_PROMPTS)}, got {self.first_prompt!r}")
-        if min(self.batch_size, self.max_steps, self.log_every, self.checkpoint_every, self.points_per_round,
-               self.eval_items) < 1:
-            raise ConfigError("batch_size, max_steps, log_every, checkpoint_every, points_per_round and eval_items "
-                              "must be at least 1")
+        if min(self.batch_size, self.max_steps, self.points_per_round, self.eval_items) < 1:
+            raise ConfigError("batch_size, max_steps, points_per_round and eval_items must be at least 1")
         if self.interactive_rounds < 0 or self.eval_every < 0:
             raise ConfigError("interactive_rounds and eval_every must be >= 0")
         if self.lr <= 0 or self.grad_clip <= 0:
