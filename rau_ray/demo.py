@@ -122,28 +122,30 @@ def run_models(out: Path) -> dict:
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-# demo-length runs of every stage of the recipe: long enough to show each one learn on 2 cores, short enough for
-# `make demo`; the long runs of the same configs ship as shipped:<stage> (weights/tiny/rau), evaluated beside them
-DEMO_STEPS = {"sft": 50, "grpo": 6, "seg": 30, "seg-memref": 30, "seg-cbam": 20}
+# demo-length runs of every stage of the recipe (fields over jobs/configs/<stage>-tiny.yaml): long enough to show
+# each one learn on 2 cores, short enough for `make demo`; the long runs of the same configs ship as
+# shipped:<stage> (weights/tiny/rau), evaluated beside them
+DEMO_RUNS = {"sft": {"max_steps": 50}, "grpo": {"max_steps": 6}, "seg": {"max_steps": 30},
+             "seg-memref": {"max_steps": 30}, "seg-cbam": {"max_steps": 20}}
 STAGES = ("sft", "grpo", "seg", "seg-memref", "seg-cbam")  # jobs/configs/<stage>-tiny.yaml, in this order
 SHIPPED = tuple(f"shipped:{stage}" for stage in STAGES)  # rau ship's names for the long runs (BENCHMARKS, issue 17)
 
 
-def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
+def run_training(out: Path, runs: dict[str, dict] = DEMO_RUNS) -> dict:
     """The tiny training jobs on the demo's CT phantoms, shortened: SFT, then GRPO from the SFT adapter, then the
     segmenters (RAU fusion on the GRPO policy's <Seg> states, the SAM2-Memory-Ref-SFT baseline, CBAM-LoRA SAM2).
-    Each writes its checkpoint and learning curves under ``out/train/<run>``; a run left out of ``steps`` is
-    skipped."""
+    ``runs``: per stage, the fields set over its tiny config (``max_steps`` at least); a stage left out is skipped.
+    Each writes its checkpoint and learning curves under ``out/train/<run>``."""
 
 
     manifest = str(out / "data" / "ct-abdomen" / "manifest.jsonl")
     results = {}
-    for run in [r for r in STAGES if r in steps]:
+    for run in [r for r in STAGES if r in runs]:
         path = CONFIGS / f"{run}-tiny.yaml"
         if not path.is_file():
             raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
         data = yaml.safe_load(path.read_text())
-        data.update(manifest=manifest, name=run, max_steps=steps[run])
+        data.update(runs[run], manifest=manifest, name=run)
         data["scale"] = {**data.get("scale", {}), "storage_path": str(out / "train")}
         if run == "grpo":
             data["sft_checkpoint"] = results["sft"]["checkpoint"]
@@ -151,7 +153,7 @@ def run_training(out: Path, steps: dict[str, int] = DEMO_STEPS) -> dict:
             data["policy_checkpoint"] = (results.get("grpo") or results.get("sft") or {}).get("checkpoint")
         tmp = out / "train" / f"{run}.yaml"
         atomic_write_text(tmp, yaml.safe_dump(data))
-        say(f"  training {run} ({steps[run]} steps) ...")
+        say(f"  training {run} ({data['max_steps']} steps) ...")
         t0 = time.perf_counter()
         results[run] = run_job(run.split("-")[0], str(tmp))
         results[run]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -412,19 +414,19 @@ def _draw_prediction(image, truth, prediction, path: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", subjects: int = 24, seed: int = 0, size: int = 192,
-             train_steps: dict[str, int] = DEMO_STEPS, eval_targets: int = 6, serve_forever: bool = False,
+             train_runs: dict[str, dict] = DEMO_RUNS, eval_targets: int = 6, serve_forever: bool = False,
              port: int | None = None) -> dict:
-    """Every stage in order (see the module docstring); ``serve_forever``: the Serve app stays up after its requests
-    until Ctrl-C; ``port``: its HTTP port (default: a free one). The terminal gets a line per stage and a summary
-    table; everything else goes to ``out/demo.log``."""
+    """Every stage in order (see the module docstring); ``train_runs``: see ``run_training``; ``serve_forever``: the
+    Serve app stays up after its requests until Ctrl-C; ``port``: its HTTP port (default: a free one). The terminal
+    gets a line per stage and a summary table; everything else goes to ``out/demo.log``."""
     out = Path(out)
     log_path = out / "demo.log"
     say(f"rau demo -> {out}  (Ray's and the libraries' output: {log_path})")
     with output_to(log_path):
-        return _run_stages(out, subjects, seed, size, train_steps, eval_targets, serve_forever, port)
+        return _run_stages(out, subjects, seed, size, train_runs, eval_targets, serve_forever, port)
 
 
-def _run_stages(out: Path, subjects: int, seed: int, size: int, train_steps: dict[str, int], eval_targets: int,
+def _run_stages(out: Path, subjects: int, seed: int, size: int, train_runs: dict[str, dict], eval_targets: int,
                 serve_forever: bool, port: int | None) -> dict:
     t0 = time.perf_counter()
     ray = ray_session.connect()
@@ -441,7 +443,7 @@ def _run_stages(out: Path, subjects: int, seed: int, size: int, train_steps: dic
     report["preview"] = str(preview([out / "data" / name for name in PHANTOMS], out / "preview.png", n=4, cols=4))
     stages = report["stage_seconds"] = {"data": round(time.perf_counter() - t0, 1)}
     say(_stage_line("data", stages["data"], report))
-    for stage, run in (("models", lambda: run_models(out)), ("train", lambda: run_training(out, train_steps)),
+    for stage, run in (("models", lambda: run_models(out)), ("train", lambda: run_training(out, train_runs)),
                        ("eval", lambda: run_evaluation(out, [r["checkpoint"] for r in report["train"].values()
                                                               if r.get("checkpoint")], seed, eval_targets)),
                        ("eval_shipped", lambda: run_evaluation(out, list(SHIPPED), seed, eval_targets,

@@ -75,9 +75,10 @@ def s3_bucket(s3_endpoint) -> str:
 def ray_cluster(isolated_model_cache, s3_endpoint):
     import ray
 
-    from rau_ray.ray_session import SERVE_ENV
+    from rau_ray.ray_session import LOCAL_TRAIN_ENV, SERVE_ENV
 
-    for key, value in SERVE_ENV.items():  # the cluster's processes run Serve as an embedded cluster would
+    # the cluster's processes (and the CLI subprocesses) run Serve and Ray Train as an embedded cluster would
+    for key, value in {**SERVE_ENV, **LOCAL_TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     address = ray.get_runtime_context().gcs_address

@@ -340,7 +340,9 @@ def cluster():
                # a dead node is declared dead in ~3 s instead of ~15-30 s
                RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
                RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")  # SIGTERM: drain 5 s, not 30, before stopping
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",  # SIGTERM: drain 5 s, not 30, before stopping
+               # Ray Train's controller polls its workers every 0.5 s, not 2 s (ray_session.LOCAL_TRAIN_ENV)
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     # RAU_TEST_NO_NETNS=1 takes the path of machines without the rights: every node on the host's network
     c = LocalCluster(root, isolation_available() and not os.environ.get("RAU_TEST_NO_NETNS"), env)
     try:
