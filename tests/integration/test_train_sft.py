@@ -87,8 +87,8 @@ def _train_workers() -> list[int]:
 def test_killed_worker_resumes_from_checkpoint_and_step_continues(ray_cluster, manifest, tmp_path):
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump({
-        "manifest": manifest, "name": "ft", "tasks": ["label"], "batch_size": 2, "epochs": 100, "max_steps": 30,
-        "log_every": 1, "checkpoint_every": 5, "eval_items": 2, "max_new_tokens": 8,
+        "manifest": manifest, "name": "ft", "tasks": ["label"], "batch_size": 2, "epochs": 100, "max_steps": 16,
+        "log_every": 1, "checkpoint_every": 4, "eval_items": 2, "max_new_tokens": 8,
         "scale": {"num_workers": 2, "storage_path": str(tmp_path / "runs"), "max_failures": 2}}))
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     proc = subprocess.Popen([sys.executable, "-m", "rau_ray.cli", "train", "sft", "--config", str(config)],
@@ -107,10 +107,10 @@ def test_killed_worker_resumes_from_checkpoint_and_step_continues(ray_cluster, m
     summary = json.loads((run_dir / "summary.json").read_text())
     history = read_history(summary["checkpoint"])
     steps = [row["step"] for row in history]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # one row per step, in order, to the end
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # one row per step, in order, to the end
     resumed = {row["resumed_from"] for row in history}
-    assert max(resumed) >= 5 and max(resumed) % 5 == 0  # restarted from a checkpoint, not from step 0
+    assert max(resumed) >= 4 and max(resumed) % 4 == 0  # restarted from a checkpoint, not from step 0
     assert min(s for s in steps if s > 0 and history[steps.index(s)]["resumed_from"] > 0) > max(resumed)
     assert Path(summary["curves"]).is_file()
     _, state = read_weights_and_state(summary["checkpoint"])
-    assert state["step"] == 30
+    assert state["step"] == 16

@@ -32,11 +32,11 @@ def manifest(ct_manifest):
 
 
 def write_configs(tmp_path, manifest, search, **sweep) -> Path:
-    """A tiny seg job (2 steps, validation every step on 4 items) and a sweep over it; returns the sweep YAML."""
+    """A tiny seg job (2 steps, validation every step on 2 items) and a sweep over it; returns the sweep YAML."""
     base = tmp_path / "seg.yaml"
     base.write_text(yaml.safe_dump({"manifest": manifest, "mode": "rau", "batch_size": 2, "lr": 0.01,
                                     "max_steps": 2, "log_every": 1, "eval_every": 1, "checkpoint_every": 2,
-                                    "eval_items": 4, "train_policy_lora": True}))
+                                    "eval_items": 2, "train_policy_lora": True}))
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"job": "seg", "base": str(base), "search": search, "max_concurrent_trials": 2,
                                     "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
