@@ -32,6 +32,11 @@ def _data_make(a: argparse.Namespace) -> dict:
 
 
 def _data_import(a: argparse.Namespace) -> dict:
+    if a.dicom:
+        from rau_ray.data.dicom_import import DicomImportConfig, import_dicom_folder
+
+        return import_dicom_folder(DicomImportConfig(folder=a.dicom, out=a.out, min_pixels=a.min_pixels,
+                                                     every=a.every), backend=a.backend)
     from rau_ray.data.importers import ImportConfig, import_dataset
 
     return import_dataset(ImportConfig(dataset_json=a.dataset_json, out=a.out, min_pixels=a.min_pixels,
@@ -178,8 +183,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     make.add_argument("--backend", choices=("ray", "local"), default="ray", help="ray (parallel) or local")
     make.set_defaults(func=_data_make)
 
-    imp = dsub.add_parser("import", help="convert an MSD / nnU-Net v2 dataset (dataset.json) to 2D samples")
-    imp.add_argument("--dataset-json", required=True, help="path to the dataset's dataset.json")
+    imp = dsub.add_parser("import", help="convert an MSD / nnU-Net v2 dataset (dataset.json) or a folder of DICOM "
+                                         "series with their DICOM-SEGs to 2D samples")
+    what = imp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset-json", help="path to the dataset's dataset.json")
+    what.add_argument("--dicom", help="folder of DICOM series, each annotated by a DICOM-SEG that references it")
     imp.add_argument("--out", required=True, help="output folder (manifest.jsonl + images/ + labels/)")
     imp.add_argument("--min-pixels", type=int, default=20, help="keep slices with at least this many labelled px")
     imp.add_argument("--every", type=int, default=1, help="keep every k-th kept slice (default: 1)")

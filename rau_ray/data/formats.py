@@ -175,44 +175,6 @@ def read_dicom(path: PathLike) -> tuple[np.ndarray, tuple[float, float], str]:
     return hu, _dicom_spacing(ds, path), str(ds.get("Modality", ""))
 
 
-def read_dicom_series(folder: PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """(volume (z, y, x) float32 HU, spacing (sx, sy, sz)) from every file in ``folder`` (hidden files skipped).
-
-    Slices are sorted by ImagePositionPatient[2] (or InstanceNumber when a slice lacks a position); sz is the median
-    gap between positions, or SliceThickness when positions are missing or there is one slice.
-    """
-    d = Path(folder)
-    if not d.is_dir():
-        raise DataError(f"DICOM series folder not found: {d}")
-    files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
-    if not files:
-        raise DataError(f"{d}: folder holds no DICOM files")
-    slices = [(f, *_dicom_hu(f)) for f in files]
-    f0, ds0, hu0 = slices[0]
-    for f, _, hu in slices[1:]:
-        if hu.shape != hu0.shape:
-            raise DataError(f"{d}: slices differ in shape: {f0.name} is {hu0.shape}, {f.name} is {hu.shape}")
-    if all("ImagePositionPatient" in ds for _, ds, _ in slices):
-        slices.sort(key=lambda s: float(s[1].ImagePositionPatient[2]))
-        z = np.array([float(ds.ImagePositionPatient[2]) for _, ds, _ in slices])
-    elif all("InstanceNumber" in ds for _, ds, _ in slices):
-        slices.sort(key=lambda s: int(s[1].InstanceNumber))
-        z = None
-    else:
-        raise DataError(f"{d}: cannot order the slices: some have neither ImagePositionPatient nor InstanceNumber")
-    if z is not None and len(z) > 1:
-        gaps = np.diff(z)
-        if np.any(gaps <= 0):
-            raise DataError(f"{d}: two or more slices share the same ImagePositionPatient z")
-        sz = float(np.median(gaps))
-    elif ds0.get("SliceThickness"):
-        sz = float(ds0.SliceThickness)
-    else:
-        raise DataError(f"{d}: cannot tell the slice spacing (no ImagePositionPatient gaps, no SliceThickness)")
-    volume = np.stack([hu for _, _, hu in slices]).astype(np.float32, copy=False)
-    return volume, (*_dicom_spacing(ds0, f0), sz)
-
-
 # --------------------------------------------------------------------------------------------------------- PNG
 CT_PNG_OFFSET = 1024  # CT 2D images are stored as uint16 PNG holding HU + 1024 (HU clipped to [-1024, 64511])
 

@@ -1,8 +1,10 @@
 """Bytes in, bytes out for the HTTP API: image decoding with limits, masks as PNG or COCO RLE.
 
 ``decode_image(data)`` reads PNG / JPEG (Pillow), DICOM (pydicom, modality LUT -> HU) and, with ``volumes=True``,
-NIfTI (nibabel) and returns a ``Decoded`` (array, modality, spacing); anything else, a truncated file or an image over
-the limits raises ``BadInput`` (status 400/413/415) with a message a person can act on.
+NIfTI (nibabel) and returns a ``Decoded`` (array, modality, spacing); ``decode_series(parts)`` makes one volume of a
+DICOM series sent as many files or as one zip (``rau_ray.data.dicom_series``: grouped, ordered by geometry). Anything
+else, a truncated file, an unsafe zip or an image over the limits raises ``BadInput`` (status 400/413/415/422) with a
+message a person can act on.
 COCO RLE follows pycocotools' spec (column-major counts starting with a run of zeros, LEB128-like string).
 Use: ``img = decode_image(open("x.png", "rb").read())``; ``rle = rle_encode(mask)``; ``rle_decode(rle)``.
 """
@@ -13,7 +15,9 @@ import base64
 import binascii
 import gzip
 import io
+import zipfile
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import nibabel as nib
 import numpy as np
@@ -22,10 +26,13 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
 from rau_ray.data import formats
+from rau_ray.data.dicom_series import read_datasets, series_volume
+from rau_ray.errors import DataError
 
 MAX_IMAGE_BYTES = 32 * 2 ** 20  # a 512x512x300 int16 volume gzipped fits; a 2D image is far smaller
 MAX_PIXELS = 4096 * 4096  # per slice
 MAX_SLICES = 1024
+ZIP_MAX_RATIO = 8  # a zip may unpack to at most this many times the image byte limit (zip bombs stop there)
 
 
 class BadInput(ValueError):
@@ -137,6 +144,84 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
     except Exception:  # noqa: BLE001 - it was read once already; without metadata there is just no DICOM-SEG
         meta = None
     return Decoded(hu, modality, spacing, "dicom", (meta,) if meta is not None else ())
+
+
+def is_zip(data: bytes) -> bool:
+    return data[:4] == b"PK\x03\x04"
+
+
+def unzip_series(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file in a zip, refused before anything is unpacked when a name leaves the zip's root,
+    the members are more than ``MAX_SLICES`` or would unpack past ``ZIP_MAX_RATIO * max_bytes`` (a zip bomb);
+    folders, hidden files and macOS resource forks are skipped."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise BadInput(f"unreadable zip ({e})") from None
+    kept = []
+    for m in members:
+        path = PurePosixPath(m.filename.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or (path.parts and path.parts[0].endswith(":")):
+            raise BadInput(f"the zip holds {m.filename!r}, a path that leaves the zip's root", 422)
+        if m.is_dir() or any(part.startswith(".") or part == "__MACOSX" for part in path.parts):
+            continue
+        kept.append(m)
+    if not kept:
+        raise BadInput("the zip holds no files")
+    if len(kept) > MAX_SLICES:
+        raise BadInput(f"the zip holds {len(kept)} files; the limit is {MAX_SLICES} slices", 413)
+    budget = ZIP_MAX_RATIO * max_bytes
+    if sum(m.file_size for m in kept) > budget:
+        raise BadInput(f"the zip unpacks to more than {budget} bytes", 413)
+    out = []
+    for m in kept:
+        try:
+            with archive.open(m) as f:
+                content = f.read(budget + 1)  # the declared sizes may lie: never read past the budget
+        except (zipfile.BadZipFile, ValueError, OSError, NotImplementedError) as e:
+            raise BadInput(f"{m.filename}: cannot be unpacked ({e})") from None
+        budget -= len(content)
+        if budget < 0:
+            raise BadInput(f"the zip unpacks to more than {ZIP_MAX_RATIO * max_bytes} bytes", 413)
+        out.append((m.filename, content))
+    return out
+
+
+def decode_series(parts: list[tuple[str, bytes]], *, max_bytes: int = MAX_IMAGE_BYTES,
+                  max_pixels: int = MAX_PIXELS) -> Decoded:
+    """One DICOM series, sent as ``parts`` = (file name, bytes) (a zip among them is unpacked), -> a (Z, H, W) volume
+    ordered along the slice normal, spacing (x, y, z), and the slices' headers (no pixels) for DICOM-SEG."""
+    files: list[tuple[str, bytes]] = []
+    for name, data in parts:
+        files += unzip_series(data, max_bytes) if is_zip(data) else [(name, data)]
+    if len(files) > MAX_SLICES:
+        raise BadInput(f"{len(files)} files; the limit is {MAX_SLICES} slices", 413)
+    for name, data in files:
+        if not (len(data) >= 132 and data[128:132] == b"DICM"):
+            raise BadInput(f"{name}: not a DICOM file (a series upload takes DICOM slices, or one zip of them)", 415)
+    try:
+        datasets = read_datasets(files)
+        for ds in datasets:
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+                raise DataError(f"{ds.filename}: a multi-frame DICOM; send the series as single-frame slices")
+            _check_pixels((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))), max_pixels)
+        series = series_volume(datasets, "the uploaded series")
+    except DataError as e:
+        raise BadInput(str(e), 422) from None
+    volume = series.volume
+    if series.modality != "CT":  # only CT carries HU; others go to 8 bits for the models, per volume
+        lo, hi = float(volume.min()), float(volume.max())
+        volume = (np.zeros(volume.shape, np.uint8) if hi <= lo
+                  else np.rint((volume - lo) / (hi - lo) * 255).astype(np.uint8))
+    headers = []
+    for ds in series.sources:  # the metadata alone (patient, study, UIDs, geometry): what a DICOM-SEG copies
+        meta = ds.copy()
+        for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if tag in meta:
+                delattr(meta, tag)
+        headers.append(meta)
+    return Decoded(volume, series.modality, series.spacing, "dicom", tuple(headers))
 
 
 def _looks_nifti(data: bytes) -> bool:

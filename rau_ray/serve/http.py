@@ -169,7 +169,8 @@ class LabelJson(BaseModel):
 class SessionForm(BaseModel):
     """POST /v1/sessions as multipart/form-data."""
 
-    image: bytes = Field(description="PNG, JPEG, DICOM or a NIfTI volume (.nii / .nii.gz)")
+    image: bytes = Field(description="PNG, JPEG, DICOM or a NIfTI volume (.nii / .nii.gz); for a DICOM series, "
+                                     "one image field per slice or a single zip of the slices")
     modality: str | None = None
 
 
@@ -491,16 +492,28 @@ class Reader:
         return LabelRequest(image, modality, given, method, self.reference(fields, files))
 
     async def session(self, request: Request) -> SessionRequest:
-        fields, files = await self.form_or_json(request)
-        image = self.decode(self.image_field(fields, files), volumes=True)
+        """One image, a NIfTI volume, or a DICOM series: several ``image`` files (one per slice) or one zip."""
+        fields, files = await self.form_or_json(request, max_files=codecs.MAX_SLICES)
+        parts = files.get("image", [])
+        if len(parts) > 1 or (parts and codecs.is_zip(parts[0][1])):
+            image = codecs.decode_series(parts, max_bytes=self.max_image_bytes, max_pixels=self.max_pixels)
+        else:
+            data = self.image_field(fields, files)
+            if data is not None and codecs.is_zip(data):  # a zip sent as image_b64
+                image = codecs.decode_series([("image_b64", data)], max_bytes=self.max_image_bytes,
+                                             max_pixels=self.max_pixels)
+            else:
+                image = self.decode(data, volumes=True)
         return SessionRequest(image, self._modality(fields, image))
 
     @staticmethod
     def _modality(fields: dict, image: codecs.Decoded) -> str:
         return str(fields.get("modality") or image.modality or "CT")
 
-    async def form_or_json(self, request: Request) -> tuple[dict, dict]:
-        """(fields, files) of a multipart form or a JSON object; files are bytes (JSON: base64 fields decoded)."""
+    async def form_or_json(self, request: Request, max_files: int = 4) -> tuple[dict, dict]:
+        """(fields, files) of a multipart form or a JSON object; files: field name -> [(file name, bytes)], in the
+        order sent (JSON: none; its base64 fields are decoded by ``image_field``). All files together stay within
+        the image byte limit."""
         limit = self.max_image_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit * 4 // 3 + 65536:
@@ -508,15 +521,17 @@ class Reader:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             try:
-                form = await request.form(max_files=4, max_fields=32)
+                form = await request.form(max_files=max_files, max_fields=32)
             except Exception as e:
                 raise BadInput(f"malformed multipart form: {e}") from None
-            fields, files = {}, {}
+            fields, files, total = {}, {}, 0
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
-                    if value.size is not None and value.size > limit:
-                        raise BadInput(f"{key} is {value.size} bytes; the limit is {limit} bytes", 413)
-                    files[key] = await value.read()
+                    total += value.size or 0
+                    if total > limit:
+                        raise BadInput(f"the files are more than {limit} bytes together; the limit is {limit} "
+                                       "bytes", 413)
+                    files.setdefault(key, []).append((value.filename or key, await value.read()))
                 else:
                     fields[key] = value
             return fields, files
@@ -549,7 +564,10 @@ class Reader:
     @staticmethod
     def image_field(fields: dict, files: dict, name: str = "image") -> bytes | None:
         if name in files:
-            return files[name]
+            if len(files[name]) > 1:
+                raise BadInput(f"{len(files[name])} files in field {name!r}; this takes one (several DICOM slices "
+                               "of a series go to POST /v1/sessions)", 422)
+            return files[name][0][1]
         if fields.get(f"{name}_b64") is not None:
             return codecs.b64decode(fields[f"{name}_b64"], f"{name}_b64")
         return None
@@ -569,7 +587,8 @@ class Reader:
         elif fields.get("reference_id"):
             return BankReference(str(fields["reference_id"]))
         elif "reference_image" in files or "reference_mask" in files:
-            image, mask = files.get("reference_image"), files.get("reference_mask")
+            image, mask = self.image_field(fields, files, "reference_image"), self.image_field(fields, files,
+                                                                                                 "reference_mask")
             if image is None or mask is None:
                 raise BadInput("a reference needs both reference_image and reference_mask", 422)
             labels = fields.get("reference_labels")

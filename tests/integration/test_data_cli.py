@@ -102,6 +102,28 @@ def test_import_msd_layout(run_cli, tmp_path):
     assert image.dtype == np.uint8 and image.shape == (24, 20) and (label == 1).sum() == 32
 
 
+def test_import_a_dicom_folder_with_its_seg_and_refuse_an_unannotated_one(run_cli, tmp_path):
+    """``--dicom``: a series + its DICOM-SEG (on Ray tasks) -> the labelled slices; a folder without a SEG -> exit 2
+    with the reason, no traceback."""
+    import pydicom
+    from dicom_files import save, slices, write_seg
+
+    datasets = slices([0.0, 2.5, 5.0])
+    folder = save(tmp_path / "export" / "ct", datasets)
+    mask = np.zeros((3, 128, 128), bool)
+    mask[1, 40:80, 30:90] = True
+    write_seg(tmp_path / "export" / "seg.dcm", [pydicom.dcmread(folder / ds.filename) for ds in datasets],
+              {"liver": mask})
+    r = run_cli("data", "import", "--dicom", tmp_path / "export", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(tmp_path / "out")
+    assert [(row.slice, row.labels, row.modality) for row in m.rows] == [(1, {"1": "liver"}, "CT")]
+    assert (m.load(m.rows[0])[1] == 1).sum() == mask.sum()
+    r = run_cli("data", "import", "--dicom", folder, "--out", tmp_path / "out2")
+    assert r.returncode == 2 and "no DICOM-SEG found: 1 series, none annotated" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_help_lists_subcommands(run_cli):
     r = run_cli("--help")
     assert r.returncode == 0 and "demo" in r.stdout and "data" in r.stdout

@@ -335,6 +335,89 @@ def test_dicom_seg_export(base, ct_png):
     requests.delete(f"{base}/v1/sessions/{sid}")
 
 
+def _zip(files: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+def _dicom_bytes(datasets) -> dict[str, bytes]:
+    out = {}
+    for ds in datasets:
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        out[ds.filename] = buf.getvalue()
+    return out
+
+
+def test_dicom_series_upload_opens_a_volume_session_and_exports_a_volume_dicom_seg(base):
+    import highdicom as hd
+    import pydicom
+    from dicom_files import RAW, slices
+
+    datasets = slices([5.0, 0.0, 2.5, 7.5])  # sent out of order: the session's slices follow the geometry
+    files = _dicom_bytes(datasets)
+    ordered = sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    as_parts = [("image", (name, data, "application/dicom")) for name, data in files.items()]
+    for how, payload in (("parts", {"files": as_parts}), ("zip", {"files": {"image": ("ct.zip", _zip(files))}})):
+        r = requests.post(base + "/v1/sessions", **payload, timeout=60)
+        assert r.status_code == 201, (how, r.text)
+        created = r.json()
+        assert created["slices"] == 4 and created["source_format"] == "dicom" and "dicom-seg" in created["exports"]
+        sid = created["id"]
+        r = requests.get(f"{base}/v1/sessions/{sid}/image?slice=2")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        requests.delete(f"{base}/v1/sessions/{sid}")
+    r = requests.post(base + "/v1/sessions", files=as_parts, timeout=60)
+    sid = r.json()["id"]
+    for text in ("go to slice 1 then add box 30 30 100 100", "go to slice 2 then add box 20 20 60 90"):
+        r = requests.post(f"{base}/v1/sessions/{sid}/commands", json={"text": text}, timeout=120)
+        assert r.status_code == 200, r.text
+    masks = np.stack([codecs.rle_decode(requests.get(f"{base}/v1/sessions/{sid}/mask?format=rle&slice={k}")
+                                        .json()["mask"]) for k in range(4)])
+    assert masks[1].any() and masks[2].any() and not masks[0].any() and not masks[3].any()
+    r = requests.get(f"{base}/v1/sessions/{sid}/mask?format=dicom-seg")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text[:300]
+    seg = hd.seg.segread(io.BytesIO(r.content))
+    raw = pydicom.dcmread(io.BytesIO(r.content))  # pydicom reads it too: a multi-frame SEG of this study
+    assert raw.Modality == "SEG" and raw.StudyInstanceUID == ordered[0].StudyInstanceUID
+    refs = seg.ReferencedSeriesSequence[0]
+    assert refs.SeriesInstanceUID == ordered[0].SeriesInstanceUID
+    assert {r.ReferencedSOPInstanceUID for r in refs.ReferencedInstanceSequence} == \
+        {ds.SOPInstanceUID for ds in datasets}  # every uploaded instance
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID for ds in ordered],
+                                               segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), masks)
+    assert RAW.shape == masks.shape[1:]
+    requests.delete(f"{base}/v1/sessions/{sid}")
+
+
+def test_dicom_series_uploads_that_cannot_be_one_volume_are_4xx(base):
+    from dicom_files import slices
+
+    one, other = _dicom_bytes(slices([0.0, 2.5, 5.0])), _dicom_bytes(slices([0.0, 2.5]))
+    gap = _dicom_bytes(slices([0.0, 2.5, 7.5]))
+    cases = {
+        "two series": ({"a" + k: v for k, v in one.items()} | other, 422, "2 series in one upload"),
+        "a gap": (gap, 422, "a gap in the series: 1 slice(s) missing"),
+        "not DICOM": ({**one, "notes.txt": b"hello" * 40}, 415, "notes.txt: not a DICOM file"),
+    }
+    for what, (files, status, message) in cases.items():
+        r = requests.post(base + "/v1/sessions", files=[("image", (n, d)) for n, d in files.items()], timeout=60)
+        assert r.status_code == status and message in r.json()["error"], (what, r.status_code, r.text)
+    escaping = _zip({"../../etc/evil.dcm": next(iter(one.values()))})
+    bomb = _zip({f"s{i}.dcm": b"\0" * (4 * 2 ** 20) for i in range(8)})  # 32 MiB of zeros, 8x the limit
+    for what, data, status, message in (("zip slip", escaping, 422, "leaves the zip's root"),
+                                        ("zip bomb", bomb, 413, "the zip unpacks to more than")):
+        r = requests.post(base + "/v1/sessions", files={"image": ("x.zip", data)}, timeout=60)
+        assert r.status_code == status and message in r.json()["error"], (what, r.status_code, r.text)
+    assert requests.get(base + "/healthz", timeout=10).status_code == 200  # still serving
+
+
 def test_volume_session(base):
     vol = np.full((24, 20, 3), -100, np.int16)
     vol[6:14, 5:12, :] = 60

@@ -51,38 +51,6 @@ def test_apply_window_abdomen_on_ct():
     assert int(F.apply_window(np.array([-60.0]), (40, 400))[0]) == 64  # 100 / 400 * 255 = 63.75
 
 
-def _series(tmp_path, zs, names, shapes=None):
-    """Copies of CT_small at z positions ``zs``; slice i gets RescaleIntercept -1024 + 100 * i to tell them apart."""
-    folder = tmp_path / "series"
-    folder.mkdir()
-    for i, (z, name) in enumerate(zip(zs, names)):
-        ds = pydicom.dcmread(CT_SMALL)
-        ds.ImagePositionPatient = [-158.135803, -179.035797, z]
-        ds.RescaleIntercept = -1024 + 100 * i
-        if shapes and shapes[i] != (128, 128):
-            ds.PixelData = np.ascontiguousarray(ds.pixel_array[: shapes[i][0], : shapes[i][1]]).tobytes()
-            ds.Rows, ds.Columns = shapes[i]
-        ds.save_as(folder / name)
-    return folder
-
-
-def test_read_dicom_series_sorts_by_position(tmp_path):
-    folder = _series(tmp_path, [-70.7, -75.7, -73.2], ["a.dcm", "b.dcm", "c.dcm"])  # file order != z order
-    volume, spacing = F.read_dicom_series(folder)
-    assert volume.shape == (3, 128, 128) and volume.dtype == np.float32
-    raw = pydicom.dcmread(CT_SMALL).pixel_array.astype(np.float64)
-    for k, i in enumerate([1, 2, 0]):  # sorted by z: b (-75.7), c (-73.2), a (-70.7)
-        np.testing.assert_array_equal(volume[k], raw - 1024 + 100 * i)
-    assert spacing[:2] == (0.661468, 0.661468)
-    assert spacing[2] == pytest.approx(2.5)
-
-
-def test_read_dicom_series_rejects_mixed_shapes(tmp_path):
-    folder = _series(tmp_path, [0.0, 2.5], ["a.dcm", "b.dcm"], shapes=[(128, 128), (64, 64)])
-    with pytest.raises(DataError, match="differ in shape"):
-        F.read_dicom_series(folder)
-
-
 def test_read_dicom_bad_files(tmp_path):
     data = Path(CT_SMALL).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])
@@ -90,10 +58,6 @@ def test_read_dicom_bad_files(tmp_path):
     for name in ("cut.dcm", "junk.dcm"):
         with pytest.raises(DataError, match=f"not a readable DICOM file: .*{name}"):
             F.read_dicom(tmp_path / name)
-    (tmp_path / "series").mkdir()
-    (tmp_path / "series" / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="notes.txt"):
-        F.read_dicom_series(tmp_path / "series")
 
 
 # ------------------------------------------------------------------------------------------------------------ NIfTI

@@ -138,3 +138,58 @@ def test_b64_and_mask_png():
     m[2:5, 3:7] = True
     back = decode_image(codecs.mask_png(m)).array
     np.testing.assert_array_equal(back > 0, m)
+
+
+# ------------------------------------------------------------------------------------------------- DICOM series
+def _series_parts(positions):
+    from dicom_files import slices
+
+    parts = []
+    for ds in slices(positions):
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        parts.append((ds.filename, buf.getvalue()))
+    return parts
+
+
+def _zip(files) -> bytes:
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files:
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+def test_series_as_parts_or_one_zip_is_one_volume_with_headers_for_dicom_seg():
+    from dicom_files import RAW
+
+    parts = _series_parts([2.5, 0.0, 5.0])
+    for given in (parts, [("ct.zip", _zip(parts + [("__MACOSX/._s0.dcm", b"x"), ("sub/.DS_Store", b"x")]))]):
+        d = codecs.decode_series(given)
+        assert d.is_volume and d.array.shape == (3, 128, 128) and d.kind == "dicom" and d.modality == "CT"
+        np.testing.assert_array_equal(d.array[0], RAW - 924)  # s1 (position 0, intercept -1024 + 100) first
+        assert d.spacing == pytest.approx((0.661468, 0.661468, 2.5))
+        assert [m.filename for m in d.sources] == ["s1.dcm", "s0.dcm", "s2.dcm"]
+        assert all("PixelData" not in m and m.SOPInstanceUID for m in d.sources)  # headers only
+
+
+def test_series_uploads_refused_with_the_reason():
+    parts = _series_parts([0.0, 2.5])
+    for given, status, words in [
+        ([("../x.dcm", parts[0][1])], 422, "leaves the zip's root"),
+        ([("/etc/x.dcm", parts[0][1])], 422, "leaves the zip's root"),
+        ([("s.dcm", b"\0" * (9 * 2 ** 20))], 413, "the zip unpacks to more than"),
+    ]:
+        with pytest.raises(BadInput, match=words) as e:
+            codecs.decode_series([("x.zip", _zip(given))], max_bytes=2 ** 20)
+        assert e.value.status == status
+    with pytest.raises(BadInput, match="unreadable zip"):
+        codecs.decode_series([("x.zip", b"PK\x03\x04" + b"\0" * 100)])
+    with pytest.raises(BadInput, match="a.txt: not a DICOM file") as e:
+        codecs.decode_series(parts + [("a.txt", b"hello")])
+    assert e.value.status == 415
+    with pytest.raises(BadInput, match="two slices at one position") as e:
+        codecs.decode_series(parts + [("again.dcm", parts[0][1])])
+    assert e.value.status == 422
