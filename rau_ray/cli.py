@@ -288,9 +288,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def parse(words: list[str]) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides accepted after the options too."""
+    parser = build_parser(only=_chosen_command(words) or "")
+    args, extra = parser.parse_known_args(words)
+    # KEY=VALUE overrides after the options (`rau train sft --config C lr=1e-3`): argparse gives a positional list
+    # only the words before the first option, so the rest arrive here
+    if extra and isinstance(getattr(args, "set", None), list) and all("=" in w and not w.startswith("-")
+                                                                        for w in extra):
+        args.set = [*args.set, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    words = sys.argv[1:] if argv is None else argv
-    args = build_parser(only=_chosen_command(words) or "").parse_args(words)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         result = args.func(args)
     except RauError as e:

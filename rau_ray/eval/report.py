@@ -35,7 +35,7 @@ from rau_ray.scoring.metrics import mask_to_box
 
 COLOURS = {"SFT": "#8da0cb", "GRPO": "#66c2a5", "OT (boxes only)": "#b3b3b3", "GRPO+OT": "#fc8d62",
            "GRPO+FGW": "#e78ac3", "SFT boxes": "#c6d0e6", "GRPO boxes": "#b3e2d3",
-           "GRPO+OT (given boxes)": "#fdc7ac"}
+           "GRPO+OT (given boxes)": "#fdc7ac", "GRPO+OT (mask boxes)": "#d95f02"}
 
 
 # -- header ------------------------------------------------------------------------------------------------------------
@@ -123,7 +123,9 @@ def markdown_tables(t: dict, hdr: dict) -> str:
     parts.append(_table(["dataset", "distribution", "regions", *[name for name, *_ in T.LABEL_ROWS]], rows))
     parts.append("\nGRPO+OT, GRPO+FGW, SFT boxes, GRPO boxes: from the policy's predicted boxes (its all-boxes "
                  f"answer; a true structure is right when a box matches it at IoU >= {T.MATCH_IOU} and carries its "
-                 "label; transport re-labels the boxes, a doubtful label is re-asked alone). SFT, GRPO, "
+                 "label; transport re-labels the boxes, a doubtful label is re-asked alone). GRPO+OT (mask boxes): "
+                 "the same with each named box read off the chain's own `<Seg>` mask of that structure (segment "
+                 "task -> `<Seg>` -> SAM2 over the reference memory). SFT, GRPO, "
                  "OT (boxes only), GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over "
                  "subjects]\n")
     valid = [[n, *[(t["labeling"][n]["rows"].get(p) or {}).get("valid") for p in ("SFT", "GRPO")]]
@@ -146,7 +148,8 @@ def markdown_tables(t: dict, hdr: dict) -> str:
                   _table(["dataset", "policy", "present in target", "box IoU [95 % interval]", "absent from target",
                           "answered null [95 % interval]"], grounding),
                   "\nPresent: IoU of the answered box with the true one (null or malformed = 0); absent (resected, "
-                  "or out of the slice): the right answer is null.\n"]
+                  "or out of the slice): the right answer is null. GRPO (mask boxes): GRPO's answers with each "
+                  "box read off the chain's own mask of that structure (a null answer stays null).\n"]
     parts.append("\n## Segmentation (2D): per (target, structure)\n")
     rows = []
     for n in order:

@@ -14,12 +14,17 @@ Records (dicts):
   ``spacing`` [z, y, x] mm.
   ``predicted`` {policy: [[label, box], ...] or None}: the policy's all-boxes answer (every structure it finds,
   target pixels; None: malformed), ``reasked`` {policy: {label: box or None}}: its grounding answers to the labels
-  transport left doubtful (the re-ask fallback; None: answered absent or malformed).
+  transport left doubtful (the re-ask fallback; None: answered absent or malformed). ``mask_boxes`` {structure:
+  box or None} (when the eval had the RAU segmenter): the box of the chain's own mask of each structure the
+  reference shows, asked by name (segment task -> ``<Seg>`` -> SAM2 over the reference memory); None: empty mask.
 Labeling rows, as the paper scores them — from the policy's *predicted* boxes: a true structure counts as correct
 when a predicted box matches it (Hungarian on IoU, IoU >= 0.5) and carries its label; an unmatched one is wrong.
 "SFT boxes" / "GRPO boxes": the labels of the all-boxes answer as written; GRPO+OT / GRPO+FGW: those boxes
 re-labelled jointly by optimal transport against the reference's boxes (``matching.assign_with_fallback``, the
 answered labels as its bonus), a label left unassigned or doubtful re-asked alone (its grounding answer's box).
+"GRPO+OT (mask boxes)": the same, then each box replaced by the box of the chain's own
+``<Seg>`` mask of the structure it is labelled (the written box kept where the mask is empty), as RAU grounds
+through SAM2.
 On the *given* true boxes: SFT and GRPO name one region at a time (the label task); "OT (boxes only)" is transport
 on the true boxes without any answer, the geometry baseline a policy must beat; "GRPO+OT (given boxes)" re-assigns
 the GRPO region answers by transport (a doubtful region keeps its answer). FGW appears when ``MatchConfig``
@@ -39,12 +44,14 @@ from rau_ray.scoring import metrics
 from rau_ray.scoring.matching import MatchConfig, assign, assign_with_fallback
 
 # (row name, the policy whose answers it scores, the transport method that re-assigns them or None, which boxes:
-# "predicted" by the policy's all-boxes answer or the "given" true ones). "OT (boxes only)" is transport without any
-# policy answer: what box geometry against the reference alone gets right, so a GRPO+OT gain over it is the policy's
+# "predicted" by the policy's all-boxes answer, "masks" those boxes read off the chain's <Seg> masks, or the "given"
+# true ones). "OT (boxes only)" is transport without any policy answer: what box geometry against the reference alone
+# gets right, so a GRPO+OT gain over it is the policy's.
 LABEL_ROWS = (("SFT", "sft", None, "given"), ("GRPO", "grpo", None, "given"),
               ("OT (boxes only)", None, "emd", "given"), ("GRPO+OT", "grpo", "emd", "predicted"),
               ("GRPO+FGW", "grpo", "fgw", "predicted"), ("SFT boxes", "sft", None, "predicted"),
-              ("GRPO boxes", "grpo", None, "predicted"), ("GRPO+OT (given boxes)", "grpo", "emd", "given"))
+              ("GRPO boxes", "grpo", None, "predicted"), ("GRPO+OT (given boxes)", "grpo", "emd", "given"),
+              ("GRPO+OT (mask boxes)", "grpo", "emd", "masks"))
 MATCH_IOU = 0.5  # a predicted box finds a true structure at this IoU or more (Hungarian matching)
 SEG_METHODS = ("SAM2-Memory-Ref", "SAM2-Memory-Ref-SFT", "VLM+SAM2", "CBAM-LoRA SAM2 (box)")
 
@@ -82,17 +89,27 @@ def match_regions(entries: list, regions: list[dict], min_iou: float = MATCH_IOU
     return out
 
 
-def predicted_entries(record: dict, policy: str, method: str | None) -> list:
+def mask_box(record: dict, structure: str, box):
+    """``box`` (a policy's box for ``structure``, or None) read off the chain's own mask of that structure when the
+    record has a non-empty one (``mask_boxes``); a None box (answered absent) stays None."""
+    if box is None:
+        return None
+    better = (record.get("mask_boxes") or {}).get(structure)
+    return [float(v) for v in (better if better is not None else box)]
+
+
+def predicted_entries(record: dict, policy: str, method: str | None, boxes: str = "predicted") -> list:
     """The labelled boxes a predicted-boxes row scores: the policy's all-boxes answer, re-labelled by ``method``
-    with the re-ask fallback (its recorded grounding answers) when given."""
-    pred = [(str(label), [float(v) for v in box]) for label, box in (record["predicted"][policy] or [])]
-    if method is None:
-        return pred
-    reasked = (record.get("reasked") or {}).get(policy) or {}
-    grounded = assign_with_fallback([b for _, b in pred], tuple(record["size"]), record["ref_boxes"],
-                                    tuple(record["ref_size"]), lambda label: reasked.get(label),
-                                    MatchConfig(method=method), predicted_labels=[label for label, _ in pred])
-    return list(grounded.boxes.items())
+    with the re-ask fallback (its recorded grounding answers) when given; ``boxes`` "masks": then each box read off
+    the chain's own mask of the label it ends with (transport names the reference structure, SAM2 delineates it)."""
+    entries = [(str(label), [float(v) for v in box]) for label, box in (record["predicted"][policy] or [])]
+    if method is not None:
+        reasked = (record.get("reasked") or {}).get(policy) or {}
+        entries = list(assign_with_fallback([b for _, b in entries], tuple(record["size"]), record["ref_boxes"],
+                                            tuple(record["ref_size"]), lambda label: reasked.get(label),
+                                            MatchConfig(method=method),
+                                            predicted_labels=[label for label, _ in entries]).boxes.items())
+    return [(label, mask_box(record, label, box)) for label, box in entries] if boxes == "masks" else entries
 
 
 def row_labels(record: dict, policy: str | None, method: str | None, boxes: str = "given") -> list[str | None] | None:
@@ -100,12 +117,13 @@ def row_labels(record: dict, policy: str | None, method: str | None, boxes: str 
     or the transport method is not available). ``policy`` None: transport on the boxes alone."""
     if method is not None and not match_available(method):
         return None
-    if boxes == "predicted":
-        if policy not in record.get("predicted", {}) and not record.get("error"):
+    if boxes in ("predicted", "masks"):
+        if not record.get("error") and (policy not in record.get("predicted", {})
+                                        or (boxes == "masks" and "mask_boxes" not in record)):
             return None
         if record.get("error"):
             return [None] * len(record["regions"])
-        return match_regions(predicted_entries(record, policy, method), record["regions"])
+        return match_regions(predicted_entries(record, policy, method, boxes), record["regions"])
     answers = record.get("answers", {}).get(policy) if policy else None
     if policy and answers is None:
         return None
@@ -127,7 +145,7 @@ def row_labels(record: dict, policy: str | None, method: str | None, boxes: str 
 def _valid_share(recs: list[dict], policy: str | None, boxes: str) -> float | None:
     if policy is None:
         return None
-    if boxes == "predicted":
+    if boxes in ("predicted", "masks"):
         answered = [r["predicted"][policy] for r in recs if not r.get("error") and policy in r.get("predicted", {})]
     else:
         answered = [a for r in recs if not r.get("error") for a in r["answers"][policy]]
@@ -201,18 +219,24 @@ def reasoning_table(records: list[dict]) -> dict:
 
 
 def grounding_table(records: list[dict]) -> dict:
-    """{dataset: {"SFT" / "GRPO": {"present", "iou", "iou_ci95", "absent", "null", "null_ci95"}}}: the ground task
-    asked for every structure the reference shows. Present in the target: box IoU with the truth (a null or
-    malformed answer scores 0); absent (resected, or out of the slice): the share answered ``null``. 95 % intervals
-    over subjects. From ``grounded`` {policy: [[structure, box or None, valid]]} of the label records."""
+    """{dataset: {"SFT" / "GRPO" / "GRPO (mask boxes)": {"present", "iou", "iou_ci95", "absent", "null",
+    "null_ci95"}}}: the ground task asked for every structure the reference shows. Present in the target: box IoU
+    with the truth (a null or malformed answer scores 0); absent (resected, or out of the slice): the share answered
+    ``null``. 95 % intervals over subjects. From ``grounded`` {policy: [[structure, box or None, valid]]} of the
+    label records; "GRPO (mask boxes)": GRPO's answers with each box read off the chain's mask of that structure
+    (``mask_boxes``)."""
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():
         table = {}
-        for name, policy in (("SFT", "sft"), ("GRPO", "grpo")):
+        for name, policy, masks in (("SFT", "sft", False), ("GRPO", "grpo", False),
+                                    ("GRPO (mask boxes)", "grpo", True)):
+            if masks and not any("mask_boxes" in r for r in recs):
+                continue
             ious, iou_groups, nulls, null_groups = [], [], [], []
             for r in recs:
                 truth = {x["structure"]: x["box"] for x in r["regions"]}
                 for structure, box, valid in (r.get("grounded") or {}).get(policy, []):
+                    box = mask_box(r, structure, box) if masks else box
                     subject = r.get("subject") or r["target"]
                     if structure in truth:
                         ious.append(float(metrics.box_iou(box, truth[structure])) if box is not None else 0.0)

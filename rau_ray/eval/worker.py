@@ -204,7 +204,20 @@ class EvalWorker:
                                                                                    regions)
             rec["predicted"][p], rec["reasked"][p] = self._boxes(p, ref, image, row.modality, rec)
             rec["grounded"][p] = self._ground(p, ref, image, row.modality, rec["ref_boxes"])
+        if self.rau() is not None and "grpo" in policies:  # boxes read off the chain's own masks (tables.mask_box)
+            t0 = time.perf_counter()
+            rec["mask_boxes"] = self._mask_boxes(ref, image, row.modality, list(rec["ref_boxes"]))
+            rec["mask_seconds"] = time.perf_counter() - t0
         return [rec]
+
+    def _mask_boxes(self, ref, image, modality: str, structures: list[str]) -> dict:
+        """{structure: the box of the chain's own mask of it (``RAUModel.predict_many``: the segment task ->
+        ``<Seg>`` -> SAM2 over the reference memory), None where the mask is empty}; ``structures``: the
+        reference's (each has pixels there)."""
+        if not structures:
+            return {}
+        return {p.structure: mask_to_box(p.mask)
+                for p in self.rau().predict_many(image, structures, reference=ref, modality=modality)}
 
     def _ground(self, kind: str, ref, image, modality: str, ref_boxes: dict) -> list:
         """The ground task for every structure the reference shows, present in the target or not (then the right

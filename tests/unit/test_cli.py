@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from rau_ray.cli import _chosen_command, build_parser
+from rau_ray.cli import _chosen_command, build_parser, parse
 
 
 def test_the_chosen_command_is_the_first_word_that_is_not_an_option():
@@ -29,3 +29,15 @@ def test_light_commands_do_not_import_torch():
             "'--out', 'o']); print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_key_value_overrides_are_taken_before_or_after_the_options():
+    after = parse(["pretrain", "dino", "--config", "c.yaml", "--max-steps", "9", "lr=1e-3", "scale.num_workers=1"])
+    assert (after.backbone, after.config, after.max_steps) == ("dino", "c.yaml", 9)
+    assert after.set == ["lr=1e-3", "scale.num_workers=1"]
+    both = parse(["train", "sft", "seed=3", "--config", "c.yaml", "lr=1e-3"])
+    assert both.set == ["seed=3", "lr=1e-3"]
+    with pytest.raises(SystemExit):  # a stray word that is no KEY=VALUE is still refused
+        parse(["train", "sft", "--config", "c.yaml", "oops"])
+    with pytest.raises(SystemExit):  # and a command without overrides takes none
+        parse(["eval", "--config", "c.yaml", "lr=1e-3"])

@@ -192,6 +192,35 @@ def test_labeling_scores_the_policys_predicted_boxes_with_the_reask_fallback():
     assert tables.match_regions([("A", TARGET["A"]), ("B", TARGET["A"])], base["regions"]) == ["A", None]
 
 
+def test_mask_boxes_rows_read_each_named_box_off_the_chains_mask():
+    """"GRPO+OT (mask boxes)" and the grounding row "GRPO (mask boxes)": each box the policy wrote for a structure is
+    replaced by the box of the chain's own mask of it; an empty mask keeps the written box, a null answer stays null,
+    and a record without mask boxes leaves the row n/a."""
+    base = {"kind": "label", "dataset": "toy", "subject": "s", "target": "t", "size": [SIZE, SIZE],
+            "ref_size": [SIZE, SIZE], "ref_boxes": REFERENCE, "error": None,
+            "regions": [{"structure": s, "box": b} for s, b in TARGET.items()], "answers": {"grpo": ["A", "B"]}}
+    def low(box):  # 8 px lower: IoU 0.11 with its own truth, none with the other
+        return [box[0], box[1] + 8, box[2], box[3] + 8]
+
+    written = {**base, "predicted": {"grpo": [["A", low(TARGET["A"])], ["B", low(TARGET["B"])]]},
+               "reasked": {"grpo": {}}, "grounded": {"grpo": [["A", low(TARGET["A"]), True], ["B", None, True]]}}
+    assert tables.row_labels(written, "grpo", "emd", "predicted") == [None, None]  # both boxes IoU < 0.5
+    assert tables.row_labels(written, "grpo", "emd", "masks") is None  # no mask boxes recorded: n/a
+    masked = {**written, "mask_boxes": {"A": TARGET["A"], "B": None}}  # A's mask fits, B's mask was empty
+    assert tables.row_labels(masked, "grpo", "emd", "masks") == ["A", None]
+    assert tables.predicted_entries(masked, "grpo", None, "masks")[1] == ("B", [float(v) for v in low(TARGET["B"])])
+    # transport names the structure first, the mask of that name gives the box: a box written "A" at B's place
+    misnamed = {**masked, "predicted": {"grpo": [["A", low(TARGET["A"])], ["A", low(TARGET["B"])]]},
+                "mask_boxes": dict(TARGET)}
+    assert tables.row_labels(misnamed, "grpo", "emd", "masks") == ["A", "B"]
+    assert tables.row_labels(misnamed, "grpo", None, "masks") == ["A", None]  # no transport: B is never named
+    rows = tables.labeling_table([masked])["toy"]["rows"]
+    assert rows["GRPO+OT (mask boxes)"]["correct"] == 1 and rows["GRPO+OT"]["correct"] == 0
+    ground = tables.grounding_table([masked])["toy"]
+    assert ground["GRPO (mask boxes)"]["iou"] == pytest.approx(0.5) and ground["GRPO"]["iou"] < 0.2
+    assert "GRPO (mask boxes)" not in tables.grounding_table([written])["toy"]
+
+
 def test_plan_holds_out_test_subjects(manifest, volumes, tmp_path):
     plan = plan_eval(EvalConfig(manifests=(str(manifest),), out=str(tmp_path / "out"), volumes=(str(volumes),),
                                 backend="local"))

@@ -55,6 +55,28 @@ def test_embedding_cache_skips_the_encoder(model, target):
     assert first <= 2 and len(calls) == first  # second prompt on the same two images: no encoder call
 
 
+def test_predict_many_asks_once_and_boxes_are_the_masks(model, target):
+    """Several structures of one target: one batched generation, a prediction per structure in order, each box the
+    tight box of its own mask (the written box only where the mask is empty)."""
+    ref = ct_abdomen.generate_2d(1, 51, size=96)[2]
+    reference = Reference(ref.image, ref.label, ref.labels)
+    calls = []
+    generate = model.policy.generate
+    model.policy.generate = lambda batch, **kw: calls.append(len(batch)) or generate(batch, **kw)
+    try:
+        many = model.predict_many(target.image, ["aorta", "vertebrae", "liver"], reference=reference)
+    finally:
+        model.policy.generate = generate
+    assert calls == [3] and [p.structure for p in many] == ["aorta", "vertebrae", "liver"]
+    for p in many:
+        assert p.mask.shape == target.image.shape
+        if p.mask.any():
+            ys, xs = p.mask.nonzero()
+            assert p.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    with pytest.raises(DataError, match="'appendix' is not annotated"):
+        model.predict_many(target.image, ["aorta", "appendix"], reference=reference)
+
+
 def test_unknown_structure_is_a_clear_error(model, target):
     ref = ct_abdomen.generate_2d(1, 51, size=96)[2]
     with pytest.raises(DataError, match="'appendix' is not annotated in the reference; it has aorta"):
