@@ -124,8 +124,8 @@ def markdown_tables(t: dict, hdr: dict) -> str:
     parts.append("\nGRPO+OT, GRPO+FGW, SFT boxes, GRPO boxes: from the policy's predicted boxes (its all-boxes "
                  f"answer; a true structure is right when a box matches it at IoU >= {T.MATCH_IOU} and carries its "
                  "label; transport re-labels the boxes, a doubtful label is re-asked alone). GRPO+OT (mask boxes): "
-                 "the same with each named box read off the chain's own `<Seg>` mask of that structure (segment "
-                 "task -> `<Seg>` -> SAM2 over the reference memory). SFT, GRPO, "
+                 "the same with each box read off the chain's own `<Seg>` mask of the structure it is labelled "
+                 "(segment task -> `<Seg>` -> SAM2 over the reference memory; an empty mask drops it). SFT, GRPO, "
                  "OT (boxes only), GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over "
                  "subjects]\n")
     valid = [[n, *[(t["labeling"][n]["rows"].get(p) or {}).get("valid") for p in ("SFT", "GRPO")]]
@@ -149,7 +149,7 @@ def markdown_tables(t: dict, hdr: dict) -> str:
                           "answered null [95 % interval]"], grounding),
                   "\nPresent: IoU of the answered box with the true one (null or malformed = 0); absent (resected, "
                   "or out of the slice): the right answer is null. GRPO (mask boxes): GRPO's answers with each "
-                  "box read off the chain's own mask of that structure (a null answer stays null).\n"]
+                  "box read off the chain's own mask of that structure (a null answer, or an empty mask, is null).\n"]
     parts.append("\n## Segmentation (2D): per (target, structure)\n")
     rows = []
     for n in order:

@@ -23,8 +23,8 @@ when a predicted box matches it (Hungarian on IoU, IoU >= 0.5) and carries its l
 re-labelled jointly by optimal transport against the reference's boxes (``matching.assign_with_fallback``, the
 answered labels as its bonus), a label left unassigned or doubtful re-asked alone (its grounding answer's box).
 "GRPO+OT (mask boxes)": the same, then each box replaced by the box of the chain's own
-``<Seg>`` mask of the structure it is labelled (the written box kept where the mask is empty), as RAU grounds
-through SAM2.
+``<Seg>`` mask of the structure it is labelled (dropped where that mask is empty: the chain says absent), as RAU
+grounds through SAM2.
 On the *given* true boxes: SFT and GRPO name one region at a time (the label task); "OT (boxes only)" is transport
 on the true boxes without any answer, the geometry baseline a policy must beat; "GRPO+OT (given boxes)" re-assigns
 the GRPO region answers by transport (a doubtful region keeps its answer). FGW appears when ``MatchConfig``
@@ -90,12 +90,14 @@ def match_regions(entries: list, regions: list[dict], min_iou: float = MATCH_IOU
 
 
 def mask_box(record: dict, structure: str, box):
-    """``box`` (a policy's box for ``structure``, or None) read off the chain's own mask of that structure when the
-    record has a non-empty one (``mask_boxes``); a None box (answered absent) stays None."""
+    """``box`` (a policy's box for ``structure``, or None: answered absent) read off the chain's own mask of that
+    structure where the record has it (``mask_boxes``): the mask's box, or None when the mask is empty (SAM2's object
+    score finds nothing there: the chain's answer is "absent"). A None box stays None."""
+    masks = record.get("mask_boxes") or {}
     if box is None:
         return None
-    better = (record.get("mask_boxes") or {}).get(structure)
-    return [float(v) for v in (better if better is not None else box)]
+    better = masks[structure] if structure in masks else box
+    return None if better is None else [float(v) for v in better]
 
 
 def predicted_entries(record: dict, policy: str, method: str | None, boxes: str = "predicted") -> list:
@@ -109,7 +111,10 @@ def predicted_entries(record: dict, policy: str, method: str | None, boxes: str 
                                             tuple(record["ref_size"]), lambda label: reasked.get(label),
                                             MatchConfig(method=method),
                                             predicted_labels=[label for label, _ in entries]).boxes.items())
-    return [(label, mask_box(record, label, box)) for label, box in entries] if boxes == "masks" else entries
+    if boxes != "masks":
+        return entries
+    return [(label, b) for label, b in ((label, mask_box(record, label, box)) for label, box in entries)
+            if b is not None]
 
 
 def row_labels(record: dict, policy: str | None, method: str | None, boxes: str = "given") -> list[str | None] | None:
@@ -224,7 +229,7 @@ def grounding_table(records: list[dict]) -> dict:
     with the truth (a null or malformed answer scores 0); absent (resected, or out of the slice): the share answered
     ``null``. 95 % intervals over subjects. From ``grounded`` {policy: [[structure, box or None, valid]]} of the
     label records; "GRPO (mask boxes)": GRPO's answers with each box read off the chain's mask of that structure
-    (``mask_boxes``)."""
+    (``mask_boxes``; an empty mask answers null)."""
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():
         table = {}

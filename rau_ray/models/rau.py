@@ -49,7 +49,7 @@ class Reference:
 class Prediction:
     structure: str
     label: str | None  # what the policy named (the structure when its answer was malformed)
-    box: list[int] | None  # [x1, y1, x2, y2] in the target's pixels
+    box: list[int] | None  # [x1, y1, x2, y2] in the target's pixels: the mask's tight box (None: empty mask)
     mask: np.ndarray | None  # (H, W) bool
     score: float  # SAM2's predicted IoU of the mask
     reference: dict | None  # the reference used (bank row id, similarity)
@@ -195,9 +195,8 @@ class RAUModel:
             mask = (logits > 0).cpu().numpy()
             timings["decode"] = time.perf_counter() - t0
             # the mask's tight box (SAM2 delineates what the policy points at: held out, its IoU with the true box
-            # is well above the written box's); the written box where the mask is empty
-            box = label_boxes(mask.astype(np.uint8), {1: "m"}).get("m") or (
-                parsed.box if parsed and parsed.box is not None else None)
+            # is well above the written box's); None for an empty mask (SAM2 finds no object: absent)
+            box = label_boxes(mask.astype(np.uint8), {1: "m"}).get("m")
             timings["total"] = sum(timings.values())
             out.append(Prediction(structure=structure, label=parsed.label if parsed else structure, box=box,
                                   mask=mask, score=score, reference=ref_info, reasoning=completion,

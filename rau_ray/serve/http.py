@@ -241,7 +241,8 @@ class ImageInfo(BaseModel):
 class StructureResult(BaseModel):
     structure: str
     label: str | None
-    box: list[float] | None
+    box: list[float] | None = Field(description="[x1, y1, x2, y2]: the mask's tight box; null when the mask is empty "
+                                                "(the policy's written box is in its reasoning)")
     score: float
     reference: ReferenceUsed
     format_error: str | None

@@ -205,7 +205,7 @@ class Pipeline:
         timings["segmenter"] = time.perf_counter() - t_pol
         timings.update({f"segmenter_{k}": v for k, v in seg.timings.items()})
         timings["total"] = time.perf_counter() - t0
-        out = {"structure": structure, "label": pol.label or structure, "box": mask_box(seg.mask) or pol.box,
+        out = {"structure": structure, "label": pol.label or structure, "box": mask_box(seg.mask),
                "score": round(float(seg.score), 4), "reference": reference_used(ref),
                "format_error": pol.format_error, "policy_batch": pol.timings.get("batch"),
                "cached_embedding": bool(seg.cached), "timings_ms": {k: round(1000 * v, 2) for k, v in timings.items()}}

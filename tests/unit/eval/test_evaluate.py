@@ -194,8 +194,8 @@ def test_labeling_scores_the_policys_predicted_boxes_with_the_reask_fallback():
 
 def test_mask_boxes_rows_read_each_named_box_off_the_chains_mask():
     """"GRPO+OT (mask boxes)" and the grounding row "GRPO (mask boxes)": each box the policy wrote for a structure is
-    replaced by the box of the chain's own mask of it; an empty mask keeps the written box, a null answer stays null,
-    and a record without mask boxes leaves the row n/a."""
+    replaced by the box of the chain's own mask of it; an empty mask makes it absent (null), a null answer stays
+    null, and a record without mask boxes leaves the row n/a."""
     base = {"kind": "label", "dataset": "toy", "subject": "s", "target": "t", "size": [SIZE, SIZE],
             "ref_size": [SIZE, SIZE], "ref_boxes": REFERENCE, "error": None,
             "regions": [{"structure": s, "box": b} for s, b in TARGET.items()], "answers": {"grpo": ["A", "B"]}}
@@ -208,7 +208,7 @@ def test_mask_boxes_rows_read_each_named_box_off_the_chains_mask():
     assert tables.row_labels(written, "grpo", "emd", "masks") is None  # no mask boxes recorded: n/a
     masked = {**written, "mask_boxes": {"A": TARGET["A"], "B": None}}  # A's mask fits, B's mask was empty
     assert tables.row_labels(masked, "grpo", "emd", "masks") == ["A", None]
-    assert tables.predicted_entries(masked, "grpo", None, "masks")[1] == ("B", [float(v) for v in low(TARGET["B"])])
+    assert tables.predicted_entries(masked, "grpo", None, "masks") == [("A", [float(v) for v in TARGET["A"]])]
     # transport names the structure first, the mask of that name gives the box: a box written "A" at B's place
     misnamed = {**masked, "predicted": {"grpo": [["A", low(TARGET["A"])], ["A", low(TARGET["B"])]]},
                 "mask_boxes": dict(TARGET)}
@@ -219,6 +219,11 @@ def test_mask_boxes_rows_read_each_named_box_off_the_chains_mask():
     ground = tables.grounding_table([masked])["toy"]
     assert ground["GRPO (mask boxes)"]["iou"] == pytest.approx(0.5) and ground["GRPO"]["iou"] < 0.2
     assert "GRPO (mask boxes)" not in tables.grounding_table([written])["toy"]
+    # a structure the target lacks (C): the policy boxes it, the chain's mask of it is empty -> answered null
+    absent = {**masked, "grounded": {"grpo": [["A", low(TARGET["A"]), True], ["C", [0, 0, 5, 5], True]]},
+              "mask_boxes": {"A": TARGET["A"], "C": None}}
+    ground = tables.grounding_table([absent])["toy"]
+    assert ground["GRPO"]["null"] == 0.0 and ground["GRPO (mask boxes)"]["null"] == 1.0
 
 
 def test_plan_holds_out_test_subjects(manifest, volumes, tmp_path):

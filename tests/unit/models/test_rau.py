@@ -57,7 +57,7 @@ def test_embedding_cache_skips_the_encoder(model, target):
 
 def test_predict_many_asks_once_and_boxes_are_the_masks(model, target):
     """Several structures of one target: one batched generation, a prediction per structure in order, each box the
-    tight box of its own mask (the written box only where the mask is empty)."""
+    tight box of its own mask (None where the mask is empty)."""
     ref = ct_abdomen.generate_2d(1, 51, size=96)[2]
     reference = Reference(ref.image, ref.label, ref.labels)
     calls = []
@@ -73,6 +73,8 @@ def test_predict_many_asks_once_and_boxes_are_the_masks(model, target):
         if p.mask.any():
             ys, xs = p.mask.nonzero()
             assert p.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        else:
+            assert p.box is None  # an empty mask: the chain finds no such structure
     with pytest.raises(DataError, match="'appendix' is not annotated"):
         model.predict_many(target.image, ["aorta", "appendix"], reference=reference)
 
