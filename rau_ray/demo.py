@@ -483,7 +483,7 @@ def _eval_figure(ev: dict, dataset: str = "ct-abdomen") -> str:
     dice = (ev.get("segmentation_dice") or {}).get(dataset) or {}
     labeling = (ev.get("labeling") or {}).get(dataset) or {}
     return (f"{dataset}: Dice VLM+SAM2 {_fmt(dice.get('VLM+SAM2'))}, labeling GRPO+OT "
-            f"{_fmt(labeling.get('GRPO+OT'))}")
+            f"{_fmt(labeling.get('GRPO+OT'))} (mask boxes {_fmt(labeling.get('GRPO+OT (mask boxes)'))})")
 
 
 def _answered(serve: dict) -> str:

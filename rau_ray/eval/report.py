@@ -206,11 +206,13 @@ def failure_notes(t: dict) -> list[str]:
         for name in ("SFT", "GRPO"):
             if rows.get(name) and rows[name]["valid"] is not None and rows[name]["valid"] < 0.5:
                 notes.append(f"{ds}: {name} answers mostly malformed ({rows[name]['valid']:.0%} valid)")
-        ot, only = rows.get("GRPO+OT"), rows.get("OT (boxes only)")
-        if ot and only and ot["accuracy"] is not None and only["accuracy"] is not None \
-                and ot["accuracy"] <= only["accuracy"] + 1e-9:
-            notes.append(f"{ds}: GRPO+OT ({ot['accuracy']:.3f}) is no better than transport on the boxes alone "
-                         f"({only['accuracy']:.3f}): the policy's answers add nothing there")
+        own = [(rows[n]["accuracy"], n) for n in ("GRPO+OT", "GRPO+OT (mask boxes)")
+               if rows.get(n) and rows[n]["accuracy"] is not None]
+        only = rows.get("OT (boxes only)")
+        if own and only and only["accuracy"] is not None and max(own)[0] <= only["accuracy"] + 1e-9:
+            best, name = max(own)
+            notes.append(f"{ds}: labeling from the chain's own boxes ({name} {best:.3f}) is no better than "
+                         f"transport on the true boxes alone ({only['accuracy']:.3f}): the predicted boxes fall short")
         if lab["failed_retrieval"]:
             notes.append(f"{ds}: no suitable reference for {lab['failed_retrieval']} of {lab['targets']} targets")
     for ds, a in t["attention"].items():

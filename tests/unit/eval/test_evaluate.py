@@ -369,7 +369,8 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
     assert "| toy | in | 4 | 0.250 [0.000, 0.500] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 0.500 [0.000, " \
            "1.000] |" in md
     assert "toy: SAM2-Memory-Ref returned an empty mask on 1 of 2 items" in md
-    assert "toy: GRPO+OT (0.500) is no better than transport on the boxes alone" in md
+    assert "toy: labeling from the chain's own boxes (GRPO+OT 0.500) is no better than transport on the true boxes " \
+           "alone (0.500)" in md
     assert "| toy | in | CBAM-LoRA SAM2 (box) | n/a |" in md
     assert t["header"]["seed"] == 0 and t["header"]["datasets"]["toy"]["targets"] == 2
     for name in ("gallery", "label_accuracy", "attention"):
