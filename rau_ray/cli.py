@@ -133,10 +133,11 @@ def _submit(a: argparse.Namespace) -> dict:
     return result
 
 
-def _demo(a: argparse.Namespace) -> dict:
+def _demo(a: argparse.Namespace) -> None:
+    """The demo prints its own stage lines and summary table; its whole report is the report.json it names."""
     from rau_ray.demo import run_demo
 
-    return run_demo(a.out, subjects=a.subjects, seed=a.seed, serve_forever=a.serve_forever, port=a.port)
+    run_demo(a.out, subjects=a.subjects, seed=a.seed, serve_forever=a.serve_forever, port=a.port)
 
 
 def _chosen_command(argv: list[str]) -> str | None:

@@ -41,3 +41,17 @@ def test_key_value_overrides_are_taken_before_or_after_the_options():
         parse(["train", "sft", "--config", "c.yaml", "oops"])
     with pytest.raises(SystemExit):  # and a command without overrides takes none
         parse(["eval", "--config", "c.yaml", "lr=1e-3"])
+
+
+def test_demo_prints_its_summary_not_its_whole_report(monkeypatch, capsys, tmp_path):
+    """`make demo`'s terminal: the demo's own lines; the report (hundreds of lines of JSON) stays in report.json."""
+    import rau_ray.demo
+    from rau_ray.cli import main
+
+    def fake_demo(out, **kw):
+        print("rau demo -> summary")
+        return {"datasets": {f"d{i}": {"samples": i} for i in range(200)}}
+
+    monkeypatch.setattr(rau_ray.demo, "run_demo", fake_demo)
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["rau demo -> summary"]
