@@ -128,6 +128,11 @@ def markdown_tables(t: dict, hdr: dict) -> str:
                  "(segment task -> `<Seg>` -> SAM2 over the reference memory; an empty mask drops it). SFT, GRPO, "
                  "OT (boxes only), GRPO+OT (given boxes): on the true boxes. [95 % interval, bootstrap over "
                  "subjects]\n")
+    gaps = [f"{n}: {g['gap']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" for n in order
+            if (g := (t["labeling"].get(n) or {}).get("grpo_minus_sft")) and g["ci95"]]
+    if gaps:
+        parts.append("\nGRPO's gain over SFT naming the same given regions, paired region by region [95 % interval, "
+                     "bootstrap over subjects]: " + "; ".join(gaps) + "\n")
     valid = [[n, *[(t["labeling"][n]["rows"].get(p) or {}).get("valid") for p in ("SFT", "GRPO")]]
              for n in order if n in t["labeling"]]
     if valid:

@@ -158,13 +158,15 @@ def _valid_share(recs: list[dict], policy: str | None, boxes: str) -> float | No
 
 
 def labeling_table(records: list[dict]) -> dict:
-    """{dataset: {"targets", "regions", "rows": {row: {"accuracy", "ci95", "correct", "valid"} or None}}},
-    micro-averaged over regions, the interval resampling subjects; "valid": share of the policy's answers that
-    parsed (per region for the label task, per target for the all-boxes answer)."""
+    """{dataset: {"targets", "regions", "rows": {row: {"accuracy", "ci95", "correct", "valid"} or None},
+    "grpo_minus_sft"}}, micro-averaged over regions, the interval resampling subjects; "valid": share of the policy's
+    answers that parsed (per region for the label task, per target for the all-boxes answer); "grpo_minus_sft":
+    GRPO's gain over SFT naming the same given regions, {"gap", "ci95"} paired region by region (the interval
+    resampling subjects, so both policies' answers move together), or None without both."""
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():
         n = sum(len(r["regions"]) for r in recs)
-        rows = {}
+        rows, hits_of = {}, {}
         for name, policy, method, boxes in LABEL_ROWS:
             per = [row_labels(r, policy, method, boxes) for r in recs]
             if any(p is None for p in per) or not recs:
@@ -175,8 +177,14 @@ def labeling_table(records: list[dict]) -> dict:
             subjects = [r.get("subject") or r["target"] for r in recs for _ in r["regions"]]
             rows[name] = {"accuracy": sum(hits) / n if n else None, "ci95": metrics.grouped_bootstrap(hits, subjects),
                           "correct": int(sum(hits)), "valid": _valid_share(recs, policy, boxes)}
+            hits_of[name] = hits
+        gap = None
+        if n and "SFT" in hits_of and "GRPO" in hits_of:
+            diff = [g - s for g, s in zip(hits_of["GRPO"], hits_of["SFT"])]
+            subjects = [r.get("subject") or r["target"] for r in recs for _ in r["regions"]]
+            gap = {"gap": sum(diff) / n, "ci95": metrics.grouped_bootstrap(diff, subjects)}
         out[ds] = {"targets": len(recs), "regions": n, "failed_retrieval": sum(bool(r.get("error")) for r in recs),
-                   "rows": rows}
+                   "rows": rows, "grpo_minus_sft": gap}
     return out
 
 

@@ -226,6 +226,19 @@ def test_mask_boxes_rows_read_each_named_box_off_the_chains_mask():
     assert ground["GRPO"]["null"] == 0.0 and ground["GRPO (mask boxes)"]["null"] == 1.0
 
 
+def test_grpo_gain_over_sft_is_paired_region_by_region():
+    """Two subjects: GRPO right where SFT is wrong on one region of each -> gap +0.5, an interval that excludes 0
+    because the pairs move together (unpaired, both policies' intervals would overlap)."""
+    recs = [{"kind": "label", "dataset": "toy", "subject": s, "target": s, "size": [SIZE, SIZE],
+             "ref_size": [SIZE, SIZE], "ref_boxes": REFERENCE, "error": None,
+             "regions": [{"structure": k, "box": b} for k, b in TARGET.items()],
+             "answers": {"sft": ["A", "A"], "grpo": ["A", "B"]}} for s in ("s1", "s2")]
+    lab = tables.labeling_table(recs)["toy"]
+    assert lab["rows"]["SFT"]["accuracy"] == 0.5 and lab["rows"]["GRPO"]["accuracy"] == 1.0
+    assert lab["grpo_minus_sft"] == {"gap": 0.5, "ci95": [0.5, 0.5]}
+    assert tables.labeling_table([{**recs[0], "answers": {"grpo": ["A", "B"]}}])["toy"]["grpo_minus_sft"] is None
+
+
 def test_plan_holds_out_test_subjects(manifest, volumes, tmp_path):
     plan = plan_eval(EvalConfig(manifests=(str(manifest),), out=str(tmp_path / "out"), volumes=(str(volumes),),
                                 backend="local"))
@@ -317,6 +330,7 @@ def test_known_predictions_give_known_numbers(manifest, volumes, tmp_path):
                                   "valid": 0.5}  # " a " counts (case, blanks); interval over the 2 subjects
     assert lab["rows"]["GRPO"]["accuracy"] == 0.25 and lab["rows"]["GRPO"]["valid"] == 1.0  # A, A: 2nd wrong
     assert lab["rows"]["GRPO+OT (given boxes)"]["accuracy"] == 0.5  # transport: A, B
+    assert lab["grpo_minus_sft"] == {"gap": 0.0, "ci95": [0.0, 0.0]}  # both right on the same region only
     assert lab["rows"]["SFT boxes"] == {"accuracy": 0.25, "ci95": [0.0, 0.5], "correct": 1, "valid": 1.0}
     assert lab["rows"]["GRPO boxes"]["accuracy"] == 0.25  # its boxes match, its second label is wrong
     assert lab["rows"]["GRPO+OT"]["accuracy"] == 0.5  # on its predicted boxes, re-labelled: A, B
