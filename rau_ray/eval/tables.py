@@ -93,9 +93,9 @@ def mask_box(record: dict, structure: str, box):
     """``box`` (a policy's box for ``structure``, or None: answered absent) read off the chain's own mask of that
     structure where the record has it (``mask_boxes``): the mask's box, or None when the mask is empty (SAM2's object
     score finds nothing there: the chain's answer is "absent"). A None box stays None."""
-    masks = record.get("mask_boxes") or {}
     if box is None:
         return None
+    masks = record.get("mask_boxes") or {}
     better = masks[structure] if structure in masks else box
     return None if better is None else [float(v) for v in better]
 
@@ -166,6 +166,7 @@ def labeling_table(records: list[dict]) -> dict:
     out: dict = {}
     for ds, recs in _by_dataset(records, "label").items():
         n = sum(len(r["regions"]) for r in recs)
+        subjects = [r.get("subject") or r["target"] for r in recs for _ in r["regions"]]
         rows, hits_of = {}, {}
         for name, policy, method, boxes in LABEL_ROWS:
             per = [row_labels(r, policy, method, boxes) for r in recs]
@@ -174,14 +175,12 @@ def labeling_table(records: list[dict]) -> dict:
                 continue
             hits = [float(same_label(lab, reg["structure"])) for p, r in zip(per, recs)
                     for lab, reg in zip(p, r["regions"])]
-            subjects = [r.get("subject") or r["target"] for r in recs for _ in r["regions"]]
             rows[name] = {"accuracy": sum(hits) / n if n else None, "ci95": metrics.grouped_bootstrap(hits, subjects),
                           "correct": int(sum(hits)), "valid": _valid_share(recs, policy, boxes)}
             hits_of[name] = hits
         gap = None
         if n and "SFT" in hits_of and "GRPO" in hits_of:
             diff = [g - s for g, s in zip(hits_of["GRPO"], hits_of["SFT"])]
-            subjects = [r.get("subject") or r["target"] for r in recs for _ in r["regions"]]
             gap = {"gap": sum(diff) / n, "ci95": metrics.grouped_bootstrap(diff, subjects)}
         out[ds] = {"targets": len(recs), "regions": n, "failed_retrieval": sum(bool(r.get("error")) for r in recs),
                    "rows": rows, "grpo_minus_sft": gap}

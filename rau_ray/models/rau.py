@@ -164,11 +164,13 @@ class RAUModel:
             reference = self.retrieve(target, modality, structure=structures[0])
         t["retrieval"] = time.perf_counter() - t0
         by_name = {v: k for k, v in reference.names.items()}
+        ref_masks = {}
         for structure in structures:
             if structure not in by_name:
                 raise DataError(f"structure {structure!r} is not annotated in the reference; it has "
                                 f"{', '.join(sorted(by_name))}")
-            if not (reference.label == by_name[structure]).any():
+            ref_masks[structure] = reference.label == by_name[structure]
+            if not ref_masks[structure].any():
                 raise DataError(f"structure {structure!r} has no pixels in the reference image")
         ref_boxes = label_boxes(reference.label, reference.names)
         questions = [pipeline.ask(self.policy.processor, "segment", target, reference.image, ref_boxes,
@@ -190,7 +192,7 @@ class RAUModel:
             seg_hidden = pipeline.seg_state(self.policy, question, completion)
             timings["seg_hidden"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            memory = self.segmenter.encode_reference(ref_emb, reference.label == by_name[structure])
+            memory = self.segmenter.encode_reference(ref_emb, ref_masks[structure])
             logits, score, attn = self.segmenter.predict(tgt_emb, seg_hidden, memory)
             mask = (logits > 0).cpu().numpy()
             timings["decode"] = time.perf_counter() - t0
