@@ -172,7 +172,10 @@ def test_interrupted_make_leaves_no_half_written_file(ray_cluster, tmp_path):
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     proc = subprocess.Popen([sys.executable, "-m", "rau_ray.cli", "data", "make", "--modality", "ct-abdomen",
                              "--n", "2000", "--size", "128", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # Ctrl-C as a terminal gives it, also when the suite itself runs as a background job
+                            # (whose children inherit SIGINT ignored, and Python then never raises KeyboardInterrupt)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("images/*.png"))) < 8:
         time.sleep(0.2)
