@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -30,28 +29,6 @@ def _chromium() -> str:
         pytest.fail("Debian chromium is not installed: `make install` installs it with apt-get "
                     "(apt-get install chromium); this test needs it and does not skip")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url(ray_cluster):
-    from rau_ray.serve.app import start, stop
-
-    try:
-        url = start(profile="tiny", port=_free_port(), timeout_s=420)
-    except TimeoutError as e:
-        from ray import serve
-
-        status = serve.status()
-        stop()
-        pytest.fail(f"{e}; Serve status: {status}")
-    yield url
-    stop()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +53,7 @@ def phantom(tmp_path_factory):
     return manifest.image_path(row), np.asarray(liver(row))
 
 
-def test_web_page_segments_clicks_commands_and_undo(app_url, phantom, tmp_path):
+def test_web_page_segments_clicks_commands_and_undo(local_app, phantom, tmp_path):
     chromium = _chromium()
     try:
         from playwright.sync_api import sync_playwright
@@ -105,7 +82,7 @@ def test_web_page_segments_clicks_commands_and_undo(app_url, phantom, tmp_path):
         def no_error_banner():
             assert not page.is_visible("#error"), page.text_content("#error-msg")
 
-        page.goto(app_url + "/")
+        page.goto(local_app + "/")
         assert page.title().startswith("RAU-Ray")
         page.wait_for_function("document.getElementById('health').textContent == 'server ready'")
 
