@@ -35,6 +35,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
+import jsonschema
+
 WINDOW_PRESETS = ("abdomen", "bone", "lung", "brain", "soft_tissue")
 EXPORT_FORMATS = ("png", "nifti", "dicom-seg", "rle")
 OPERATIONS = ("segment", "add_point", "add_box", "undo", "redo", "clear", "set_window", "goto_slice", "propagate",
@@ -648,34 +650,17 @@ def _mentions(op: str, text: str) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _validator(jsonschema):
-    return jsonschema.validators.validator_for(OPERATION_SCHEMA)(OPERATION_SCHEMA)
-
-
 def operation_validator():
     """A jsonschema validator of one operation, built once (``jsonschema.validate`` re-checks the schema itself on
-    every call: ~8 ms, more than a SAM2 point prompt). Raises ImportError without jsonschema."""
-    import jsonschema  # noqa: PLC0415 - jsonschema is an optional (dev) extra; ImportError without it
-
-    return _validator(jsonschema)
+    every call: ~8 ms, more than a SAM2 point prompt)."""
+    return jsonschema.validators.validator_for(OPERATION_SCHEMA)(OPERATION_SCHEMA)
 
 
 def _validate_schema(op) -> None:
     try:
-        import jsonschema  # noqa: PLC0415 - jsonschema is optional; ImportError -> the checks by hand
-    except ImportError:  # the same checks by hand
-        jsonschema = None
-    if jsonschema is not None:
-        try:
-            _validator(jsonschema).validate(op)
-        except jsonschema.ValidationError as e:
-            raise CommandError(f"the model's operation {op!r} does not match the schema: {e.message}") from None
-        return
-    if not isinstance(op, dict) or op.get("op") not in OPERATIONS:
-        raise CommandError(f"the model's operation {op!r} is not one of {OPERATIONS}")
-    branch = next(b for b in OPERATION_SCHEMA["oneOf"] if b["properties"]["op"]["const"] == op["op"])
-    if set(op) != set(branch["required"]):
-        raise CommandError(f"the model's operation {op!r} needs exactly the fields {branch['required']}")
+        operation_validator().validate(op)
+    except jsonschema.ValidationError as e:
+        raise CommandError(f"the model's operation {op!r} does not match the schema: {e.message}") from None
 
 
 SYSTEM_PROMPT = """You translate one instruction typed by a clinician in an interactive medical image segmentation \
