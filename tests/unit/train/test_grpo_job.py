@@ -1,6 +1,8 @@
 """GRPO job pieces in one process (no Ray): config errors, trl rows, the KL reference copy and the head patch."""
 
+import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from rau_ray.train.grpo import (
     _patch_output_head,
     adapter_state,
     load_adapter,
+    vllm_args,
 )
 from rau_ray.train.rewards import accuracy_reward, format_reward
 
@@ -56,6 +59,30 @@ def test_bad_configs_are_clear_errors(manifest, tmp_path):
         job(manifest, zero=2)
     with pytest.raises(DataError, match="not a training checkpoint"):
         job(manifest, sft_checkpoint=str(tmp_path)).model_config()
+
+
+def test_use_vllm_is_refused_at_load_without_gpus_or_vllm(manifest):
+    """use_vllm (trl's colocate mode) needs GPUs and the vllm package: a config asking for it without either is a
+    ConfigError naming the setting, raised by from_dict (config load), before any worker starts."""
+    with pytest.raises(ConfigError, match="use_vllm: vLLM generates on GPUs only"):
+        job(manifest, use_vllm=True)  # the tiny default: CPU workers
+    assert importlib.util.find_spec("vllm") is None  # this machine (CI) has no vllm: the next check must refuse
+    gpu = {"num_workers": 1, "use_gpu": True}
+    with pytest.raises(ConfigError, match="use_vllm: the vllm package is not installed"):
+        job(manifest, use_vllm=True, scale=gpu)
+    with pytest.raises(ConfigError, match="zero_stage 3 is not supported"):  # ZeRO-3 stays refused first
+        job(manifest, use_vllm=True, scale=gpu, zero_stage=3)
+    assert job(manifest, scale=gpu).use_vllm is False and vllm_args(job(manifest)) == {}
+
+
+def test_use_vllm_reaches_trls_config_as_colocate(manifest, tmp_path):
+    from trl import GRPOConfig
+
+    cfg = replace(job(manifest), use_vllm=True)  # validated elsewhere (a GPU machine with vllm)
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **vllm_args(cfg))
+    assert args.use_vllm is True and args.vllm_mode == "colocate"
+    plain = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **vllm_args(job(manifest)))
+    assert plain.use_vllm is False
 
 
 def test_model_section_follows_the_sft_checkpoint(manifest, tmp_path):
