@@ -258,7 +258,8 @@ def _decode_nifti(data: bytes, max_bytes: int, max_pixels: int) -> Decoded:
     if vol.shape[2] > MAX_SLICES:
         raise BadInput(f"the volume has {vol.shape[2]} slices; the limit is {MAX_SLICES}", 413)
     # RAS+ (x, y, z) -> (z, rows, cols) shown radiologically: rows anterior -> posterior, columns right -> left
-    arr = np.ascontiguousarray(np.flip(np.transpose(vol, (2, 1, 0)), axis=1))
+    # (as rau_ray.data.importers.axial_slice cuts the slices the models were trained on)
+    arr = np.ascontiguousarray(np.flip(np.transpose(vol, (2, 1, 0)), axis=(1, 2)))
     _check_pixels(arr.shape, max_pixels)
     return Decoded(arr, "CT", zooms, "nifti")
 

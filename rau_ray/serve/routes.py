@@ -32,6 +32,8 @@ from rau_ray.serve import codecs, http, refusal
 from rau_ray.serve.dicom_seg import SegExportError, encode_segmentation
 from rau_ray.serve.http import ApiError
 from rau_ray.serve.messages import NotUnderstood
+from rau_ray.serve.monailabel import MonaiLabelRoutes
+from rau_ray.serve.monailabel import router as monailabel_router
 from rau_ray.serve.pipeline import DecoderSpec, Pipeline, prompt_decoder
 from rau_ray.serve.sessions import (
     SessionError,
@@ -65,10 +67,13 @@ app = http.new_app(STATIC, title="RAU-Ray", version="0.1.0",
                                "natural-language commands.")
 
 
+app.include_router(monailabel_router)  # MONAI Label-compatible routes (rau_ray/serve/monailabel.py)
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
                   health_check_period_s=10)
 @serve.ingress(app)
-class Ingress:
+class Ingress(MonaiLabelRoutes):
     def __init__(self, retriever, policy, segmenter, commander, settings: Settings | None = None,
                  decoder: DecoderSpec | None = None):
         """``decoder``: None (prompts are decoded by the Segmenter), or the SAM2 whose prompt decoder runs here
@@ -238,9 +243,10 @@ class Ingress:
             return {"slice": s.state.slice if slice is None else slice, "mask": codecs.rle_encode(s.mask(slice))}
         if format == "nifti":
             vol = np.stack([s.mask(i) for i in range(s.volume.shape[0])]).astype(np.uint8)
-            xyz = np.transpose(np.flip(vol, axis=1), (2, 1, 0))  # back to the RAS+ (x, y, z) layout it came in
+            xyz = np.transpose(np.flip(vol, axis=(1, 2)), (2, 1, 0))  # back to the RAS+ (x, y, z) layout it came in
             spacing = tuple(s.spacing) + (1.0,) * (3 - len(s.spacing))
-            return Response(formats.encode_nifti(xyz, spacing[:3]), media_type="application/gzip",
+            ras = np.diag([*spacing[:3], 1.0])  # the RAS+ layout's own affine (encode_nifti's default is LPS)
+            return Response(formats.encode_nifti(xyz, spacing[:3], affine=ras), media_type="application/gzip",
                             headers={"Content-Disposition": f'attachment; filename="{sid}.nii.gz"'})
         if format == "dicom-seg":
             if not s.sources:

@@ -369,6 +369,11 @@ class SessionStore:
         s.last_used = self.clock()
         return s
 
+    def peek(self, sid: str) -> Session | None:
+        """The live session with this id, or None; unlike ``get`` it does not count as use (no TTL refresh)."""
+        self.expire()
+        return self._live.get(sid)
+
     def delete(self, sid: str) -> None:
         self.get(sid)
         del self._live[sid]
