@@ -9,10 +9,11 @@ chat template inside trl. Rewards: ``rau_ray.train.rewards`` — format, accurac
 through SAM2 (segmenter built once per worker).
 
 Every ``log_every`` steps trl's logs (reward mean/std per reward, ``kl``, completion lengths, clip ratios,
-entropy) go to Ray Train (``ray.train.report``, every worker), into the run's history, and to TensorBoard under
-``<storage_path>/<name>/tensorboard`` (rank 0). Checkpoints are the project's (``rau_ray.train.run``): the adapter
-with the trainable ``<Seg>`` rows as ``weights.safetensors``, ``train_state.json`` {step, config} and the history;
-a restarted run resumes from the latest one and its step continues (the KL reference stays the start adapter).
+entropy) go to Ray Train (``ray.train.report``, every worker), into the run's history, and with ``report_to`` to
+TensorBoard / MLflow (``rau_ray.train.tracking``: rank 0's rows). Checkpoints are the project's
+(``rau_ray.train.run``): the adapter with the trainable ``<Seg>`` rows as ``weights.safetensors``,
+``train_state.json`` {step, config} and the history; a restarted run resumes from the latest one and its step
+continues (the KL reference stays the start adapter).
 
 Adjustments to trl 1.16 / accelerate 1.15 / peft 0.21, each small and explained where it is made:
 - DeepSpeed on CPU workers: accelerate takes its DeepSpeed path only with an accelerator device; on CPU its own
@@ -24,22 +25,17 @@ Adjustments to trl 1.16 / accelerate 1.15 / peft 0.21, each small and explained 
   rules out ZeRO-3 (see ``GRPOJobConfig.validate``); LoRA GRPO replicates the frozen base under ZeRO-2 anyway.
 - trl decodes completions without special tokens, so ``<Seg>`` would vanish: the rewards re-decode the ids with
   the policy's decoder (``rewards.with_decoder``).
-Rollouts come from the policy's ``generate``, or with ``use_vllm: true`` from vLLM inside each training process
-(trl's ``colocate`` mode: no extra GPUs, the LoRA weights synced into it every step); that takes GPUs and the vllm
-package, and a config asking for it without either is refused when it is loaded, before any worker starts.
 Use: ``run_grpo(GRPOJobConfig(manifest="data/ct/manifest.jsonl", sft_checkpoint="runs/train/sft/checkpoint_..."))``
 or ``rau train grpo --config jobs/configs/grpo-tiny.yaml``.
 """  # noqa: E501
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import ray.train.torch
 import torch
@@ -95,8 +91,6 @@ class GRPOJobConfig(TrainJobConfig):
     segmenter_checkpoint: str | None = None  # trained segmenter weights (RAUSegmenter.save_trainable) for Dice;
     #                                          a local file or a URI
     gradient_checkpointing: bool = False  # recompute activations in backward: off for tiny, on for the 7B's
-    use_vllm: bool = False  # rollouts by vLLM in each training process (trl's colocate mode): GPUs + the vllm package
-    tensorboard: bool = True  # trl's logs also to TensorBoard (tensorboard or tensorboardX must be installed)
 
     def validate(self) -> None:
         super().validate()
@@ -119,11 +113,6 @@ class GRPOJobConfig(TrainJobConfig):
                               "trainable <Seg> output row); use zero_stage 2")
         if self.zero_stage != 2:
             raise ConfigError(f"zero_stage must be 2, got {self.zero_stage}")
-        if self.use_vllm and not self.scale.use_gpu:
-            raise ConfigError("use_vllm: vLLM generates on GPUs only; set scale.use_gpu: true, or use_vllm: false")
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("use_vllm: the vllm package is not installed on this machine (README 'Install': "
-                              "vLLM pins its own torch); install it, or set use_vllm: false")
         if not self.tasks or set(self.tasks) - set(TASKS):
             raise ConfigError(f"tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}")
         if self.temperature <= 0 or self.max_completion_length < 1 or self.lr <= 0 or self.beta < 0:
@@ -243,16 +232,6 @@ def _callback(cfg: GRPOJobConfig, start_step: int, history: list[dict]):
     return ReportToRay()
 
 
-def tensorboard_dir(cfg: GRPOJobConfig) -> str | None:
-    """Where rank 0 writes TensorBoard events, or None when off or when neither tensorboard nor tensorboardX is
-    installed (transformers' TensorBoardCallback needs one)."""
-    if not cfg.tensorboard or not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        return None
-    if "://" in cfg.scale.storage_path:  # remote storage: events stay on the rank-0 node
-        return str(Path(tempfile.gettempdir()) / "rau-tensorboard" / cfg.name)
-    return str(Path(cfg.scale.storage()) / cfg.name / "tensorboard")
-
-
 def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[list, list[float]]:
     """The reward callables (re-decoding with the policy's decoder, which keeps ``<Seg>``) and their weights."""
     decode = policy.decode_completion
@@ -267,12 +246,6 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[l
         funcs.append(rewards.with_decoder(rewards.MaskDiceReward(policy, segmenter), decode, name="mask_dice"))
         weights.append(cfg.mask_dice_weight)
     return funcs, weights
-
-
-def vllm_args(cfg: GRPOJobConfig) -> dict:
-    """trl's GRPOConfig fields for the rollout engine: vLLM colocated in each training process, or none (trl's
-    default: the policy's own ``generate``)."""
-    return {"use_vllm": True, "vllm_mode": "colocate"} if cfg.use_vllm else {}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -295,9 +268,6 @@ def train_loop_per_worker(config: dict) -> None:
                                  torch_adam=not cfg.scale.use_gpu) if use_ds else None
     if use_ds and not cfg.scale.use_gpu:
         use_deepspeed_on_cpu()
-    tb_dir = tensorboard_dir(cfg)
-    if tb_dir:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir  # read by transformers' TensorBoardCallback (rank 0 only)
     funcs, weights = reward_funcs(cfg, policy, model_cfg, ray.train.torch.get_device())
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="rau-grpo-"),  # nothing is saved there: Ray Train keeps checkpoints
@@ -307,11 +277,10 @@ def train_loop_per_worker(config: dict) -> None:
         learning_rate=cfg.lr, lr_scheduler_type="constant",  # a resumed run continues at the same rate
         disable_dropout=True,  # LoRA dropout would make the policy and reference log-probs differ at step 0
         reward_weights=weights, seed=cfg.seed + resumed.step,  # a resumed run draws new prompts and samples
-        logging_steps=cfg.log_every, save_strategy="no", report_to=["tensorboard"] if tb_dir else [],
+        logging_steps=cfg.log_every, save_strategy="no", report_to=[],  # report_to of the job: run.fit
         bf16=cfg.scale.use_gpu, use_cpu=not cfg.scale.use_gpu and not use_ds,
         deepspeed=ds_config, accelerator_config={"use_configured_state": True} if use_ds and not cfg.scale.use_gpu
-        else None, gradient_checkpointing=cfg.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True,
-        **vllm_args(cfg))
+        else None, gradient_checkpointing=cfg.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True)
     dataset = Dataset.from_list(config["items"]).with_transform(Prompts(policy.processor))
     trainer = GRPOTrainer(model=policy.model, reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=policy.processor,
@@ -336,4 +305,5 @@ def run_grpo(cfg: GRPOJobConfig):
     if not items:
         raise ConfigError(f"{cfg.manifest}: no reference-target pairs in split {cfg.split!r}"
                           + (f" about {', '.join(cfg.structures)}" if cfg.structures is not None else ""))
-    return run.fit(train_loop_per_worker, {"cfg": asdict(cfg), "items": items}, cfg.scale, cfg.name)
+    return run.fit(train_loop_per_worker, {"cfg": asdict(cfg), "items": items}, cfg.scale, cfg.name,
+                   job=cfg)

@@ -593,7 +593,7 @@ def run_pretrain_dino(cfg: DinoPretrainConfig):
         raise ConfigError(f"{len(items)} training items (scenes + phantom subjects) cannot feed "
                           f"{cfg.scale.num_workers} workers")
     result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name,
-                     datasets={"train": run.materialized(items, cfg.seed)})
+                     datasets={"train": run.materialized(items, cfg.seed)}, job=cfg)
     if result.error is None and result.checkpoint:
         weights, state = read_weights_and_state(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path,
                                                             cfg.scale.storage_path))

@@ -779,7 +779,7 @@ def run_pretrain_policy(cfg: PolicyPretrainConfig):
     cfg.validate()
     started = time.time()
     build_base(cfg)  # once, on the driver: the workers find it in the cache
-    result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name)
+    result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name, job=cfg)
     if result.error is not None or not result.checkpoint:
         return result  # jobs.summarise reports the failure
     weights, _ = read_weights_and_state(result.checkpoint.path)

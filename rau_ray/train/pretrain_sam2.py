@@ -511,7 +511,7 @@ def run_pretrain_sam2(cfg: Sam2PretrainConfig):
     """Train on Ray Train, then export the last checkpoint's weights to ``cfg.out``; returns Ray Train's Result."""
     cfg.validate()
     started = time.time()
-    result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name)
+    result = run.fit(train_loop_per_worker, {"cfg": asdict(cfg)}, cfg.scale, cfg.name, job=cfg)
     if result.error is None and result.checkpoint:
         weights, _ = read_weights_and_state(result.checkpoint.path)
         export_sam2(cfg, weights, pretrain.job_facts(cfg, result, OBJECTIVE, started))

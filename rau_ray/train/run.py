@@ -30,7 +30,8 @@ from ray.train.torch import TorchTrainer
 from rau_ray import ray_session
 from rau_ray.errors import ConfigError, DataError
 from rau_ray.models.checkpoint import read_history, read_weights_and_state, write_checkpoint
-from rau_ray.storage import check_scheme, resolve_storage
+from rau_ray.storage import check_scheme, resolve_storage, uri_of
+from rau_ray.train import tracking
 
 
 @dataclass
@@ -119,6 +120,11 @@ class TrainJobConfig:
     log_every: int = 10  # steps between metric reports (each is a sync of all workers)
     checkpoint_every: int = 100  # steps between checkpoints (the last step always saves)
     seed: int = 0
+    # experiment tracking (rau_ray.train.tracking): [] none, or any of mlflow, tensorboard; rank 0's metric rows per
+    # step, the config as params, the final checkpoint
+    report_to: tuple[str, ...] = ()
+    mlflow_tracking_uri: str = ""  # "": $MLFLOW_TRACKING_URI, else the file store <storage_path>/mlruns
+    mlflow_experiment: str = "rau-ray"
 
     def validate(self) -> None:
         if not self.name.strip() or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
@@ -130,6 +136,10 @@ class TrainJobConfig:
             raise ConfigError(f"log_every and checkpoint_every must be at least 1, got {self.log_every} and "
                               f"{self.checkpoint_every}")
         self.scale.validate()
+        tracking.check_report_to(self.report_to)
+        tracking.check_tracking_uri(self.mlflow_tracking_uri)
+        if "mlflow" in self.report_to and not self.mlflow_experiment.strip():
+            raise ConfigError("mlflow_experiment must name an MLflow experiment (e.g. rau-ray)")
 
 
 def materialized(items: list[dict], seed: int):
@@ -171,12 +181,29 @@ def build_trainer(loop, loop_config: dict, scale: ScaleConfig, name: str, datase
                              callbacks=list(callbacks) or None))
 
 
-def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None):
-    """Run ``loop(loop_config)`` on ``scale.num_workers`` Ray Train workers; returns Ray Train's Result.
+def fit(loop, loop_config: dict, scale: ScaleConfig, name: str, datasets: dict | None = None,
+        job: TrainJobConfig | None = None):
+    """Run ``loop(loop_config)`` on ``scale.num_workers`` Ray Train workers; returns Ray Train's Result. ``job``:
+    the job's config, whose ``report_to`` reporters are checked here, before any worker starts, and then log the run
+    (``rau_ray.train.tracking``).
 
     A failed run (after ``max_failures`` restarts) raises ``ray.train.TrainingFailedError``."""
-    ray_session.connect()
-    return build_trainer(loop, loop_config, scale, name, datasets, _RUN_CALLBACKS.get()).fit()
+    reporter = tracking.start(job, scale.storage()) if job is not None else None
+    callbacks = _RUN_CALLBACKS.get() + ((reporter,) if reporter else ())
+    status, checkpoint = "FAILED", None
+    try:
+        ray_session.connect()
+        result = build_trainer(loop, loop_config, scale, name, datasets, callbacks).fit()
+        if result.error is None:
+            status = "FINISHED"
+            if result.checkpoint:
+                checkpoint = uri_of(result.checkpoint.filesystem, result.checkpoint.path, scale.storage_path)
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.finish(reporter, status, checkpoint)
 
 
 def shard_batches(shard, batch_size: int, seed: int):

@@ -133,4 +133,4 @@ def run_seg(cfg: SegJobConfig):
         order = np.random.default_rng(cfg.seed).permutation(len(val_items))[:cfg.eval_items]
         val_items = [val_items[i] for i in sorted(order)]
     return run.fit(train_loop_per_worker, {"cfg": asdict(cfg), "val_items": val_items}, cfg.scale, cfg.name,
-                   datasets={"train": run.materialized(items, cfg.seed)})
+                   datasets={"train": run.materialized(items, cfg.seed)}, job=cfg)

@@ -240,4 +240,4 @@ def run_sft(cfg: SFTConfig):
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     loop_config = {"cfg": asdict(cfg), "val_items": val_items, "total_steps": total_steps}
     return run.fit(train_loop_per_worker, loop_config, cfg.scale, cfg.name,
-                   datasets={"train": run.materialized(items, cfg.seed)})
+                   datasets={"train": run.materialized(items, cfg.seed)}, job=cfg)

@@ -67,7 +67,7 @@ def grpo_config(manifest, sft_checkpoint, tmp_path, **fields) -> GRPOJobConfig:
 
 
 def test_grpo_logs_rewards_saves_loadable_checkpoints_and_resumes(ray_cluster, manifest, sft_checkpoint, tmp_path):
-    cfg = grpo_config(manifest, sft_checkpoint, tmp_path)
+    cfg = grpo_config(manifest, sft_checkpoint, tmp_path, report_to=["tensorboard"])
     result = run_grpo(cfg)
     assert result.error is None
     metrics = result.metrics

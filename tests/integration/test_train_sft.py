@@ -114,3 +114,35 @@ def test_killed_worker_resumes_from_checkpoint_and_step_continues(ray_cluster, m
     assert Path(summary["curves"]).is_file()
     _, state = read_weights_and_state(summary["checkpoint"])
     assert state["step"] == 16
+
+
+def test_report_to_logs_rank_zeros_rows_params_and_checkpoint_to_mlflow_and_tensorboard(ray_cluster, manifest,
+                                                                                          tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = (tmp_path / "mlruns").as_uri()  # a local MLflow file store
+    cfg = sft_config(manifest, tmp_path, name="tracked", max_steps=2, checkpoint_every=2, report_to=["mlflow",
+                     "tensorboard"], mlflow_tracking_uri=store, mlflow_experiment="rau-test")
+    result = run_sft(cfg)
+    assert result.error is None
+    history = [row for row in read_history(result.checkpoint.path) if "loss" in row]
+    assert [row["step"] for row in history] == [1, 2]
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("rau-test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in losses] == [(row["step"], pytest.approx(row["loss"])) for row in history]
+    assert "val_accuracy" in run.data.metrics and "samples_per_s" in run.data.metrics
+    params = run.data.params
+    assert params["lr"] == "0.003" and params["scale.num_workers"] == "2" and params["tasks"] == '["label"]'
+    assert params["model.policy.lora_rank"] == str(cfg.model.policy.lora_rank)
+    assert params["final_checkpoint"] == result.checkpoint.path
+
+    events = EventAccumulator(str(tmp_path / "runs" / "tracked" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (row["step"], pytest.approx(row["loss"])) for row in history]

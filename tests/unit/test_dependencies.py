@@ -24,8 +24,8 @@ PROJECT = "rau-ray"
 # [cpu] stands for the faiss build ([gpu] is its alternative: test_faiss_builds_are_alternatives)
 ROLES = [
     ("rau_ray/serve/", ("cpu", "serve")),
-    ("rau_ray/train/", ("cpu", "train")),
-    ("rau_ray/tune/", ("cpu", "train")),  # sweeps run the training jobs
+    ("rau_ray/train/", ("cpu", "train", "tracking")),  # tracking: report_to's clients, imported only when asked
+    ("rau_ray/tune/", ("cpu", "train", "tracking")),  # sweeps run the training jobs
     ("rau_ray/cli.py", ("cpu", "serve", "train")),  # every subcommand (each imports its stack lazily)
     ("rau_ray/demo.py", ("cpu", "serve", "train")),
     ("rau_ray/", ("cpu",)),  # data, models, scoring, eval and the base: the core
