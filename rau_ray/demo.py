@@ -134,7 +134,8 @@ SHIPPED = tuple(f"shipped:{stage}" for stage in STAGES)  # rau ship's names for 
 def run_training(out: Path, runs: dict[str, dict] = DEMO_RUNS) -> dict:
     """The tiny training jobs on the demo's CT phantoms, shortened: SFT, then GRPO from the SFT adapter, then the
     segmenters (RAU fusion on the GRPO policy's <Seg> states, the SAM2-Memory-Ref-SFT baseline, CBAM-LoRA SAM2).
-    ``runs``: per stage, the fields set over its tiny config (``max_steps`` at least); a stage left out is skipped.
+    ``runs``: per stage, the fields set over its tiny config (``max_steps`` at least; ``scale``'s fields are set over
+    the config's ``scale``); a stage left out is skipped.
     Each writes its checkpoint and learning curves under ``out/train/<run>``."""
 
 
@@ -145,8 +146,9 @@ def run_training(out: Path, runs: dict[str, dict] = DEMO_RUNS) -> dict:
         if not path.is_file():
             raise ConfigError(f"{path} not found: run the demo from a checkout of the project")
         data = yaml.safe_load(path.read_text())
-        data.update(runs[run], manifest=manifest, name=run)
-        data["scale"] = {**data.get("scale", {}), "storage_path": str(out / "train")}
+        fields = dict(runs[run])
+        scale = {**data.get("scale", {}), **fields.pop("scale", {}), "storage_path": str(out / "train")}
+        data.update(fields, manifest=manifest, name=run, scale=scale)
         if run == "grpo":
             data["sft_checkpoint"] = results["sft"]["checkpoint"]
         if run == "seg":  # the segmenter learns the <Seg> states of the policy it will serve with

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_demo_runs_end_to_end(ray_cluster, tmp_path, capfd):
     steps = {"sft": 4, "grpo": 2, "seg": 4, "seg-memref": 2, "seg-cbam": 2}
-    runs = {job: {"max_steps": n} for job, n in steps.items()}
+    # one Ray Train worker a run (the demo's configs ask for 2): each worker's start-up is ~7 s of CPU here, and the
+    # 2-worker path of every job is tested in its own test (test_train_sft, test_grpo, test_seg_train, test_cluster)
+    runs = {job: {"max_steps": n, "scale": {"num_workers": 1}} for job, n in steps.items()}
     # a 4-step policy writes until its budget runs out: shorter budgets for SFT's validation, GRPO's rollouts and
     # (from the checkpoints' configs) the evaluation's answers keep the test lean; the checks are the same
     runs["sft"].update(eval_items=4, max_new_tokens=64)

@@ -29,7 +29,8 @@ def _val_rows(history):
 
 
 def test_rau_mode_reports_val_dice_checkpoints_loads_and_resumes(ray_cluster, manifest, tmp_path):
-    result = run_seg(seg_config(manifest, tmp_path, name="rau", mode="rau", max_steps=4))
+    one = {"num_workers": 1, "storage_path": str(tmp_path / "runs")}  # two workers: the cbam-lora test below
+    result = run_seg(seg_config(manifest, tmp_path, name="rau", mode="rau", max_steps=4, scale=one))
     assert result.error is None
     history = read_history(result.checkpoint.path)
     assert [row["step"] for row in history] == [0, 1, 2, 3, 4]  # step 0: the untrained validation
@@ -48,7 +49,7 @@ def test_rau_mode_reports_val_dice_checkpoints_loads_and_resumes(ray_cluster, ma
     loaded = trainer.segmenter.trainable_state_dict()
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
 
-    resumed = run_seg(seg_config(manifest, tmp_path, name="rau", mode="rau", max_steps=6))  # same run name
+    resumed = run_seg(seg_config(manifest, tmp_path, name="rau", mode="rau", max_steps=6, scale=one))  # same name
     assert resumed.error is None
     history = read_history(resumed.checkpoint.path)
     assert [row["step"] for row in history] == [0, 1, 2, 3, 4, 5, 6]  # continued, not restarted
