@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test test-unit lint install browser bench docs-pictures clean
+.PHONY: demo test test-unit lint install browser monailabel-client bench docs-pictures clean
 
 install: $(STAMP) browser
 
@@ -27,8 +27,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/rau demo --out runs/demo
 
+# MONAI Label's own client (monailabel.client.MONAILabelClient) for tests/integration/test_monailabel.py, in a venv of
+# its own: the monailabel package's dependencies (MONAI, its torch and sam2 pins) clash with the stack, and its client
+# needs only requests. Exactly the pins of requirements-monailabel.txt, without dependency resolution.
+ML_VENV  := .venv-monailabel
+ML_STAMP := $(ML_VENV)/.installed-stamp
+
+monailabel-client: $(ML_STAMP)
+
+$(ML_STAMP): requirements-monailabel.txt
+	test -x $(ML_VENV)/bin/python || $(PYTHON) -m venv $(ML_VENV)
+	$(ML_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-monailabel.txt
+	touch $(ML_STAMP)
+
 # The whole suite: lint and layer contracts first, then every test (unit + integration: real Ray, Serve, browser).
-test: lint browser
+test: lint browser monailabel-client
 	$(VENV)/bin/pytest
 
 # The fast tier: no Ray cluster, no subprocesses, no browser (a unit test that starts Ray is refused); ~1 minute.
