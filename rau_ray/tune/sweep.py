@@ -15,7 +15,9 @@ state, ``sweep.json`` (this config, resolved), ``runs/<trial_id>/`` (each trial'
 ``trial.json`` when it finished), ``results.csv`` / ``results.md``, ``heatmap.png``, ``summary.json`` and the best
 trial's final checkpoint copied to ``best/`` (+ ``best.json``), the folder ``rau_ray.models.checkpoint`` loads. An
 interrupted sweep (Ctrl-C, SIGINT) continues with ``--resume`` (``Tuner.restore``): finished trials are kept,
-unfinished ones restart and their Ray Train runs resume from their latest checkpoints.
+unfinished ones restart and their Ray Train runs resume from their latest checkpoints. ``report_to: [mlflow]`` logs
+every trial as an MLflow run (Ray Tune's ``MLflowLoggerCallback``; ``mlflow_tracking_uri``, ``mlflow_experiment``),
+after checking, before any trial starts, that the tracking server answers (``rau_ray.train.tracking``).
 Use: ``rau tune --config jobs/configs/tune-seg-tiny.yaml [--resume]`` or ``run_sweep(load_sweep_config(path))``.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 
 import ray.tune
 from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -41,13 +44,14 @@ from rau_ray.config import from_dict, load_config, read_yaml
 from rau_ray.errors import ConfigError, DataError, RauError
 from rau_ray.models.checkpoint import STATE, locate_checkpoint, read_history
 from rau_ray.storage import check_scheme, is_uri, join
-from rau_ray.train import run
+from rau_ray.train import run, tracking
 from rau_ray.train.jobs import job_types
 from rau_ray.tune import janitor, results
 
 DEFAULT_METRICS = {"seg": "val_dice", "sft": "val_accuracy", "grpo": "reward"}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SET_BY_SWEEP = ("name", "scale.storage_path")  # each trial's run name and folder come from the sweep
+SWEEP_REPORTERS = ("mlflow",)  # Tune's TensorBoard files: the trials' own report_to: [tensorboard]
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,11 @@ class SweepConfig:
     name: str = "sweep"  # the sweep's folder under storage_path; the same name with --resume continues it
     seed: int = 0  # random draws of the search (reproducible sweeps)
     max_failures: int = 0  # retries of a failed trial (worker failures inside one: the job's scale.max_failures)
+    # [mlflow]: every trial an MLflow run (Ray Tune's MLflowLoggerCallback: its values as params, its reports as
+    # metrics); the trials' own Ray Train runs log too where the base job config sets report_to
+    report_to: tuple[str, ...] = ()
+    mlflow_tracking_uri: str = ""  # "": $MLFLOW_TRACKING_URI, else the file store <storage_path>/mlruns
+    mlflow_experiment: str = ""  # "": the sweep's name
 
     def validate(self) -> None:
         jobs = sorted(DEFAULT_METRICS)
@@ -122,6 +131,8 @@ class SweepConfig:
             search_values(path, spec)
         self.resources.validate()
         self.asha.validate()
+        tracking.check_report_to(self.report_to, allowed=SWEEP_REPORTERS)
+        tracking.check_tracking_uri(self.mlflow_tracking_uri)
 
     @property
     def metric_name(self) -> str:
@@ -327,6 +338,20 @@ def param_space(cfg: SweepConfig) -> dict:
     return {"train_loop_config": {key: domain(key, spec) for key, spec in cfg.search.items()}}
 
 
+def tune_callbacks(cfg: SweepConfig, parent: str) -> list:
+    """Tune callbacks the sweep config asks for: MLflow's (``report_to: [mlflow]``), once the client is installed
+    and the tracking server answers (ConfigError naming ``mlflow_tracking_uri``, before any trial starts)."""
+    if "mlflow" not in cfg.report_to:
+        return []
+    uri = tracking.tracking_uri(cfg.mlflow_tracking_uri, parent)
+    experiment = cfg.mlflow_experiment or cfg.name
+    if uri.startswith(("http://", "https://")):
+        tracking.probe_server(uri, experiment)
+    tracking.mlflow_client(uri)  # installed; a file store allowed in this (Tune's driver) process
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False,
+                                 tags={"rau.sweep": str(cfg.experiment_dir()), "rau.job": cfg.job})]
+
+
 def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -396,6 +421,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     exp = prep.experiment_dir
     saved = join(exp, "sweep.json")
     parent = storage.resolve_storage(cfg.storage_path, "storage_path")  # a URI: opened here (scheme, credentials)
+    callbacks = [janitor.Janitor(), *tune_callbacks(cfg, parent)]  # a tracking server that does not answer: here
     ray_session.connect()
     check_fits(cfg, {k: float(v) for k, v in ray.cluster_resources().items()})
     if resume:
@@ -416,7 +442,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
         tuner = tune.Tuner(trainable(prep), param_space=param_space(cfg), tune_config=tune_config(prep),
                            run_config=tune.RunConfig(name=cfg.name, storage_path=parent,
                                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                                     callbacks=[janitor.Janitor()], verbose=1))
+                                                     callbacks=callbacks, verbose=1))
     t0, freed = time.perf_counter(), janitor.freed
     try:
         tuner.fit()

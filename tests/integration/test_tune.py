@@ -70,7 +70,8 @@ def test_tiny_sweep_with_asha_writes_table_heatmap_and_loadable_best(ray_cluster
     config = write_configs(tmp_path, manifest, {"model.fusion.projector_dim": [128, 256],
                                                 "model.policy.lora_rank": [4, 8],
                                                 "lr": {"loguniform": [1.0e-3, 3.0e-2]}},
-                           name="grid", asha={"grace_period": 1, "reduction_factor": 2})
+                           name="grid", asha={"grace_period": 1, "reduction_factor": 2}, report_to=["mlflow"],
+                           mlflow_tracking_uri=(tmp_path / "mlruns").as_uri())
     summary = run_sweep(load_sweep_config(config))
     sweep_dir = tmp_path / "tune" / "grid"
     # trials ASHA stopped left no worker placement group behind (their CPUs are free for the next test)
@@ -94,6 +95,25 @@ def test_tiny_sweep_with_asha_writes_table_heatmap_and_loadable_best(ray_cluster
     assert "| rank | trial | status | projector_dim | lora_rank | lr |" in Path(summary["table_md"]).read_text()
     assert Path(summary["heatmap"]).read_bytes()[:4] == b"\x89PNG"
     check_best_export(sweep_dir, summary)
+    check_mlflow_runs(tmp_path / "mlruns", "grid", records)
+
+
+def check_mlflow_runs(store: Path, experiment: str, records: list[dict]) -> None:
+    """report_to: [mlflow]: Tune's MLflowLoggerCallback made one run per trial, its values as params, its reports as
+    metrics (the validation rows the trial reported to Tune)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == len(records) and {r.info.status for r in runs} == {"FINISHED"}
+    by_trial = {rec["trial_id"]: rec for rec in records}
+    for mlrun in runs:
+        rec = next(rec for trial_id, rec in by_trial.items() if trial_id in mlrun.info.run_name)
+        params = mlrun.data.params
+        assert int(params["train_loop_config/model.fusion.projector_dim"]) == \
+            rec["config"]["model.fusion.projector_dim"]
+        dice = [m.value for m in client.get_metric_history(mlrun.info.run_id, "val_dice")]
+        assert dice == pytest.approx([h["val_dice"] for h in rec["history"]])
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, run_cli, manifest, tmp_path):

@@ -136,3 +136,32 @@ def test_run_callbacks_reach_the_trainer_only_inside_the_block():
     with run.run_callbacks(marker):
         assert run._RUN_CALLBACKS.get() == (marker,)
     assert run._RUN_CALLBACKS.get() == ()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"report_to": ["tensorboard"]}, r"report_to: unknown reporter 'tensorboard'; choose from mlflow"),
+    ({"report_to": ["mlflow"], "mlflow_tracking_uri": "gopher://x"}, "unknown MLflow tracking URI scheme 'gopher'"),
+])
+def test_sweep_tracking_settings_are_checked_at_load(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep(tmp_path, **fields)
+
+
+def test_a_sweep_asking_for_mlflow_gets_tunes_mlflow_callback(tmp_path, monkeypatch):
+    import socket
+
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from rau_ray.tune.sweep import tune_callbacks
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tune_callbacks(sweep(tmp_path), str(tmp_path / "tune")) == []
+    [callback] = tune_callbacks(sweep(tmp_path, report_to=["mlflow"], name="s1"), str(tmp_path / "tune"))
+    assert isinstance(callback, MLflowLoggerCallback)
+    assert callback.tracking_uri == (tmp_path / "tune" / "mlruns").as_uri() and callback.experiment_name == "s1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing answers there
+    down = sweep(tmp_path, report_to=["mlflow"], mlflow_tracking_uri=f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="mlflow_tracking_uri: the MLflow tracking server .* does not answer"):
+        tune_callbacks(down, str(tmp_path / "tune"))
