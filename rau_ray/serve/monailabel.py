@@ -269,6 +269,8 @@ class MonaiLabelRoutes:
             raise ApiError(422, "no image: give ?image=ID of an uploaded image (PUT /datastore/?image=ID), "
                                 "?session_id=ID (PUT /session/), or the image itself as the multipart file field "
                                 "'file'")
+        if kind == "dicom_seg":  # refused before any model runs
+            await self._ml_dicom_seg_check(s, model, params)
         t0 = time.perf_counter()
         if model == mm.MODEL_SEGMENT:
             labels, result = await self._ml_segment(s, geometry, params)
@@ -364,13 +366,19 @@ class MonaiLabelRoutes:
         return labels, {"label_names": {label: 1}, "slice": _k(geometry, z), "score": round(float(got["score"]), 4),
                         "cached_embedding": bool(got["cached"]), "box": box}
 
-    async def _ml_dicom_seg(self, s: Session, labels: np.ndarray, result: dict, stem: str, version: str):
+    async def _ml_dicom_seg_check(self, s: Session, model: str, params: dict) -> None:
+        """output=dicom_seg needs a DICOM source and, here, one structure (the SEG writer's one segment)."""
         if not s.sources:
             raise ApiError(422, dicom_seg_refusal(s.kind))
+        if model == mm.MODEL_SEGMENT:
+            known = list((await self.pipeline.known_structures()).structures)
+            names = mm.pick_structures(params.get("structures"), known, self.settings.max_structures)
+            if len(names) != 1:
+                raise ApiError(422, f"output=dicom_seg carries one structure a request, not {len(names)}; name one "
+                                    "(params structures)")
+
+    async def _ml_dicom_seg(self, s: Session, labels: np.ndarray, result: dict, stem: str, version: str):
         names = list(result["label_names"])
-        if len(names) != 1:
-            raise ApiError(422, f"output=dicom_seg carries one structure a request, not {len(names)}; name one "
-                                "(params structures)")
         try:  # highdicom takes a moment on a long series: off the event loop
             data = await asyncio.to_thread(encode_segmentation, s.sources, labels > 0, names[0],
                                            software_version=version)

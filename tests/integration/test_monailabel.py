@@ -9,6 +9,7 @@ file's grid and affine, and where the liver is. Bad input is then sent over plai
 problem, and the app keeps serving.
 """
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -130,3 +131,35 @@ def test_bad_input_is_a_clear_4xx(local_app, phantom):
         assert r.status_code == status and message in r.json()["error"], (i, r.status_code, r.text[:500])
     assert requests.get(f"{base}/healthz", timeout=10).status_code == 200  # still serving
     assert requests.get(f"{base}/info/", timeout=30).status_code == 200
+
+
+def test_a_dicom_series_session_answers_a_dicom_seg(local_app):
+    """A DICOM series opened as a MONAI Label session (PUT /session/, one file per slice): a click on slice 1 answers
+    output=dicom_seg, a DICOM-SEG that references the uploaded instances; several structures are refused for it."""
+    import highdicom as hd
+    import pydicom
+    from dicom_files import slices
+
+    series = slices([0.0, 2.5, 5.0])
+    files = []
+    for ds in series:
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        files.append(("files", (ds.filename, buf.getvalue(), "application/dicom")))
+    r = requests.put(f"{local_app}/session/", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    sid = r.json()["session_id"]
+    assert r.json()["session_info"]["meta"]["source_format"] == "dicom"
+    params = {"foreground": [[64, 64, 1]], "label": "liver"}  # no NIfTI grid: [column, row, slice]
+    r = requests.post(f"{local_app}/infer/sam2_interactive?session_id={sid}&output=dicom_seg", timeout=60,
+                      files={"params": (None, json.dumps(params))})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text[:300]
+    seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(r.content))
+    assert seg.SegmentSequence[0].SegmentLabel == "liver"
+    referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                  for i in s.ReferencedInstanceSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in series}
+    r = requests.post(f"{local_app}/infer/rau_segmentation?session_id={sid}&output=dicom_seg", timeout=120,
+                      files={"params": (None, json.dumps({"structures": ["liver", "spleen"], "slice": 1}))})
+    assert r.status_code == 422 and "one structure a request" in r.json()["error"], r.text[:300]
+    assert requests.delete(f"{local_app}/session/{sid}", timeout=30).status_code == 200
