@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -71,6 +72,12 @@ def s3_bucket(s3_endpoint) -> str:
     return f"s3://{name}"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(isolated_model_cache, s3_endpoint):
     import ray
@@ -80,6 +87,10 @@ def ray_cluster(isolated_model_cache, s3_endpoint):
     # the cluster's processes (and the CLI subprocesses) run Serve and Ray Train as an embedded cluster would
     for key, value in {**SERVE_ENV, **LOCAL_TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
+    # Serve's HAProxy also binds fixed stats / metrics ports (8404, 9101): free ones, so another Ray cluster serving
+    # on this machine (a second test session, a user's app) cannot make this session's proxy fail to start
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        os.environ.setdefault(key, str(_free_port()))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     address = ray.get_runtime_context().gcs_address
     yield address

@@ -3,7 +3,7 @@
 ``build_app(args)`` is what ``serve run serve_configs/local.yaml`` calls (``import_path:
 rau_ray.serve.app:build_app``); ``build_graph(args, options)`` binds Ingress(Retriever, Policy, Segmenter,
 Commander) with per-deployment options. A policy + segmenter checkpoint pair that does not belong together
-(``pair_refusal``) still starts, on the profile's own models, and answers 503 naming both. The routes are in
+(``pair_refusal``) starts its Ingress alone (no model loaded), which answers 503 naming both. The routes are in
 ``routes``, the calls between deployments in ``pipeline``, the messages they exchange in ``messages``, the models in
 ``deployments``. The Commander's optional LLM fallback is set by the ``command_llm_*`` args.
 Use: ``serve run serve_configs/local.yaml``; from Python ``base_url = start(profile="tiny", port=8000)``, ``stop()``.
@@ -65,6 +65,10 @@ class AppArgs:
     command_llm_model: str | None = None  # required with a URL: the model name the server knows
     command_llm_api_key_env: str | None = None  # NAME of an env var of the replicas holding the key, never the key
     command_llm_timeout_s: float = 10.0
+    # POST /v1/pacs/segment (rau_ray/serve/pacs_routes.py): each DICOMweb request's timeout, and the PACS URL
+    # prefixes the route may reach (None: any http(s) URL; set it where clients must not steer the app's requests)
+    pacs_timeout_s: float = 30.0
+    pacs_allowed_urls: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         if self.prompt_decoding not in ("segmenter", "ingress"):
@@ -72,6 +76,8 @@ class AppArgs:
                               f"{self.prompt_decoding!r}")
         if self.ingress_embedding_cache < 1:
             raise ConfigError("serve args.ingress_embedding_cache must be >= 1")
+        if not self.pacs_timeout_s > 0:
+            raise ConfigError("serve args.pacs_timeout_s must be > 0")
         if self.command_llm_url is None:
             return
         if not self.command_llm_url.startswith(("http://", "https://")):
@@ -119,18 +125,19 @@ def build_graph(args: dict | None = None, options: dict | None = None):
         return dep.options(**o) if o else dep
 
     refused = pair_refusal(a.policy_checkpoint, a.segmenter_checkpoint)
-    # a refused pair: the deployments start on the profile's own models (never asked); the Ingress answers 503
-    policy_ck, segmenter_ck = (None, None) if refused else (a.policy_checkpoint, a.segmenter_checkpoint)
-    common = {"profile": a.profile, "policy_checkpoint": policy_ck, "segmenter_checkpoint": segmenter_ck,
-              "device": a.device, "threads": a.threads}
+    settings = Settings(session_ttl_s=a.session_ttl_s, max_sessions=a.max_sessions,
+                        max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, refusal=refused,
+                        pacs_timeout_s=a.pacs_timeout_s, pacs_allowed_urls=a.pacs_allowed_urls)
+    if refused:  # the Ingress alone, answering 503 with the reason: no model is loaded for an app that serves none
+        return opt(Ingress).bind(None, None, None, None, settings, None)
+    common = {"profile": a.profile, "policy_checkpoint": a.policy_checkpoint,
+              "segmenter_checkpoint": a.segmenter_checkpoint, "device": a.device, "threads": a.threads}
     retriever = opt(Retriever).bind(bank_dir=a.bank_dir, **common)
     policy = opt(Policy).bind(max_batch_size=a.policy_batch_size, batch_wait_timeout_s=a.policy_batch_wait_s,
                               max_new_tokens=a.max_new_tokens, **common)
     segmenter = opt(Segmenter).bind(embedding_cache=a.embedding_cache, **common)
     commander = opt(Commander).bind(llm_url=a.command_llm_url, llm_model=a.command_llm_model,
                                     llm_api_key_env=a.command_llm_api_key_env, llm_timeout_s=a.command_llm_timeout_s)
-    settings = Settings(session_ttl_s=a.session_ttl_s, max_sessions=a.max_sessions,
-                        max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, refusal=refused)
     decoder = DecoderSpec(**common, capacity=a.ingress_embedding_cache) if a.prompt_decoding == "ingress" else None
     return opt(Ingress).bind(retriever, policy, segmenter, commander, settings, decoder)
 
