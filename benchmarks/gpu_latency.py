@@ -19,6 +19,7 @@ import torch
 
 from rau_ray.data.phantoms import ct_abdomen
 from rau_ray.models import prompts
+from rau_ray.models.precision import sam2_autocast
 from rau_ray.models.profiles import get_profile
 from rau_ray.models.rau import RAUModel, Reference
 
@@ -49,7 +50,7 @@ def paper_model(device: str) -> RAUModel:
     from rau_ray.models import pretrained
     from rau_ray.models.describe import QWEN25_VL_7B
     from rau_ray.models.fusion import RAUSegmenter
-    from rau_ray.models.policy import TINY, Policy, _add_project_tokens, _lora_config, _save_tiny
+    from rau_ray.models.policy import TINY, Policy, _add_project_tokens, _lora_config, _save_tiny, _tied
 
     cfg = get_profile("paper")
     tiny_path = pretrained.resolve("tiny", "policy", lambda f: _save_tiny(TINY, f),
@@ -69,7 +70,8 @@ def paper_model(device: str) -> RAUModel:
         model = Qwen2_5_VLForConditionalGeneration(config)
     torch.set_default_dtype(torch.float32)
     seg_id = _add_project_tokens(model, processor)
-    policy = Policy(get_peft_model(model, _lora_config(cfg.policy, seg_id)).eval(), processor, cfg.policy)
+    lora = _lora_config(cfg.policy, seg_id, _tied(model))  # the <Seg> rows of lm_head only when it is not tied
+    policy = Policy(get_peft_model(model, lora).eval(), processor, cfg.policy)
     sam = build_sam2(cfg.sam2.config, None, device=device, hydra_overrides_extra=cfg.sam2.hydra_overrides())
     segmenter = RAUSegmenter(sam, cfg.fusion).to(device)  # fp32 weights under bf16 autocast, as SAM2 runs
     return RAUModel(replace(cfg, max_new_tokens=64), policy, segmenter)
@@ -92,8 +94,7 @@ def main() -> None:
     messages = prompts.build_messages("segment", prompts.to_pil(ref.image), {"liver": [10, 10, 200, 200]},
                                       prompts.to_pil(target), structure="liver")
     inputs = model.policy.inputs_for([messages])
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if a.device.startswith("cuda") else \
-        torch.autocast(device_type="cpu", enabled=False)
+    autocast = sam2_autocast(a.device)  # SAM2 as the Serve Segmenter runs it: bf16 on CUDA, fp32 on CPU
 
     def generate64():
         with torch.no_grad():

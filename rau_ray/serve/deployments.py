@@ -36,6 +36,7 @@ from rau_ray.models import checkpoint as ckpt
 from rau_ray.models import pipeline, retrieval
 from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.policy import load_policy
+from rau_ray.models.precision import sam2_autocast
 from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.rau import RAUModel, Reference, image_digest
 from rau_ray.models.retrieval import Embedder, ReferenceBank
@@ -245,12 +246,14 @@ class Segmenter:
                  segmenter_checkpoint: str | None = None, device: str = "cpu", threads: int | None = 1,
                  embedding_cache: int | None = None):
         _threads(threads)
-        cfg, seg = load_segmenter(profile, policy_checkpoint, segmenter_checkpoint, _device(device))
+        self.device = _device(device)  # SAM2 runs under sam2_autocast(self.device): bf16 on CUDA, fp32 on CPU
+        cfg, seg = load_segmenter(profile, policy_checkpoint, segmenter_checkpoint, self.device)
         if embedding_cache:
             cfg = replace(cfg, embedding_cache=int(embedding_cache))
         self._model = RAUModel(cfg, None, seg)  # image_embedding(): the LRU cache keyed by image hash
         self.seg = seg
-        self._model.image_embedding(_WARM_UP.target)  # first-call set-up here, not in the first request
+        with sam2_autocast(self.device):
+            self._model.image_embedding(_WARM_UP.target)  # first-call set-up here, not in the first request
         self._model._embeddings.clear()
         self._prepared: OrderedDict[str, tuple] = OrderedDict()  # prepare()d requests waiting for their segment()
 
@@ -259,7 +262,9 @@ class Segmenter:
         if held is not None:
             return held
         t0 = time.perf_counter()
-        return self._model.image_embedding(image), False, time.perf_counter() - t0
+        with sam2_autocast(self.device):
+            embedding = self._model.image_embedding(image)
+        return embedding, False, time.perf_counter() - t0
 
     @serve.multiplexed(max_num_models_per_replica=EMBEDDING_ROUTES)
     async def _holds(self, image_key: str) -> str:
@@ -289,7 +294,7 @@ class Segmenter:
         tgt, cached, t_embed = self._embedding(target)
         ref, _, t_ref = self._embedding(ref_image)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), sam2_autocast(self.device):
             memory = self.seg.encode_reference(ref, np.asarray(ref_mask, dtype=bool))
         return tgt, memory, cached, {"embed": t_embed + t_ref, "memory": time.perf_counter() - t0}
 
@@ -310,7 +315,7 @@ class Segmenter:
             prepared = self._prepare(target, ref_image, ref_mask)
         tgt, memory, cached, timings = prepared
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), sam2_autocast(self.device):
             logits, score, _ = self.seg.predict(tgt, torch.as_tensor(seg_hidden), memory)
         mask = (logits > 0).cpu().numpy()
         return Segmentation(mask, float(score), cached, {**timings, "decode": time.perf_counter() - t0})
@@ -327,7 +332,8 @@ class Segmenter:
             return NotHeld()
         emb, cached, t_embed = found
         t0 = time.perf_counter()
-        mask, score = decode_prompts(self.seg.predictor, emb, points, labels, box)
+        with sam2_autocast(self.device):
+            mask, score = decode_prompts(self.seg.predictor, emb, points, labels, box)
         return Prompted(mask, score, cached, {"embed": t_embed, "decode": time.perf_counter() - t0})
 
     async def embedding(self, image: np.ndarray | str) -> Features | NotHeld:

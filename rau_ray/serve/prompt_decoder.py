@@ -24,10 +24,11 @@ from rau_ray.serve.messages import Features, Prompted
 
 
 def features_to_numpy(embedding: ImageEmbedding) -> Features:
-    """An ImageEmbedding -> plain arrays (what a handle call ships; Ray pickles numpy cheaply)."""
+    """An ImageEmbedding -> plain float32 arrays (what a handle call ships; Ray pickles numpy cheaply; a GPU
+    Segmenter's features are bf16, which numpy has not)."""
     f = embedding.features
-    return Features(f["image_embed"].detach().cpu().numpy(),
-                    tuple(t.detach().cpu().numpy() for t in f["high_res_feats"]),
+    return Features(f["image_embed"].detach().float().cpu().numpy(),
+                    tuple(t.detach().float().cpu().numpy() for t in f["high_res_feats"]),
                     tuple(int(v) for v in embedding.orig_hw))
 
 

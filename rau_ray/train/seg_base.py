@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from rau_ray.data.manifest import Manifests, read_manifest
 from rau_ray.data.tasks import label_boxes, make_pairs
 from rau_ray.errors import ConfigError, DataError
+from rau_ray.models.precision import sam2_autocast
 from rau_ray.models.profiles import ModelConfig
 from rau_ray.models.prompts import to_pil
 from rau_ray.models.retrieval import reference_picker
@@ -197,7 +198,8 @@ def single_mask_output(sam):
 # -- trainers: the model pieces of one mode, usable in-process or inside a Ray Train worker -------------------------
 class SegTrainer:
     """Common loop pieces: ``train_step(items, rng)``, ``evaluate(items)``, ``weights()`` / ``load_weights``,
-    ``distribute(prepare_model)`` for DDP."""
+    ``distribute(prepare_model)`` for DDP. A mode implements ``losses`` and ``_evaluate``; both run under
+    ``sam2_autocast`` (bf16 on CUDA, fp32 on CPU: as the Serve Segmenter runs SAM2)."""
 
     def __init__(self, cfg: SegJobConfig, device: torch.device | str = "cpu"):
         self.cfg, self.device = cfg, torch.device(device)
@@ -215,7 +217,8 @@ class SegTrainer:
 
     def train_step(self, items: list[dict], rng: np.random.Generator | None = None) -> dict[str, float]:
         self.set_train(True)
-        out = self.losses(items, rng)
+        with sam2_autocast(self.device):  # the forward and the losses; backward and the step outside it
+            out = self.losses(items, rng)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
@@ -227,7 +230,17 @@ class SegTrainer:
         """The training losses on ``items`` without a step, with the clicks fixed (the error regions' centres):
         the same number before and after training tells whether the optimizer lowers the loss."""
         self.set_train(True)  # as the optimizer sees it (SAM2's eval mode may swap in a multimask output)
-        return {k: float(v) for k, v in self.losses(items, None).items()}
+        with sam2_autocast(self.device):
+            return {k: float(v) for k, v in self.losses(items, None).items()}
+
+    @torch.no_grad()
+    def evaluate(self, items: list[dict]) -> dict[str, float]:
+        """Sums of the validation Dice over ``items`` and their count "n" (the mode's ``_evaluate``)."""
+        with sam2_autocast(self.device):
+            return self._evaluate(items)
+
+    def _evaluate(self, items: list[dict]) -> dict[str, float]:
+        raise NotImplementedError
 
     def _batches(self, items):
         for i in range(0, len(items), self.cfg.batch_size):

@@ -151,7 +151,7 @@ class CBAMLoRASegTrainer(SegTrainer):
                 "dice_last_round": parts[-1].dice.detach()}
 
     @torch.no_grad()
-    def evaluate(self, items: list[dict]) -> dict[str, float]:
+    def _evaluate(self, items: list[dict]) -> dict[str, float]:
         """Sums of the Dice after the first prompt ("dice") and after the last corrective round
         ("dice_interactive", clicks at the error regions' centres), as inference runs SAM2 (eval mode); "dice_single":
         the first prompt's single-mask output, which the loss trains (see ``single_mask_output``); "n" items."""

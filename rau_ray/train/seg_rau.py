@@ -137,7 +137,7 @@ class RAUSegTrainer(SegTrainer):
         return out
 
     @torch.no_grad()
-    def evaluate(self, items: list[dict]) -> dict[str, float]:
+    def _evaluate(self, items: list[dict]) -> dict[str, float]:
         """Sums over ``items`` of the Dice of the thresholded mask at the target's size: "dice" as inference runs
         SAM2 (eval mode), "dice_single" from the single-mask output the loss trains (see ``single_mask_output``);
         "n" items."""
