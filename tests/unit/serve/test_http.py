@@ -23,6 +23,9 @@ ROUTES = {("get", "/healthz"), ("get", "/readyz"), ("get", "/v1/structures"), ("
           ("delete", "/v1/sessions/{sid}"), ("post", "/v1/sessions/{sid}/commands"),
           ("post", "/v1/sessions/{sid}/undo"), ("post", "/v1/sessions/{sid}/redo"),
           ("get", "/v1/sessions/{sid}/mask"), ("get", "/v1/sessions/{sid}/image")}
+ROUTES |= {("get", "/info/"), ("post", "/infer/{model}"), ("put", "/session/"), ("get", "/session/{session_id}"),
+           ("delete", "/session/{session_id}"), ("get", "/datastore/"), ("put", "/datastore/"),
+           ("put", "/datastore/image"), ("delete", "/datastore/image")}  # MONAI Label's (serve/monailabel.py)
 
 
 def _refs(node):
