@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temp file in the same folder, fsync, then rename over the target.
 
 An interrupted write leaves either the old file or nothing, never a half-written one.
-Use: ``atomic_write_bytes(path, data)`` or ``with atomic_open(path, "w") as f: ...``.
+Use: ``atomic_write_bytes(path, data)`` or ``with atomic_open(path, "w") as f: ...``; a whole folder:
+``with atomic_dir(path) as tmp: ...`` (filled in a temp folder, renamed into place).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside ``path`` to fill; on a clean exit it replaces ``path`` (an old folder there is renamed
+    aside, then removed), on an exception it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a written folder is for whoever may read its parent
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:

@@ -107,6 +107,12 @@ def _ship(a: argparse.Namespace) -> dict:
     return ship(a.checkpoint, a.name, a.step)
 
 
+def _export(a: argparse.Namespace) -> dict:
+    from rau_ray.models.export import export_checkpoint
+
+    return export_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite)
+
+
 def _tune(a: argparse.Namespace) -> dict:
     from rau_ray.tune.sweep import load_sweep_config, run_sweep
 
@@ -262,6 +268,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         ship_arguments(shp)
     shp.set_defaults(func=_ship)
+
+    exp = sub.add_parser("export", help="a checkpoint as artifacts others load: a peft adapter folder with the "
+                                        "processor (<Seg>), an RAU segmenter's weights + config, a model card")
+    if full("export"):
+        from rau_ray.models.export import add_arguments as export_arguments
+
+        export_arguments(exp)
+    exp.set_defaults(func=_export)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over a training job (projector width, LoRA rank, lr...): "
                                        "ASHA, results table, heatmap, best checkpoint exported")
