@@ -4,7 +4,10 @@ A bank folder holds ``index.faiss``, ``metadata.jsonl`` (one manifest row per en
 the absolute manifest path, so the reference image and mask can be loaded) and ``bank.json`` (the embedder's id and
 dimension, the index type): a bank built with one embedder is never searched with another. Search filters by
 modality, never returns the query's own subject, and answers "no suitable reference" below a similarity threshold
-instead of returning a bad match. Exact (Flat) indexes move to the GPU when faiss-gpu and a GPU are present. A bank
+instead of returning a bad match. Exact (Flat) indexes move to the GPU when a GPU is present: a faiss GPU index
+with faiss-gpu (the ``gpu`` extra), else ``TorchFlatIP`` (the same exact inner-product search as a torch matmul +
+top-k on the GPU) with faiss-cpu; HNSW and IVF stay on the CPU. A bank logs its index type, whether it is on the GPU
+and which faiss build is installed when it is built or loaded (logger ``rau_ray.retrieval``). A bank
 folder may also be an ``s3://`` / ``gs://`` URI: ``save`` uploads it (bank.json last), ``load`` downloads it once per
 node into the local cache (``rau_ray.storage.local_copy``).
 The tiny embedder (``embedder: tiny``): ``init: pretrained`` (the default) loads ``weights/tiny/dinov2``, the
@@ -18,14 +21,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
+import logging
 import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import faiss
+try:
+    import faiss
+except ImportError as e:  # the core leaves the faiss build to the extras: one of the two, never both
+    raise ImportError("faiss is not installed: install rau-ray with one of its faiss extras, '.[cpu]' (faiss-cpu) "
+                      "or '.[gpu]' (faiss-gpu-cu12)") from e
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -42,6 +51,8 @@ from rau_ray.models import pretrained, prompts
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
 POOLINGS = ("cls", "mean", "cls+mean")
 GPU_MAX_K = 2048  # faiss GPU k-selection limit; beyond it (rare) the exact fallback answers
+FAISS_BUILDS = ("faiss-cpu", "faiss-gpu-cu12")  # the [cpu] and [gpu] extras: both install the module `faiss`
+log = logging.getLogger("rau_ray.retrieval")
 
 
 @dataclass(frozen=True)
@@ -225,19 +236,88 @@ def _embed_rows(cfg: RetrievalConfig, manifest_path: str, ids: list[str], progre
     return np.concatenate(out)
 
 
+class TorchFlatIP:
+    """Exact inner-product search on a torch device: what ``faiss.IndexFlatIP`` answers (``search`` -> (scores,
+    ids), -1 past the entries; ``add``, ``reconstruct_batch``), as one matmul + top-k. A Flat bank lives in one on
+    a GPU whose faiss has no GPU support (faiss-cpu); ``faiss_index()`` is the faiss index it is saved as."""
+
+    is_trained = True
+
+    def __init__(self, dim: int, device: str | torch.device = "cuda", vectors: np.ndarray | None = None):
+        self.d, self.device = dim, torch.device(device)
+        self.vectors = torch.zeros((0, dim), dtype=torch.float32, device=self.device)
+        if vectors is not None:
+            self.add(vectors)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.vectors)
+
+    def add(self, x: np.ndarray) -> None:
+        self.vectors = torch.cat([self.vectors, torch.as_tensor(np.asarray(x, np.float32), device=self.device)])
+
+    def search(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        if params is not None:
+            raise ValueError("TorchFlatIP filters no ids: over-fetch and filter the results")
+        scores = torch.as_tensor(np.asarray(q, np.float32), device=self.device) @ self.vectors.T
+        top = torch.topk(scores, min(k, self.ntotal), dim=1)  # sorted, best first
+        sims = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        sims[:, :top.values.shape[1]] = top.values.cpu().numpy()
+        ids[:, :top.indices.shape[1]] = top.indices.cpu().numpy()
+        return sims, ids
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        return self.vectors[torch.as_tensor(np.asarray(ids, np.int64), device=self.device)].cpu().numpy()
+
+    def reconstruct_n(self, start: int, n: int) -> np.ndarray:
+        return self.vectors[start:start + n].cpu().numpy()
+
+    def faiss_index(self):
+        index = faiss.IndexFlatIP(self.d)
+        index.add(self.vectors.cpu().numpy())
+        return index
+
+
 def _is_gpu(index) -> bool:
-    return type(index).__name__.startswith("Gpu")
+    return type(index).__name__.startswith("Gpu") or (isinstance(index, TorchFlatIP) and index.device.type == "cuda")
+
+
+def _faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _to_device(index):
-    """A faiss GPU index when faiss was built with GPU support (the `gpu` extra) and a GPU is visible, else as is."""
-    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0:
+    """A Flat index on the GPU when one is visible: faiss' GPU index where faiss was built with GPU support (the
+    ``gpu`` extra), else ``TorchFlatIP`` (faiss-cpu); as is without a GPU."""
+    if not torch.cuda.is_available():
+        return index
+    if _faiss_has_gpu():
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    return TorchFlatIP(index.d, "cuda", index.reconstruct_n(0, index.ntotal) if index.ntotal else None)
 
 
 def _to_cpu(index):
+    if isinstance(index, TorchFlatIP):
+        return index.faiss_index()
     return faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
+
+
+def faiss_build() -> str:
+    """Which faiss distribution provides the module (``faiss-cpu`` / ``faiss-gpu-cu12``; both is a broken install:
+    the module is whichever was installed last), with faiss' version and whether it has GPU support."""
+    installed = []
+    for name in FAISS_BUILDS:
+        try:
+            installed.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    what = " + ".join(installed) or "faiss (no known distribution)"
+    if len(installed) > 1:
+        log.warning("both faiss builds are installed (%s): they install the same module, so which one runs is the "
+                    "last installed; install only one of rau-ray's [cpu] / [gpu] extras", what)
+    gpu = "GPU support" if hasattr(faiss, "StandardGpuResources") else "no GPU support"
+    return f"{what} (module {faiss.__version__}, {gpu})"
 
 
 def _new_index(kind: str, dim: int, expected: int, exact_below: int):
@@ -264,9 +344,10 @@ def _search_params(index, sel):
 
     The parameter object must match the index (IVF rejects the base class) and its own defaults win over the
     index's settings (SearchParametersIVF.nprobe = 1, SearchParametersHNSW.efSearch = 16), so they are copied.
-    GPU indexes accept the argument but (faiss 1.x GpuIndexFlat) ignore the selector: over-fetch there instead.
+    GPU indexes accept the argument but (faiss 1.x GpuIndexFlat) ignore the selector, and TorchFlatIP takes none:
+    over-fetch there instead.
     """
-    if _is_gpu(index):
+    if _is_gpu(index) or isinstance(index, TorchFlatIP):
         return None
     if isinstance(index, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=sel, nprobe=index.nprobe)
@@ -284,6 +365,15 @@ class ReferenceBank:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def index_description(self) -> str:
+        """What searches this bank: the index kind and class, CPU or GPU, the entries and the faiss build."""
+        where = "GPU" if _is_gpu(self.index) else "CPU"
+        return (f"{self.info.get('index', '?')} index ({type(self.index).__name__}) on the {where}, {len(self)} "
+                f"entries x {self.info['dim']}-d; {faiss_build()}")
+
+    def log_index(self, how: str) -> None:
+        log.info("reference bank %s: %s", how, self.index_description())
 
     @classmethod
     def empty(cls, embedder_id: str, dim: int, index: str = "flat", expected: int = 0,
@@ -314,6 +404,7 @@ class ReferenceBank:
         bank = cls.empty(embedder_id(cfg, width), width, cfg.index, expected=len(rows), exact_below=cfg.exact_below,
                          min_similarity=cfg.min_similarity)
         bank.add([{**asdict(r), "manifest": path} for r in rows], embeddings)
+        bank.log_index("built")
         return bank
 
     def add(self, rows: list[dict], embeddings: np.ndarray) -> None:
@@ -458,7 +549,9 @@ class ReferenceBank:
                               f"with {embedder.id!r} (dim {embedder.dim}); rebuild it with `rau index build`")
         if isinstance(index, faiss.IndexFlat):
             index = _to_device(index)
-        return cls(index, rows, info, embedder.cfg.min_similarity if embedder else TINY.min_similarity)
+        bank = cls(index, rows, info, embedder.cfg.min_similarity if embedder else TINY.min_similarity)
+        bank.log_index(f"loaded from {folder}")
+        return bank
 
 
 def _embed_on_ray(cfg: RetrievalConfig, manifest_path: str, ids: list[str], bar) -> np.ndarray:

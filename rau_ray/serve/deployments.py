@@ -19,6 +19,7 @@ Use: ``rau_ray.serve.app.build_app({...})`` wires them; each class is also usabl
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -54,6 +55,8 @@ from rau_ray.serve.messages import (
     Segmentation,
 )
 from rau_ray.serve.prompt_decoder import decode_prompts, features_to_numpy
+
+serve_log = logging.getLogger("ray.serve")  # Serve's logger: the replica's log and console
 
 
 def _threads(n: int | None) -> None:
@@ -116,6 +119,7 @@ class Retriever:
                                               phantom_size)
         embedder = Embedder(replace(cfg.retrieval, device=_device(device)))
         bank = ReferenceBank.load(bank_dir, embedder)
+        serve_log.info("reference bank: %s", bank.index_description())  # which index, on which device, which faiss
         self._model = RAUModel(cfg, None, None, embedder, bank)  # retrieval only: retrieve() is the shared code
         self._rows = {r["id"]: r for r in bank.rows}
         self._info = BankInfo(tuple(sorted({n for r in bank.rows for n in r["labels"].values()})),

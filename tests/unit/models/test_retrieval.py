@@ -1,6 +1,9 @@
-"""DINOv2 embedder + faiss reference bank: offline build, Ray == local, persistence, filters, thresholds, recall."""
+"""DINOv2 embedder + faiss reference bank: offline build, Ray == local, persistence, filters, thresholds, recall;
+the torch Flat index (GPU search with faiss-cpu) and the index line a bank logs."""
 
+import importlib.metadata
 import json
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +16,15 @@ from rau_ray.data.formats import apply_window
 from rau_ray.data.make import MakeConfig, make_dataset
 from rau_ray.data.manifest import read_manifest
 from rau_ray.errors import ConfigError, DataError
-from rau_ray.models.retrieval import TINY, Embedder, ReferenceBank, RetrievalConfig, _search_params, recall_at_k
+from rau_ray.models.retrieval import (
+    TINY,
+    Embedder,
+    ReferenceBank,
+    RetrievalConfig,
+    TorchFlatIP,
+    _search_params,
+    recall_at_k,
+)
 
 CT_SUBJECTS, ANGIO_SUBJECTS = 20, 12  # 80 CT slices (4 a subject) + 12 angiograms
 
@@ -224,3 +235,36 @@ def test_bad_config_and_queries(bank):
         bank.search(np.zeros(64, np.float32))
     with pytest.raises(ValueError, match="shape"):
         bank.add([{"id": "x"}], np.zeros((1, 64), np.float32))
+
+
+def test_torch_flat_index_answers_as_faiss_flat(bank, tmp_path):
+    """TorchFlatIP (a Flat bank on a GPU whose faiss is faiss-cpu) searches as IndexFlatIP does, filters included
+    (it takes no selector: the bank over-fetches), and is saved as a faiss Flat index. Here on the CPU device."""
+    v = vectors(bank)
+    torch_index = TorchFlatIP(v.shape[1], "cpu", v[:10])
+    torch_index.add(v[10:])
+    flat = faiss.IndexFlatIP(v.shape[1])
+    flat.add(v)
+    q = v[:7] + np.random.default_rng(0).normal(scale=0.05, size=v[:7].shape).astype(np.float32)
+    for k in (1, 5, len(v) + 3):  # past the entries: -1 ids, as faiss pads
+        (s1, i1), (s2, i2) = torch_index.search(q, k), flat.search(q, k)
+        assert np.array_equal(i1, i2) and np.allclose(s1[i1 >= 0], s2[i2 >= 0], atol=1e-5)
+    assert (i1[:, len(v):] == -1).all()
+    on_torch = ReferenceBank(torch_index, bank.rows, dict(bank.info))
+    assert _search_params(torch_index, faiss.IDSelectorBatch(np.arange(3, dtype=np.int64))) is None
+    for kwargs in ({"k": 5}, {"k": 5, "modality": "XA", "exclude_subject": "s0001"}, {"k": 50, "modality": "CT"}):
+        exact, mine = bank.search(v[0], min_similarity=-1, **kwargs), on_torch.search(v[0], min_similarity=-1, **kwargs)
+        assert [h.row["id"] for h in mine.hits] == [h.row["id"] for h in exact.hits], kwargs
+    loaded = ReferenceBank.load(on_torch.save(tmp_path / "bank"))
+    assert isinstance(loaded.index, faiss.IndexFlatIP) and np.array_equal(vectors(loaded), v)
+
+
+def test_a_bank_logs_its_index_and_faiss_build(bank, tmp_path, caplog):
+    bank.save(tmp_path / "bank")
+    with caplog.at_level(logging.INFO, logger="rau_ray.retrieval"):
+        loaded = ReferenceBank.load(tmp_path / "bank")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "rau_ray.retrieval"]
+    assert line.startswith(f"reference bank loaded from {tmp_path / 'bank'}: flat index (IndexFlatIP) on the CPU, "
+                           f"{len(bank)} entries")
+    assert f"faiss-cpu {importlib.metadata.version('faiss-cpu')}" in line and "no GPU support" in line
+    assert loaded.index_description() in line
