@@ -11,6 +11,11 @@ A fast deterministic parser, then (optionally, off by default) an LLM fallback f
   allows ("undo the last two clicks" yes, "undo the database" no). A segmentation target must name anatomy (a
   built-in lexicon plus the ``structures`` a caller passes). Characters no command uses (`` ` $ < > { } | \\ ``)
   end the parse. So unrelated or hostile text never becomes an operation: it raises ``CommandError``;
+- the vocabulary is the clinicians' own, taken from how radiology tools name the actions (tables below, each family
+  with its source: 3D Slicer's Segment Editor effects and shortcuts, Segment Statistics, SlicerRT Segment Comparison,
+  OHIF's segmentation toolbox and hotkeys, MONAI Label's DeepGrow / DeepEdit clicks, SlicerSegmentWithSAM,
+  SlicerNNInteractive): "exclude this area at 40,50" (a negative point), "delete my last click" (undo), "follow it
+  through the volume" / "fill between slices" (propagate), "how accurate is it" / "Hausdorff distance" (metrics);
 - with ``fallback=`` (e.g. ``OpenAICompatibleFallback(url, model)``, any ``/v1/chat/completions`` endpoint, or
   ``ChatFallback(fn)`` around the served policy), text the parser refuses goes to the model with the JSON schema;
   its answer is parsed as JSON only, validated against ``OPERATION_SCHEMA`` and grounded in the text (every number
@@ -115,21 +120,72 @@ common internal external descending ascending greater lesser major minor lateral
 small large cervical thoracic lumbar abdominal urinary of and
 """.split())
 
+# ---- Clinicians' words for the operations (issue 20), taken from how radiology tools name them; each family names
+# its source. A phrase on the left is rewritten to the parser's own word before a clause is read.
+_REWRITES = (
+    (r"\b(?:do not|don't|dont|not) include\b", "exclude"),  # OHIF Marker Guided Segment: "do NOT include this area"
+    (r"\bwindow ?/ ?level\b", "w/l"), (r"\blevel ?/ ?window\b", "l/w"),  # OHIF / PACS: "W/L", "Window/Level"
+    (r"\bbi-?directional(?:ly)?\b", "both directions"),  # SlicerSegmentWithSAM: bi-directional propagation
+    (r"\bregion of interest\b", "roi"),  # OHIF "Rectangle ROI", MONAI Label "Drag and Drop ROI"
+)
+# 3D Slicer Segment Editor: Draw "x: delete the last point added", Undo / Redo (z / y); SlicerNNInteractive: "undo the
+# last interaction". A verb of the second kind undoes only "the last / previous / latest / most recent ...".
+_UNDO_VERBS = ("undo", "revert", "roll back", "rollback", "go back", "step back")
+_UNDO_IF_LAST = ("cancel", "back", "take back", "delete", "remove", "erase", "discard", "drop", "clear")
+_REDO_VERBS = ("redo", "reapply", "re-apply")
+_REDO_IF_LAST = ("restore",)  # "restore the last undone step"
+_LAST = r"\b(?:last|previous|latest|recent)\b"
+# OHIF Labelmap AI Assist ("propagates segments to neighbouring slices"), OHIF Interpolate Labelmap ("fill in missing
+# slices"), 3D Slicer Fill between slices ("interpolating or extrapolating"), SAM 2's video predictor (track / follow an
+# object through the frames). The everyday verbs need an object or a place: "follow it through the volume", "fill
+# between slices"; "follow me", "carry on" are no command.
+_PROPAGATE_VERBS = ("propagate", "propagation", "propagating", "propagated", "track", "tracking", "spread", "extend",
+                    "carry", "follow", "interpolate", "interpolation", "extrapolate", "extrapolation", "fill")
+_PROPAGATE_WEAK = ("spread", "extend", "carry", "follow", "fill")
+_PROPAGATE_OBJECT = (r"\b(?:it|mask|masks|segmentation|labelmap|structure|segment|slices?|volume|stack|frames|series"
+                     r"|scan)\b")
+# 3D Slicer Segment Statistics (volume, surface area, voxel count, centroid, Feret diameter), SlicerRT Segment
+# Comparison (Dice similarity, Hausdorff distance) and the question a clinician asks of them: "how accurate is it".
+_METRIC_TERMS = ("metrics", "metric", "stats", "statistics", "segment statistics", "dice", "dice similarity", "volume",
+                 "measurements", "measurement", "scores", "score", "iou", "area", "surface area", "overlap", "accuracy",
+                 "accurate", "hausdorff", "hausdorff distance", "jaccard", "voxel count", "voxels", "centroid",
+                 "diameter", "feret diameter", "quantify", "ground truth", "how big", "how large", "how good",
+                 "how well")
+# Point prompts: a clause may open with one of these verbs (MONAI Label clicks, OHIF include / exclude markers,
+# Slicer Erase / Paint effects at a position, "mark (50, 60) as background").
+_POINT_VERBS = ("click", "include", "exclude", "remove", "erase", "paint", "mark")
+# Window presets: OHIF's W/L presets and 3D Slicer's CT presets (CT-Bone, CT-Lung, CT-Abdomen, CT-Brain); the
+# mediastinal window of chest CT is its soft-tissue window.
+_PRESETS = {"abdomen": "abdomen", "abdominal": "abdomen", "abdo": "abdomen", "bone": "bone", "bones": "bone",
+            "lung": "lung", "lungs": "lung", "pulmonary": "lung", "brain": "brain", "soft tissue": "soft_tissue",
+            "soft-tissue": "soft_tissue", "soft_tissue": "soft_tissue", "softtissue": "soft_tissue",
+            "mediastinal": "soft_tissue", "mediastinum": "soft_tissue"}
+
 # Words that may be left over in a clause of each operation (beyond the words its slots used).
 _POLITE = {"the", "a", "an", "please", "now", "for", "me", "my", "this", "that", "it", "current", "again"}
 _FILLER = {
     "metrics": {"show", "display", "compute", "calculate", "report", "print", "get", "give", "tell", "what", "what's",
                 "whats", "is", "are", "how", "of", "mask", "masks", "segmentation", "value", "values", "view",
-                "see", "check", "open", "all", "us", "measure"},
+                "see", "check", "open", "all", "us", "measure",
+                # issue 20: Segment Statistics units, Segment Comparison's reference, "how good is the mask"
+                "in", "cm", "mm", "cc", "ml", "with", "against", "to", "ground", "truth", "reference",
+                "manual", "result", "prediction", "and", "big", "large", "good", "well", "did", "does", "do",
+                "compare", "comparison"},
     "undo": {"last", "previous", "step", "steps", "action", "actions", "change", "changes", "edit", "edits", "point",
              "points", "click", "clicks", "box", "boxes", "prompt", "prompts", "operation", "operations", "command",
-             "commands", "times", "time", "undone", "one", "thing", "move", "that's", "those", "these"},
+             "commands", "times", "time", "undone", "one", "thing", "move", "that's", "those", "these",
+             # issue 20: "delete the last point added" (Slicer Draw), "undo the last interaction" (nnInteractive)
+             "added", "placed", "latest", "most", "recent", "interaction", "interactions", "stroke", "strokes",
+             "marker", "markers", "seed", "seeds", "annotation", "annotations"},
     "clear": {"all", "everything", "mask", "masks", "points", "point", "prompts", "clicks", "boxes", "box",
               "segmentation", "segmentations", "annotations", "annotation", "seeds", "the", "of", "them", "canvas",
-              "slate", "over", "again", "from", "scratch"},
+              "slate", "over", "again", "from", "scratch",
+              # issue 20: "Reset segment" (nnInteractive), "Clear Markers" (OHIF), Remove segment (Slicer)
+              "segment", "segments", "labelmap", "labelmaps", "marker", "markers", "current", "contour", "contours"},
     "window": {"set", "switch", "change", "use", "apply", "go", "to", "window", "windowing", "windows", "preset",
                "setting", "settings", "view", "mode", "contrast", "level", "width", "center", "centre", "and", "with",
-               "of", "in", "on", "display", "show", "at", "wl", "ww", "l", "w", "c"},
+               "of", "in", "on", "display", "show", "at", "wl", "ww", "l", "w", "c",
+               "ct"},  # issue 20: Slicer's "CT-Bone" / "CT-Abdomen" presets
     "slice": {"go", "goto", "to", "jump", "show", "open", "display", "move", "view", "scroll", "step", "skip",
               "slice", "slices", "frame", "frames", "number", "no", "num", "at", "by", "image", "images", "one",
               "of"},
@@ -137,28 +193,41 @@ _FILLER = {
                   "start", "mask", "masks", "segmentation", "to", "through", "throughout", "across", "into", "in",
                   "on", "over", "all", "other", "every", "whole", "entire", "volume", "slices", "slice", "frames",
                   "stack", "neighbouring", "neighboring", "adjacent", "rest", "of", "only", "direction",
-                  "directions", "way", "ways", "both", "series", "scan"},
+                  "directions", "way", "ways", "both", "series", "scan",
+                  # issue 20: OHIF Labelmap AI Assist / Interpolate Labelmap, Slicer Fill between slices
+                  *_PROPAGATE_VERBS, "between", "missing", "remaining", "labelmap", "structure", "segment", "towards",
+                  "toward"},
     "export": {"export", "save", "download", "write", "store", "out", "mask", "masks", "segmentation", "result",
-               "results", "as", "to", "in", "file", "format", "into", "label", "labels", "map", "output"},
+               "results", "as", "to", "in", "file", "format", "into", "label", "labels", "map", "output",
+               "labelmap", "segments", "object", "files"},  # issue 20: OHIF / Slicer export wording
     "box": {"add", "draw", "place", "put", "make", "drag", "create", "set", "new", "bounding", "box", "bbox",
             "rectangle", "rect", "from", "to", "between", "and", "at", "with", "corners", "corner", "coordinates",
-            "top", "left", "bottom", "right", "of", "prompt"},
+            "top", "left", "bottom", "right", "of", "prompt",
+            "roi"},  # issue 20: "Rectangle ROI" (OHIF), "region of interest"
     "point": {"add", "place", "put", "drop", "mark", "set", "click", "new", "more", "extra", "additional",
               "another", "at", "on", "in", "inside", "here", "there", "coordinates", "coordinate", "position",
               "pixel", "location", "point", "points", "clicks", "seed", "seeds", "dot", "dots", "marker",
-              "markers", "prompt", "prompts", "of"},
+              "markers", "prompt", "prompts", "of",
+              # issue 20: "exclude this area at 40,50" (MONAI Label negative clicks "exclude a region"), "mark
+              # (50, 60) as background", "erase / paint at (x, y)" (Slicer Erase / Paint effects)
+              "area", "region", "spot", "part", "zone", "from", "mask", "segmentation", "as", "erase", "paint"},
 }
 _POINT_WORDS = {"point", "points", "click", "clicks", "seed", "seeds", "dot", "dots", "marker", "markers"}
 _POSITIVE = {"positive", "foreground", "inclusion", "include", "inside", "fg", "pos", "plus", "inclusive"}
 _NEGATIVE = {"negative", "background", "exclusion", "exclude", "outside", "bg", "neg", "minus", "remove",
-             "exclusive"}
+             "exclusive", "erase"}
 _FORWARD = {"forward", "forwards", "up", "upward", "upwards", "superior", "superiorly", "cranial", "cranially",
-            "ahead", "next", "onward", "onwards"}
+            "ahead", "next", "onward", "onwards", "head"}  # "head" / "feet": DICOM Patient Orientation H / F
 _BACKWARD = {"backward", "backwards", "back", "down", "downward", "downwards", "inferior", "inferiorly", "caudal",
-             "caudally", "previous", "prev"}
+             "caudally", "previous", "prev", "feet", "foot"}
 _SEGMENT_VERBS = ("segment", "seg", "segmentation of", "outline", "delineate", "contour", "mask", "find", "locate",
                   "show me", "show", "highlight", "select", "label", "get", "identify", "detect", "trace",
-                  "annotate", "where is", "where's", "wheres", "where are", "give me", "display", "mark")
+                  "annotate", "where is", "where's", "wheres", "where are", "give me", "display", "mark",
+                  # issue 20: MONAI Label auto segmentation, RT auto-contouring, Slicer "Add" segment and its
+                  # Paint / Draw effects
+                  "auto-segment", "autosegment", "auto segment", "auto-contour", "autocontour", "auto contour",
+                  "add a segment for", "add segment for", "add a new segment for", "create a segment for",
+                  "create segment for", "create a new segment for", "new segment for", "paint", "draw")
 _INTERJECTIONS = ("please", "pls", "plz", "kindly", "now", "ok", "okay", "oops", "hmm", "hey", "also", "just",
                   "so", "and", "then", "can you", "could you", "would you", "will you", "i want to", "i'd like to",
                   "i would like to", "let's", "lets", "go ahead and", "sorry", "ah", "oh", "right", "alright", "yes")
@@ -170,7 +239,12 @@ KEYWORDS = frozenset(set().union(*_FILLER.values(), _POINT_WORDS, _POSITIVE, _NE
                                   "measurements", "score", "bone", "lung", "brain", "abdomen", "soft", "tissue",
                                   "png", "nifti", "dicom", "rle", "coco", "segment", "outline", "delineate",
                                   "contour", "highlight", "select", "locate", "identify", "window", "slice",
-                                  "previous", "next", "export", "propagate"}))
+                                  "previous", "next", "export", "propagate"},
+                                 # issue 20: so that typo correction keeps them ("paint" is not "point")
+                                 *(v.split() for v in (*_UNDO_VERBS, *_UNDO_IF_LAST, *_REDO_VERBS, *_REDO_IF_LAST,
+                                                       *_PROPAGATE_VERBS, *_METRIC_TERMS, *_POINT_VERBS)),
+                                 {w for v in _SEGMENT_VERBS for w in re.findall(r"[a-z]+", v) if len(w) > 4},
+                                 {"auto", "roi", "mediastinal", "mediastinum", "labelmap"}))
 # common words typo correction must leave alone ("then" is not a typo of "them", nor "three" of "there")
 _COMMON = frozenset([*_UNITS, *_TENS, *COUNT_WORDS, "hundred", "then", "than", "them", "they", "there", "here",
                      "where", "where's", "what", "when", "which", "with", "without", "into", "onto", "from", "this",
@@ -182,6 +256,15 @@ _COMMON = frozenset([*_UNITS, *_TENS, *COUNT_WORDS, "hundred", "then", "than", "
                      "system", "prompt", "drop", "table", "select", "delete", "users", "user", "admin", "file",
                      "files", "data", "database", "password", "weather", "today", "joke", "poem", "about", "write",
                      "read", "send", "email", "shutdown", "server", "five", "fine", "line", "lines", "time"])
+def _alternation(phrases: Iterable[str]) -> str:
+    """A regex alternation of phrases, longest first (so "surface area" wins over "area")."""
+    return "|".join(re.escape(p) for p in sorted(set(phrases), key=len, reverse=True))
+
+
+_METRIC_RE = re.compile(rf"\b(?:{_alternation(_METRIC_TERMS)})\b")
+_UNDO_REDO_RE = re.compile(rf"({_alternation((*_UNDO_VERBS, *_UNDO_IF_LAST, *_REDO_VERBS, *_REDO_IF_LAST))})\b(.*)")
+_PROPAGATE_RE = re.compile(rf"\b({_alternation(_PROPAGATE_VERBS)}|propagat\w*|track\w*)\b")
+_POINT_VERB_RE = re.compile(rf"(?:{_alternation(_POINT_VERBS)})\b")
 _BAD_CHARS = re.compile(r"[`$<>{}|\\~*^@]")
 _NUMBER = r"-?\d+(?:\.\d+)?"
 
@@ -237,6 +320,8 @@ def _normalise(text: str, vocabulary: frozenset) -> str:
     t = re.sub(r"\bre-do\b", "redo", t)
     t = re.sub(r"\bun-do\b", "undo", t)
     t = re.sub(r"^ad\b", "add", t)
+    for pattern, word in _REWRITES:
+        t = re.sub(pattern, word, t)
     t = re.sub(r"[a-z]+", lambda m: _correct(m.group(0), vocabulary), t)
     return _words_to_numbers(t)
 
@@ -301,21 +386,28 @@ def _is_anatomy(phrase: str, structures: frozenset, bare: bool) -> bool:
     return bool(heads) and len(other) <= 2 and not any(w in _COMMON for w in other)
 
 
-def _metrics(c: str) -> dict | None:
-    if re.search(r"\b(metrics?|stats|statistics|dice|volume|measurements?|scores?|iou|area|overlap)\b", c):
-        rest = re.sub(r"\b(metrics?|stats|statistics|dice|volume|measurements?|scores?|iou|area|overlap)\b", " ", c)
-        if not _leftover(rest, _FILLER["metrics"]):
+def _without_anatomy(words: list[str], structures: frozenset) -> list[str]:
+    """Words left over once anatomy is dropped: "the volume of the liver" is still a metrics request."""
+    return [w for w in words if not _is_anatomy(w, structures, bare=True) and w not in MODIFIERS]
+
+
+def _metrics(c: str, structures: frozenset = frozenset()) -> dict | None:
+    if _METRIC_RE.search(c):
+        rest = _METRIC_RE.sub(" ", c)
+        if not _without_anatomy(_leftover(rest, _FILLER["metrics"]), structures) and not _numbers(rest):
             return {"op": "show_metrics"}
     return None
 
 
 def _undo_redo(c: str) -> dict | None:
-    m = re.match(r"(undo|redo|revert|reapply|re-apply|cancel|roll ?back|go back|step back|take back|back)\b(.*)", c)
+    m = _UNDO_REDO_RE.match(c)
     if not m:
         return None
     verb, rest = m.group(1), m.group(2)
-    if verb in ("cancel", "back", "take back") and not re.search(r"\b(last|previous|that|it)\b", rest):
-        return None
+    if verb in (*_UNDO_IF_LAST, *_REDO_IF_LAST):  # "delete my last click" undoes; "delete everything" is clear's
+        also = r"|\b(?:that|it)\b" if verb in ("cancel", "back", "take back") else ""  # "cancel that", not "delete it"
+        if not re.search(_LAST + also, rest):
+            return None
     n = re.search(rf"\b(\d+|{'|'.join(COUNT_WORDS)})\b", rest)
     if n and (n.group(1).isdigit() or n.group(1) in COUNT_WORDS):
         rest = rest[: n.start()] + " " + rest[n.end():]
@@ -324,7 +416,7 @@ def _undo_redo(c: str) -> dict | None:
     steps = _count(n.group(1)) if n else 1
     if steps < 1:
         raise CommandError(f"cannot {verb} {steps} steps")
-    return {"op": "redo" if verb in ("redo", "reapply", "re-apply") else "undo", "steps": steps}
+    return {"op": "redo" if verb in (*_REDO_VERBS, *_REDO_IF_LAST) else "undo", "steps": steps}
 
 
 def _clear(c: str) -> dict | None:
@@ -333,12 +425,13 @@ def _clear(c: str) -> dict | None:
     if not m or _numbers(m.group(2)) or _leftover(m.group(2), _FILLER["clear"]):
         return None
     if m.group(1) in ("delete", "remove", "discard", "erase") and not re.search(
-            r"\b(all|everything|mask|masks|segmentation|points|prompts|clicks|boxes|annotations|seeds)\b", m.group(2)):
+            r"\b(all|everything|mask|masks|segmentation|points|prompts|clicks|boxes|annotations|seeds|segment|"
+            r"labelmap|markers)\b", m.group(2)):
         return None
     return {"op": "clear"}
 
 
-_PRESET = re.compile(r"\b(abdomen|abdominal|abdo|bone|bones|lung|lungs|pulmonary|brain|soft[ _-]?tissue)\b")
+_PRESET = re.compile(rf"\b({_alternation(_PRESETS)}|soft tissue)\b")
 
 
 def _window(c: str) -> dict | None:
@@ -352,13 +445,10 @@ def _window(c: str) -> dict | None:
         rest = c[: preset.start()] + " " + c[preset.end():]
         if _numbers(rest) or _leftover(rest, _FILLER["window"]):
             return None
-        p = preset.group(1)
-        p = ("abdomen" if p.startswith("abd") else "bone" if p.startswith("bone") else
-             "lung" if p.startswith(("lung", "pulm")) else "brain" if p == "brain" else "soft_tissue")
-        return {"op": "set_window", "preset": p, "level": None, "width": None}
+        return {"op": "set_window", "preset": _PRESETS[preset.group(1)], "level": None, "width": None}
     level = width = None
     rest = c
-    if m := re.search(rf"\b([lw])/([lw])\s*({_NUMBER})\s*/\s*({_NUMBER})", c):
+    if m := re.search(rf"\b([lw])/([lw])\s*(?:to\s+|[=:]\s*)?({_NUMBER})\s*/\s*({_NUMBER})", c):
         a, b = float(m.group(3)), float(m.group(4))
         level, width = (a, b) if m.group(1) == "l" else (b, a)
         rest = c[: m.start()] + " " + c[m.end():]
@@ -402,13 +492,20 @@ def _slice(c: str) -> dict | None:
     return {"op": "goto_slice", "index": None, "delta": sign * _count(n.group(1) if n else None)}
 
 
-def _propagate(c: str) -> dict | None:
-    if not re.search(r"\b(propagat\w*|track\w*|spread|extend|carry)\b", c):
+def _propagate(c: str, structures: frozenset = frozenset()) -> dict | None:
+    verb = _PROPAGATE_RE.search(c)
+    if not verb:
+        return None
+    named = re.search(_PROPAGATE_OBJECT, c) or any(_is_anatomy(w, structures, bare=True) for w in _words(c))
+    if verb.group(1) in _PROPAGATE_WEAK and not named:  # "follow me", "carry on"
+        return None
+    if verb.group(1) == "fill" and not re.search(r"\bslices?\b", c):  # "fill the hole" is no propagation
         return None
     fwd = re.findall(r"\b(" + "|".join(_FORWARD) + r")\b", c)
     bwd = re.findall(r"\b(" + "|".join(_BACKWARD) + r")\b", c)
     rest = re.sub(r"\b(" + "|".join(_FORWARD | _BACKWARD) + r")\b", " ", c)
-    if _numbers(rest) or _leftover(rest, _FILLER["propagate"]):
+    rest = re.sub(r"\b(propagat\w*|track\w*)\b", " ", rest)
+    if _numbers(rest) or _without_anatomy(_leftover(rest, _FILLER["propagate"]), structures):
         return None
     both = re.search(r"\bboth\b", c) or (fwd and bwd)
     return {"op": "propagate", "direction": "both" if both or not (fwd or bwd) else "forward" if fwd else "backward"}
@@ -433,7 +530,7 @@ def _export(c: str) -> dict | None:
 
 
 def _box(c: str) -> dict | None:
-    if not re.search(r"\b(box|bbox|rectangle|rect|bounding)\b", c):
+    if not re.search(r"\b(box|bbox|rectangle|rect|bounding|roi)\b", c):
         return None
     rest = re.sub(r"\b[xy][12]?\s*[=:]\s*", " ", c)
     nums = _numbers(rest)
@@ -452,7 +549,7 @@ def _box(c: str) -> dict | None:
 
 def _point(c: str, structures: frozenset) -> dict | None:
     words = set(_words(c))
-    if not (words & _POINT_WORDS or re.match(r"(click|include|exclude|remove)\b", c)):
+    if not (words & _POINT_WORDS or _POINT_VERB_RE.match(c)):
         return None
     polarity = words & (_POSITIVE | _NEGATIVE)
     negative = bool(polarity & _NEGATIVE)
@@ -477,6 +574,8 @@ def _point(c: str, structures: frozenset) -> dict | None:
         return None
     if len(nums) not in (0, 2):
         raise CommandError(f"a point needs two coordinates (x, y); got {len(nums)} in {c!r}")
+    if not nums and not words & _POINT_WORDS:  # "exclude this area" says no where; "add a negative point" may
+        return None
     if nums and (count or 1) > 1:
         raise CommandError(f"{count} points cannot share one position: {c!r}")
     if count == 0:
@@ -502,7 +601,10 @@ def _parse_clause(c: str, structures: frozenset) -> dict:
     c = _strip_politeness(c)
     if not c:
         raise CommandError("empty clause")
-    for parse in (_metrics, _propagate, _export, _undo_redo, _clear, _window, _slice, _box):
+    for parse in (_metrics, _propagate):
+        if (op := parse(c, structures)) is not None:
+            return op
+    for parse in (_export, _undo_redo, _clear, _window, _slice, _box):
         if (op := parse(c)) is not None:
             return op
     if (op := _point(c, structures)) is not None:
@@ -546,9 +648,11 @@ def _deterministic(text: str, structures: frozenset) -> list[dict]:
             raise first_error
     if not ops:
         raise CommandError(f"not a command: {text!r}")
-    merged: list[dict] = []  # "level 40 and width 400": one window
+    merged: list[dict] = []  # "level 40 and width 400": one window; "dice and hausdorff": one metrics view
     for op in ops:
         prev = merged[-1] if merged else None
+        if prev and op["op"] == prev["op"] == "show_metrics":
+            continue
         if (prev and op["op"] == prev["op"] == "set_window" and prev["preset"] is None and op["preset"] is None
                 and (prev["level"] is None) != (op["level"] is None) and (prev["width"] is None) != (op["width"] is None)):  # noqa: E501
             prev["level"] = prev["level"] if prev["level"] is not None else op["level"]
@@ -636,7 +740,8 @@ _INJECTION = re.compile(
     r"|\bunion\b|\binsert\s+into\b|'\s*(or|and|--)\b|--|\b\d+\s+or\s+\d+\s*=|\b(rm|sudo|wget|curl|chmod|"
     r"chown|nc|bash|sh|powershell|cmd|python|eval|exec|import|os|subprocess|shutdown|reboot|kill)\b|&&|"
     r"[a-z]+://|javascript:|\.\./|/etc/|\b(password|passwd|api key|api_key|apikey|secret|secrets|token|"
-    r"credentials?|ssh|cookie)\b|\b(patients?|records?|database|email|mail|upload|send)\b")
+    r"credentials?|ssh|cookies?)\b|\b(patients?|records?|database|email|mail|upload|send)\b"
+    r"|\b(servers?|cache|disks?|computer|network|browser|accounts?|logs?)\b")  # IT, not the image
 
 
 def _mentions(op: str, text: str) -> bool:

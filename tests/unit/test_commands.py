@@ -80,6 +80,31 @@ def _try(text):
         return []
 
 
+@pytest.mark.parametrize(("text", "ops"), [
+    ("exclude this area at 40,50", [{"op": "add_point", "positive": False, "x": 40, "y": 50, "count": 1}]),
+    ("delete my last click", [{"op": "undo", "steps": 1}]),
+    ("follow it through the volume", [{"op": "propagate", "direction": "both"}]),
+    ("how accurate is it", [{"op": "show_metrics"}]),
+])
+def test_phrasings_a_new_user_tried_issue_20(text, ops):
+    assert parse_command(text) == ops
+
+
+@pytest.mark.parametrize("text", ["follow me", "carry on", "exclude me from this", "delete the last user",
+                                  "how good is the weather", "fill the hole", "erase the disk", "restore the backup"])
+def test_the_new_vocabulary_needs_its_objects(text):
+    """The everyday verbs the radiology tools lend ("follow", "erase", "delete", "how good") are commands only with
+    what they act on: a mask, slices, the last click, a position."""
+    with pytest.raises(CommandError):
+        parse_command(text)
+
+
+def test_issue_20_rows_name_the_tool_their_wording_comes_from():
+    rows = [r for r in CORPUS if "source" in r]
+    assert len(rows) >= 100
+    assert all(r["source"].strip() for r in rows)
+
+
 def test_clauses_join_when_one_alone_is_not_a_command():
     assert parse_command("set level to 40 and width to 400") == [
         {"op": "set_window", "preset": None, "level": 40.0, "width": 400.0}]
