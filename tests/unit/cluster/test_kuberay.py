@@ -1,7 +1,8 @@
 """deploy/kuberay: RayJob manifests for training / tuning and a RayService for serving, checked for structure:
 KubeRay's ray.io/v1 fields, entrypoints and configs that exist, GPUs that the job configs need, volumes that are
-declared, one image and the pinned Ray version everywhere, and a Serve config that Ray Serve's own schema accepts
-that has the shape of serve_configs/local.yaml and is serve_configs/gpu.yaml itself."""
+declared, the image of the job's role (deploy/Dockerfile's train target for RayJobs, serve for the RayService:
+no DeepSpeed / trl there) and the pinned Ray version everywhere, and a Serve config that Ray Serve's own schema
+accepts that has the shape of serve_configs/local.yaml and is serve_configs/gpu.yaml itself."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def gpus(group: dict) -> int:
     return int(limits.get("nvidia.com/gpu", 0))
 
 
-def check_cluster(cluster: dict, where: str) -> None:
+def check_cluster(cluster: dict, where: str, image: str) -> None:
     assert set(cluster) <= CLUSTER_SPEC, f"{where}: unknown RayClusterSpec fields {set(cluster) - CLUSTER_SPEC}"
     assert cluster["rayVersion"] == PINS["ray"], where  # the image's Ray is the one constraints.txt pins
     head = cluster["headGroupSpec"]
@@ -51,7 +52,7 @@ def check_cluster(cluster: dict, where: str) -> None:
     assert gpus({"template": head["template"]}) == 0, f"{where}: the head has no GPU"
     for spec in pods(cluster):
         (container,) = spec["containers"]
-        assert container["image"] == "rau-ray:0.1.0", f"{where}: every pod runs the project's image"
+        assert container["image"] == image, f"{where}: every pod runs the project's image of its role"
         requests, limits = container["resources"]["requests"], container["resources"]["limits"]
         assert requests == limits, f"{where}: Guaranteed QoS (requests == limits) so Ray's resources are real"
         declared = {v["name"] for v in spec.get("volumes", [])}
@@ -88,7 +89,7 @@ def test_rayjob_runs_a_jobs_entrypoint_that_fits_its_cluster(path, job):
     spec = job["spec"]
     assert set(spec) <= RAYJOB_SPEC, f"{path.name}: unknown RayJob fields {set(spec) - RAYJOB_SPEC}"
     assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode") and spec["shutdownAfterJobFinishes"] is True
-    check_cluster(spec["rayClusterSpec"], path.name)
+    check_cluster(spec["rayClusterSpec"], path.name, "rau-ray:0.1.0-train")
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "python" and re.fullmatch(r"jobs/\w+\.py", argv[1]) and (REPO / argv[1]).is_file()
     config_path = REPO / argv[argv.index("--config") + 1]
@@ -122,7 +123,7 @@ def test_rayservice_mirrors_the_serve_configs():
     ((path, service),) = manifests("RayService")
     spec = service["spec"]
     assert set(spec) <= RAYSERVICE_SPEC, f"unknown RayService fields {set(spec) - RAYSERVICE_SPEC}"
-    check_cluster(spec["rayClusterConfig"], path.name)
+    check_cluster(spec["rayClusterConfig"], path.name, "rau-ray:0.1.0-serve")
     config = serve_config(service)
     assert config["http_options"]["host"] == "0.0.0.0" and config["proxy_location"] == "EveryNode"
     local = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
@@ -146,9 +147,15 @@ def test_rayservice_mirrors_the_serve_configs():
 
 def test_dockerfile_builds_the_pinned_stack():
     text = (REPO / "deploy" / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{PINS['ray']}-py311-gpu" in text
+    assert f"FROM rayproject/ray:{PINS['ray']}-py311-gpu AS base" in text
     assert f"torch=={PINS['torch']}" in text and "-c constraints.txt" in text
     assert "WORKDIR /home/ray/rau-ray" in text
+    # one target per role: each stage's install of the project, with faiss-gpu and its role's extra only
+    stages = dict(re.findall(r"^FROM base AS (\w+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
+    assert set(stages) == {"serve", "train"}
+    installs = {name: re.findall(r"-e '\.\[([a-z,]+)\]'", body) for name, body in stages.items()}
+    assert installs == {"serve": ["gpu,serve"], "train": ["gpu,train"]}
+    assert "vllm" in stages["train"] and "vllm" not in stages["serve"]  # GRPO's use_vllm (grpo-paper.yaml)
     assert {".git", ".venv", "runs"} <= set((REPO / ".dockerignore").read_text().split())
 
 
