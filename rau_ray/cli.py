@@ -139,6 +139,28 @@ def _submit(a: argparse.Namespace) -> dict:
     return result
 
 
+def _pacs_segment(a: argparse.Namespace) -> dict:
+    """The stage lines (fetch / segment / store, timed) go to stderr; the JSON result (the SEG's UIDs, the timings)
+    to stdout. Checkpoints: serve_configs/local.yaml's pair unless named (--checkpoint alone: its own policy)."""
+    from rau_ray.dicomweb import DicomWeb
+
+    pacs = DicomWeb(a.url, timeout_s=a.timeout)
+    try:  # the URL, the study and the series are checked before the models' imports and loading (seconds)
+        pacs.pick_series(a.study, a.series)
+    finally:
+        pacs.close()
+    from rau_ray.serve.app import local_options
+    from rau_ray.serve.pacs import run_cli
+
+    served, _ = local_options()
+    policy = a.policy or (None if a.checkpoint else served.get("policy_checkpoint"))
+    result = run_cli(a.url, a.study, a.structures, series=a.series, timeout_s=a.timeout, policy_checkpoint=policy,
+                     segmenter_checkpoint=a.checkpoint or served.get("segmenter_checkpoint"), bank_dir=a.bank,
+                     profile=a.profile, say=lambda line: print(line, file=sys.stderr, flush=True))
+    result["series"].pop("instance_uids", None)  # the SEG references them; the terminal needs no 64 UIDs
+    return result
+
+
 def _demo(a: argparse.Namespace) -> None:
     """The demo prints its own stage lines and summary table; its whole report is the report.json it names."""
     from rau_ray.demo import run_demo
@@ -300,6 +322,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         submit_arguments(submit)
     submit.set_defaults(func=_submit)
+
+    pacs = sub.add_parser("pacs", help="a PACS over DICOMweb (e.g. Orthanc): segment a study, store the DICOM-SEG")
+    psub = pacs.add_subparsers(dest="pacs_command", required=True, metavar="ACTION")
+    pseg = psub.add_parser("segment", help="find the study's series (QIDO-RS), fetch it (WADO-RS), segment the "
+                                           "structures, store one DICOM-SEG in the study (STOW-RS); prints the SEG's "
+                                           "UIDs and the timings")
+    pseg.add_argument("--url", required=True, help="the DICOMweb service root, e.g. http://127.0.0.1:8042/dicom-web")
+    pseg.add_argument("--study", required=True, help="Study Instance UID")
+    pseg.add_argument("--structures", required=True, help="comma-separated, e.g. liver,spleen")
+    pseg.add_argument("--series", help="Series Instance UID (default: the study's one image series)")
+    pseg.add_argument("--checkpoint", help="segmenter checkpoint (default: serve_configs/local.yaml's, shipped:seg)")
+    pseg.add_argument("--policy", help="policy checkpoint (default: local.yaml's with its segmenter, else the "
+                                       "--checkpoint's own)")
+    pseg.add_argument("--bank", help="reference bank folder (`rau index build`); default: a small CT phantom bank")
+    pseg.add_argument("--profile", default="tiny", choices=("tiny", "paper"))
+    pseg.add_argument("--timeout", type=float, default=30.0, help="each DICOMweb request's timeout, s (default 30)")
+    pseg.set_defaults(func=_pacs_segment)
     return p
 
 

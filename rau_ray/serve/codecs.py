@@ -202,11 +202,24 @@ def decode_series(parts: list[tuple[str, bytes]], *, max_bytes: int = MAX_IMAGE_
             raise BadInput(f"{name}: not a DICOM file (a series upload takes DICOM slices, or one zip of them)", 415)
     try:
         datasets = read_datasets(files)
+    except DataError as e:
+        raise BadInput(str(e), 422) from None
+    return series_from_datasets(datasets, "the uploaded series", max_pixels=max_pixels)
+
+
+def series_from_datasets(datasets, where: str = "the series", *, max_pixels: int = MAX_PIXELS) -> Decoded:
+    """A series' datasets (read from files, or fetched from a PACS: ``rau_ray.serve.pacs``) -> the volume a session
+    opens: ordered along the slice normal, CT in HU (other modalities to 8 bits), the headers kept without pixels.
+    Not one volume (a gap, two series, multi-frame) -> ``BadInput`` 422 naming ``where``; too many pixels -> 413."""
+    if len(datasets) > MAX_SLICES:
+        raise BadInput(f"{where}: {len(datasets)} slices; the limit is {MAX_SLICES}", 413)
+    try:
         for ds in datasets:
             if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                raise DataError(f"{ds.filename}: a multi-frame DICOM; send the series as single-frame slices")
+                raise DataError(f"{getattr(ds, 'filename', None) or where}: a multi-frame DICOM; send the series "
+                                "as single-frame slices")
             _check_pixels((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))), max_pixels)
-        series = series_volume(datasets, "the uploaded series")
+        series = series_volume(datasets, where)
     except DataError as e:
         raise BadInput(str(e), 422) from None
     volume = series.volume

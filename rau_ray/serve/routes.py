@@ -34,6 +34,8 @@ from rau_ray.serve.http import ApiError
 from rau_ray.serve.messages import NotUnderstood
 from rau_ray.serve.monailabel import MonaiLabelRoutes
 from rau_ray.serve.monailabel import router as monailabel_router
+from rau_ray.serve.pacs_routes import PacsRoutes
+from rau_ray.serve.pacs_routes import router as pacs_router
 from rau_ray.serve.pipeline import DecoderSpec, Pipeline, prompt_decoder
 from rau_ray.serve.sessions import (
     SessionError,
@@ -59,6 +61,8 @@ class Settings:
     request_timeout_s: float = 120.0
     retries: int = 3
     refusal: str | None = None  # set by build_graph for a mismatched checkpoint pair: every route but /healthz -> 503
+    pacs_timeout_s: float = 30.0  # each DICOMweb request's timeout (POST /v1/pacs/segment)
+    pacs_allowed_urls: tuple[str, ...] | None = None  # PACS URL prefixes the route may reach; None: any
 
 
 app = http.new_app(STATIC, title="RAU-Ray", version="0.1.0",
@@ -68,12 +72,13 @@ app = http.new_app(STATIC, title="RAU-Ray", version="0.1.0",
 
 
 app.include_router(monailabel_router)  # MONAI Label-compatible routes (rau_ray/serve/monailabel.py)
+app.include_router(pacs_router)  # POST /v1/pacs/segment (rau_ray/serve/pacs_routes.py)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
                   health_check_period_s=10)
 @serve.ingress(app)
-class Ingress(MonaiLabelRoutes):
+class Ingress(MonaiLabelRoutes, PacsRoutes):
     def __init__(self, retriever, policy, segmenter, commander, settings: Settings | None = None,
                  decoder: DecoderSpec | None = None):
         """``decoder``: None (prompts are decoded by the Segmenter), or the SAM2 whose prompt decoder runs here
