@@ -6,9 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test test-unit lint install browser monailabel-client bench docs-pictures clean
+.PHONY: demo test test-unit lint install browser orthanc monailabel-client bench docs-pictures clean
 
-install: $(STAMP) browser
+install: $(STAMP) browser orthanc
 
 # Debian chromium for the web page's browser test (Playwright drives /usr/bin/chromium; no browser download).
 # Where apt-get is missing or not allowed this only warns, and tests/integration/test_web_page.py fails saying so.
@@ -16,6 +16,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "warning: could not install chromium (apt-get failed); the browser test will fail"
+
+# Debian Orthanc + its DICOMweb plugin for the PACS tests (tests/integration/test_pacs.py starts one on loopback).
+# Where apt-get is missing or not allowed this only warns, and the PACS tests fail saying so.
+orthanc:
+	@if command -v Orthanc >/dev/null 2>&1 && dpkg -s orthanc-dicomweb >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "warning: no apt-get to install orthanc + orthanc-dicomweb; the PACS tests will fail"; \
+	elif ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb \
+	        >/dev/null); then \
+	  echo "warning: could not install orthanc + orthanc-dicomweb (apt-get failed); the PACS tests will fail"; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +51,7 @@ $(ML_STAMP): requirements-monailabel.txt
 	touch $(ML_STAMP)
 
 # The whole suite: lint and layer contracts first, then every test (unit + integration: real Ray, Serve, browser).
-test: lint browser monailabel-client
+test: lint browser orthanc monailabel-client
 	$(VENV)/bin/pytest
 
 # The fast tier: no Ray cluster, no subprocesses, no browser (a unit test that starts Ray is refused); ~1 minute.
