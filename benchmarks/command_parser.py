@@ -1,13 +1,16 @@
 """Benchmark: natural-language command parser accuracy and per-command latency on the command corpus.
 
 Accuracy = exact match of the operation list (a hostile / unrelated row counts as right when it raises
-CommandError), per corpus part: ``dev`` (written first; the parser was fixed on it) and ``heldout`` (written after
-the parser was frozen). Latency = wall time of one ``parse_command`` call, median and p99 over every row, repeated.
-Run: ``.venv/bin/python benchmarks/command_parser.py [--corpus tests/data/commands_corpus.jsonl] [--repeats 20]``.
+CommandError), per corpus part, with counts and Wilson 95 % intervals: ``dev`` (the parser was fixed on it; issue 8's
+rows and issue 20's rows from radiology tools' wording), ``heldout`` (issue 8, written after that parser was frozen)
+and ``heldout_issue20`` (``tests/data/commands_heldout.jsonl``, written after the issue-20 parser was frozen).
+Latency = wall time of one ``parse_command`` call, median and p99 over every row, repeated.
+Run: ``.venv/bin/python benchmarks/command_parser.py [--corpus FILE ...] [--repeats 20]`` (default: both corpora).
 """
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -15,11 +18,21 @@ from pathlib import Path
 
 from rau_ray.commands import CommandError, parse_command
 
-CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "commands_corpus.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+CORPORA = (DATA / "commands_corpus.jsonl", DATA / "commands_heldout.jsonl")
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """Wilson score interval (95 %) of a proportion k / n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def evaluate(rows: list[dict]) -> dict:
-    """Accuracy of each part (commands, hostile rows, all) and the misses."""
+    """Accuracy of each part (commands, hostile rows, all) with counts and Wilson intervals, and the misses."""
     out, misses = {}, []
     for part in sorted({r["part"] for r in rows}) + ["all"]:
         sel = [r for r in rows if part in ("all", r["part"])]
@@ -35,10 +48,11 @@ def evaluate(rows: list[dict]) -> dict:
             if got != r["ops"] and part != "all":
                 misses.append({"part": part, "text": r["text"][:80], "expected": r["ops"], "got": got})
         n = right["commands"][1] + right["hostile"][1]
-        out[part] = {"commands": right["commands"][1], "hostile": right["hostile"][1],
-                     "command_accuracy": round(right["commands"][0] / max(1, right["commands"][1]), 4),
-                     "hostile_refused": round(right["hostile"][0] / max(1, right["hostile"][1]), 4),
-                     "accuracy": round((right["commands"][0] + right["hostile"][0]) / max(1, n), 4)}
+        (k_c, n_c), (k_h, n_h) = right["commands"], right["hostile"]
+        out[part] = {"commands": n_c, "commands_right": k_c, "hostile": n_h, "hostile_refused_n": k_h,
+                     "command_accuracy": round(k_c / max(1, n_c), 4), "command_accuracy_ci95": wilson(k_c, n_c),
+                     "hostile_refused": round(k_h / max(1, n_h), 4), "hostile_refused_ci95": wilson(k_h, n_h),
+                     "accuracy": round((k_c + k_h) / max(1, n), 4)}
     return {"parts": out, "misses": misses}
 
 
@@ -59,10 +73,10 @@ def latency(rows: list[dict], repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=str(CORPUS))
+    p.add_argument("--corpus", nargs="+", default=[str(c) for c in CORPORA], help="JSONL rows: text, ops, part")
     p.add_argument("--repeats", type=int, default=20)
     a = p.parse_args()
-    rows = [json.loads(line) for line in Path(a.corpus).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for c in a.corpus for line in Path(c).read_text().splitlines() if line.strip()]
     t0 = time.perf_counter()
     parse_command("segment the liver")  # first call: regex compilation
     first_ms = (time.perf_counter() - t0) * 1e3

@@ -20,8 +20,10 @@ from rau_ray.commands import (
     parse_command,
 )
 
-CORPUS = [json.loads(line) for line in
-          (Path(__file__).parents[1] / "data" / "commands_corpus.jsonl").read_text().splitlines() if line.strip()]
+DATA = Path(__file__).parents[1] / "data"
+CORPUS = [json.loads(line) for line in (DATA / "commands_corpus.jsonl").read_text().splitlines() if line.strip()]
+# issue 20: written after the parser was frozen (commit 90c7364) and committed before it was run on them
+HELDOUT_20 = [json.loads(line) for line in (DATA / "commands_heldout.jsonl").read_text().splitlines() if line.strip()]
 COMMANDS = [r for r in CORPUS if r["ops"] is not None]
 HOSTILE = [r["text"] for r in CORPUS if r["ops"] is None]
 SCHEMA = jsonschema.Draft202012Validator(OPERATION_SCHEMA)
@@ -103,6 +105,22 @@ def test_issue_20_rows_name_the_tool_their_wording_comes_from():
     rows = [r for r in CORPUS if "source" in r]
     assert len(rows) >= 100
     assert all(r["source"].strip() for r in rows)
+
+
+def test_issue_20_heldout_exact_match_floor():
+    """Measured once, after the freeze: 106 / 112 exact (0.946, Wilson 95 % 0.888-0.975). The issue's target, 0.97, is
+    NOT reached; this floor is the measured figure, not the target. The parser has not been changed since."""
+    commands = [r for r in HELDOUT_20 if r["ops"] is not None]
+    assert {r["part"] for r in HELDOUT_20} == {"heldout_issue20"} and all(r["source"] for r in HELDOUT_20)
+    assert {op["op"] for r in commands for op in r["ops"]} == set(OPERATIONS)
+    right = [r["text"] for r in commands if _try(r["text"]) == r["ops"]]
+    assert len(commands) == 112 and len(right) >= 106, sorted({r["text"] for r in commands} - set(right))
+
+
+@pytest.mark.parametrize("text", [r["text"] for r in HELDOUT_20 if r["ops"] is None])
+def test_issue_20_heldout_hostile_texts_are_refused(text):
+    with pytest.raises(CommandError):
+        parse_command(text)
 
 
 def test_clauses_join_when_one_alone_is_not_a_command():
