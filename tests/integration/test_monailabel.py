@@ -81,13 +81,16 @@ def test_monailabel_client_against_the_app(local_app, phantom, tmp_path):
     assert out["after_remove"]["status"] == 410 and "deleted" in out["after_remove"]["msg"]
     assert "404" in out["unknown_model"]["msg"] and "deepedit_spleen" in out["unknown_model"]["msg"]
 
-    # the same upload answers output=image (the file alone) and output=json (the params alone)
+    # the same upload answers output=json (the params alone) and output=image (the file alone)
     r = requests.post(f"{local_app}/infer/sam2_interactive?image=phantom&output=json", timeout=60,
                       files={"params": (None, json.dumps({"foreground": [click]}))})
     assert r.status_code == 200 and r.json()["slice"] == k, r.text
     r = requests.post(f"{local_app}/infer/sam2_interactive?image=phantom&output=image", timeout=60,
                       files={"params": (None, json.dumps({"foreground": [click], "result_extension": ".nrrd"}))})
     assert r.status_code == 200 and r.content.startswith(b"NRRD0004"), r.text[:300]
+    r = requests.post(f"{local_app}/infer/sam2_interactive?image=phantom&output=json", timeout=60,
+                      json={"foreground": [click], "result_extension": ".nrrd"})  # OHIF posts the params as JSON
+    assert r.status_code == 200 and r.json()["label_names"] == {"sam2": 1}, r.text
     assert requests.delete(f"{local_app}/datastore/image?id=phantom", timeout=30).status_code == 200
 
 
