@@ -1,6 +1,7 @@
 """pyproject.toml declares what the code imports, where it imports it: every third-party import of rau_ray/, jobs/,
 benchmarks/ and tests/ (read off the source with ``ast``) belongs to a distribution declared in the core or in an
-extra of that part's role (serve: [serve], training and tuning: [train], ...), and a serving install
+extra of that part's role (serve: [serve], training and tuning: [train], ...), or, imported inside a function only,
+in an optional feature's extra (any extra that is not a role, e.g. [tracking]), and a serving install
 (``rau-ray[cpu,serve]``) does not pull DeepSpeed or trl: its dependency closure, walked over the installed
 distributions' own metadata (what pip resolves, without a network round), holds neither.
 Run: ``.venv/bin/pytest tests/unit/test_dependencies.py``."""
@@ -34,6 +35,7 @@ ROLES = [
     ("tests/", ("dev",)),
 ]
 TRAINING_ONLY = ("deepspeed", "trl")  # what a serving image must not install
+ROLE_EXTRAS = {"cpu", "gpu", "serve", "train", "dev"}  # any other extra is an optional feature (lazy imports only)
 # scripts that run in an environment of their own, not the project's, with why
 OWN_ENVIRONMENT = {
     "tests/integration/monailabel_client_script.py": ".venv-monailabel (make monailabel-client): MONAI Label's client",
@@ -72,15 +74,24 @@ def declared_names(extras: tuple[str, ...]) -> set[str]:
     return {norm(r.name) for r in declared(extras)}
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Top-level names of the absolute imports in a file (module level and inside functions)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+def imported_modules(path: Path) -> dict[str, bool]:
+    """Top-level names of the absolute imports in a file -> whether every import of it is inside a function."""
+    lazy: dict[str, bool] = {}
+
+    def visit(node, in_function: bool) -> None:
+        names = []
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names = [a.name.split(".")[0] for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+            names = [node.module.split(".")[0]]
+        for name in names:
+            lazy[name] = lazy.get(name, True) and in_function
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)), False)
+    return lazy
 
 
 def role(rel: str) -> tuple[str, ...]:
@@ -119,6 +130,8 @@ def closure(extras: tuple[str, ...]) -> tuple[set[str], set[str]]:
 
 def test_every_import_is_declared_for_its_role():
     dists_of = {m: {norm(d) for d in ds} for m, ds in md.packages_distributions().items()}
+    features = tuple(sorted(set(pyproject()["optional-dependencies"]) - ROLE_EXTRAS))
+    optional = declared_names(features) - declared_names(())
     files = sorted(p for top in ("rau_ray", "jobs", "benchmarks", "tests") for p in (REPO / top).rglob("*.py"))
     assert len(files) > 100
     undeclared = []
@@ -128,18 +141,28 @@ def test_every_import_is_declared_for_its_role():
         if rel in OWN_ENVIRONMENT:
             continue
         allowed = declared_names(role(rel))
-        for name in sorted(imported_modules(path)):
+        for name, lazy in sorted(imported_modules(path).items()):
             if name in sys.stdlib_module_names or local(name, path):
                 continue
             checked.add(name)
             dists = dists_of.get(name)
             if not dists:
                 undeclared.append(f"{rel}: imports {name}, which no installed distribution provides")
-            elif not dists & allowed:
+            elif not dists & allowed and not (lazy and dists & optional):
                 undeclared.append(f"{rel}: imports {name} ({', '.join(sorted(dists))}), not declared in the core "
-                                  f"or [{', '.join(role(rel))}]")
+                                  f"or [{', '.join(role(rel))}]" + (" (an optional extra's package must be imported "
+                                                                    "inside the function that needs it)"
+                                                                    if dists & optional else ""))
     assert {"torch", "faiss", "fastapi", "deepspeed", "trl", "datasets", "psutil", "jsonschema"} <= checked
     assert not undeclared, "\n".join(undeclared)
+
+
+def test_lazy_imports_are_told_apart(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import a\ntry:\n    import b\nexcept ImportError:\n    pass\n"
+                      "def f():\n    import c\n    from d.e import g\nclass K:\n    import h\n"
+                      "    def m(self):\n        import a\n")
+    assert imported_modules(source) == {"a": False, "b": False, "c": True, "d": True, "h": False}
 
 
 def test_a_layer_that_imports_a_training_package_is_caught():
