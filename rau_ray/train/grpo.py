@@ -25,12 +25,16 @@ Adjustments to trl 1.16 / accelerate 1.15 / peft 0.21, each small and explained 
   rules out ZeRO-3 (see ``GRPOJobConfig.validate``); LoRA GRPO replicates the frozen base under ZeRO-2 anyway.
 - trl decodes completions without special tokens, so ``<Seg>`` would vanish: the rewards re-decode the ids with
   the policy's decoder (``rewards.with_decoder``).
+Rollouts come from the policy's ``generate``, or with ``use_vllm: true`` from vLLM inside each training process
+(trl's ``colocate`` mode: no extra GPUs, the LoRA weights synced into it every step); that takes GPUs and the vllm
+package, and a config asking for it without either is refused when it is loaded, before any worker starts.
 Use: ``run_grpo(GRPOJobConfig(manifest="data/ct/manifest.jsonl", sft_checkpoint="runs/train/sft/checkpoint_..."))``
 or ``rau train grpo --config jobs/configs/grpo-tiny.yaml``.
 """  # noqa: E501
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -91,6 +95,7 @@ class GRPOJobConfig(TrainJobConfig):
     segmenter_checkpoint: str | None = None  # trained segmenter weights (RAUSegmenter.save_trainable) for Dice;
     #                                          a local file or a URI
     gradient_checkpointing: bool = False  # recompute activations in backward: off for tiny, on for the 7B's
+    use_vllm: bool = False  # rollouts by vLLM in each training process (trl's colocate mode): GPUs + the vllm package
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +118,11 @@ class GRPOJobConfig(TrainJobConfig):
                               "trainable <Seg> output row); use zero_stage 2")
         if self.zero_stage != 2:
             raise ConfigError(f"zero_stage must be 2, got {self.zero_stage}")
+        if self.use_vllm and not self.scale.use_gpu:
+            raise ConfigError("use_vllm: vLLM generates on GPUs only; set scale.use_gpu: true, or use_vllm: false")
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("use_vllm: the vllm package is not installed on this machine (README 'Install': "
+                              "vLLM pins its own torch); install it, or set use_vllm: false")
         if not self.tasks or set(self.tasks) - set(TASKS):
             raise ConfigError(f"tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}")
         if self.temperature <= 0 or self.max_completion_length < 1 or self.lr <= 0 or self.beta < 0:
@@ -248,6 +258,12 @@ def reward_funcs(cfg: GRPOJobConfig, policy, model_cfg, device="cpu") -> tuple[l
     return funcs, weights
 
 
+def vllm_args(cfg: GRPOJobConfig) -> dict:
+    """trl's GRPOConfig fields for the rollout engine: vLLM colocated in each training process, or none (trl's
+    default: the policy's own ``generate``)."""
+    return {"use_vllm": True, "vllm_mode": "colocate"} if cfg.use_vllm else {}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: ``config`` = {"cfg": GRPOJobConfig as a dict, "items": task items}."""
     cfg = from_dict(GRPOJobConfig, config["cfg"], "grpo config")
@@ -280,7 +296,8 @@ def train_loop_per_worker(config: dict) -> None:
         logging_steps=cfg.log_every, save_strategy="no", report_to=[],  # report_to of the job: run.fit
         bf16=cfg.scale.use_gpu, use_cpu=not cfg.scale.use_gpu and not use_ds,
         deepspeed=ds_config, accelerator_config={"use_configured_state": True} if use_ds and not cfg.scale.use_gpu
-        else None, gradient_checkpointing=cfg.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True)
+        else None, gradient_checkpointing=cfg.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True,
+        **vllm_args(cfg))
     dataset = Dataset.from_list(config["items"]).with_transform(Prompts(policy.processor))
     trainer = GRPOTrainer(model=policy.model, reward_funcs=funcs, args=args, train_dataset=dataset,
                           processing_class=policy.processor,
