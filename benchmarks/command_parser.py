@@ -2,8 +2,10 @@
 
 Accuracy = exact match of the operation list (a hostile / unrelated row counts as right when it raises
 CommandError), per corpus part, with counts and Wilson 95 % intervals: ``dev`` (the parser was fixed on it; issue 8's
-rows and issue 20's rows from radiology tools' wording), ``heldout`` (issue 8, written after that parser was frozen)
-and ``heldout_issue20`` (``tests/data/commands_heldout.jsonl``, written after the issue-20 parser was frozen).
+rows and issue 20's rows from radiology tools' wording), ``dev, was held-out round 1`` (issue 20's first held-out set,
+measured once as held out at commit f050e75's parser, 90c7364, then made development rows: ``"round": 1``),
+``heldout`` (issue 8, written after that parser was frozen) and ``heldout_issue20_round2``
+(``tests/data/commands_heldout2.jsonl``, written after the round-2 parser was frozen).
 Latency = wall time of one ``parse_command`` call, median and p99 over every row, repeated.
 Run: ``.venv/bin/python benchmarks/command_parser.py [--corpus FILE ...] [--repeats 20]`` (default: both corpora).
 """
@@ -19,7 +21,12 @@ from pathlib import Path
 from rau_ray.commands import CommandError, parse_command
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
-CORPORA = (DATA / "commands_corpus.jsonl", DATA / "commands_heldout.jsonl")
+CORPORA = (DATA / "commands_corpus.jsonl", DATA / "commands_heldout2.jsonl")
+
+
+def part_of(row: dict) -> str:
+    """The row's corpus part; round 1's former held-out rows are reported apart from the other development rows."""
+    return f"{row['part']}, was held-out round {row['round']}" if "round" in row else row["part"]
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
@@ -34,8 +41,8 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
 def evaluate(rows: list[dict]) -> dict:
     """Accuracy of each part (commands, hostile rows, all) with counts and Wilson intervals, and the misses."""
     out, misses = {}, []
-    for part in sorted({r["part"] for r in rows}) + ["all"]:
-        sel = [r for r in rows if part in ("all", r["part"])]
+    for part in sorted({part_of(r) for r in rows}) + ["all"]:
+        sel = [r for r in rows if part in ("all", part_of(r))]
         right = {"commands": [0, 0], "hostile": [0, 0]}
         for r in sel:
             try:
@@ -73,7 +80,8 @@ def latency(rows: list[dict], repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", nargs="+", default=[str(c) for c in CORPORA], help="JSONL rows: text, ops, part")
+    p.add_argument("--corpus", nargs="+", default=[str(c) for c in CORPORA if c.exists()],
+                   help="JSONL rows: text, ops, part")
     p.add_argument("--repeats", type=int, default=20)
     a = p.parse_args()
     rows = [json.loads(line) for c in a.corpus for line in Path(c).read_text().splitlines() if line.strip()]

@@ -19,7 +19,9 @@ A fast deterministic parser, then (optionally, off by default) an LLM fallback f
 - with ``fallback=`` (e.g. ``OpenAICompatibleFallback(url, model)``, any ``/v1/chat/completions`` endpoint, or
   ``ChatFallback(fn)`` around the served policy), text the parser refuses goes to the model with the JSON schema;
   its answer is parsed as JSON only, validated against ``OPERATION_SCHEMA`` and grounded in the text (every number
-  and target it returns must appear in the text), else ``CommandError``. Nothing it says is ever executed.
+  and target it returns must appear in the text and every number of the text be used; each operation needs a word
+  asking for it and the object it acts on, ``check_grounding``), else ``CommandError``. Nothing it says is ever
+  executed.
 
 Coordinates: "(120, 45)", "[120, 45]", "x=120 y=45", "x: 120, y: 45", "120,45", "at 120 45".
 Use: ``parse_command("add three points then bone window")``; CLI: ``rau command parse "undo twice"``
@@ -128,6 +130,23 @@ _REWRITES = (
     (r"\bbi-?directional(?:ly)?\b", "both directions"),  # SlicerSegmentWithSAM: bi-directional propagation
     (r"\bregion of interest\b", "roi"),  # OHIF "Rectangle ROI", MONAI Label "Drag and Drop ROI"
 )
+# Key chords and buttons, issue 20 round 2: OHIF's hotkeys name Undo "ctrl+z" and Redo "ctrl+y" (hotkeyBindings.js);
+# the usual macOS / editor chords are cmd+z, ctrl+shift+z / cmd+shift+z; 3D Slicer's Segment Editor shortcuts are the
+# bare keys "z" (undo) and "y" (redo) and its Effects section has Undo / Redo buttons. "press ctrl+z", "hit cmd-z",
+# "ctrl + y", "press z", "click the undo button" -> undo / redo; a bare key counts only after press / hit / type.
+_MOD = r"(?<![a-z])(?:ctrl|control|cmd|command|meta|mod|\u2318)"
+_KEY_SEP = r"\s*[-+]?\s*"
+_PRESS = r"(?<![a-z])(?:(?:press|hit|type|tap|push|use|do)\s+(?:the\s+)?)?"
+_KEY_TAIL = r"(?:\s+(?:keys?|shortcut|hotkey|combo|combination))?(?:\s+on\s+(?:the|your|my)\s+keyboard)?(?![a-z])"
+_KEYS = (
+    (rf"{_PRESS}(?:{_MOD}{_KEY_SEP}(?:y|shift{_KEY_SEP}z)|shift{_KEY_SEP}{_MOD.removeprefix('(?<![a-z])')}{_KEY_SEP}z)"
+     rf"{_KEY_TAIL}", "redo"),
+    (rf"{_PRESS}{_MOD}{_KEY_SEP}z{_KEY_TAIL}", "undo"),
+    (r"(?<![a-z])(?:press|hit|type|tap|push)\s+(?:the\s+)?(?:letter\s+|key\s+)?z(?:\s+key)?(?![a-z])", "undo"),
+    (r"(?<![a-z])(?:press|hit|type|tap|push)\s+(?:the\s+)?(?:letter\s+|key\s+)?y(?:\s+key)?(?![a-z])", "redo"),
+    (r"(?<![a-z])(?:press|hit|click|tap|push|use)\s+(?:on\s+)?(?:the\s+)?(undo|redo)(?:\s+(?:button|icon|arrow|key))?"
+     r"(?![a-z])", r"\1"),
+)
 # 3D Slicer Segment Editor: Draw "x: delete the last point added", Undo / Redo (z / y); SlicerNNInteractive: "undo the
 # last interaction". A verb of the second kind undoes only "the last / previous / latest / most recent ...".
 _UNDO_VERBS = ("undo", "revert", "roll back", "rollback", "go back", "step back")
@@ -170,7 +189,9 @@ _FILLER = {
                 # issue 20: Segment Statistics units, Segment Comparison's reference, "how good is the mask"
                 "in", "cm", "mm", "cc", "ml", "with", "against", "to", "ground", "truth", "reference",
                 "manual", "result", "prediction", "and", "big", "large", "good", "well", "did", "does", "do",
-                "compare", "comparison"},
+                "compare", "comparison",
+                # issue 20 round 2: the same questions in the past tense ("how accurate was that", "what was the Dice")
+                "was", "were", "has", "have", "been"},
     "undo": {"last", "previous", "step", "steps", "action", "actions", "change", "changes", "edit", "edits", "point",
              "points", "click", "clicks", "box", "boxes", "prompt", "prompts", "operation", "operations", "command",
              "commands", "times", "time", "undone", "one", "thing", "move", "that's", "those", "these",
@@ -210,9 +231,16 @@ _FILLER = {
               "markers", "prompt", "prompts", "of",
               # issue 20: "exclude this area at 40,50" (MONAI Label negative clicks "exclude a region"), "mark
               # (50, 60) as background", "erase / paint at (x, y)" (Slicer Erase / Paint effects)
-              "area", "region", "spot", "part", "zone", "from", "mask", "segmentation", "as", "erase", "paint"},
+              "area", "region", "spot", "part", "zone", "from", "mask", "segmentation", "as", "erase", "paint",
+              # issue 20 round 2: a position said loosely, as a clinician points ("erase the area around (50, 52)",
+              # "a click near 40, 60", "close to (10, 12)")
+              "around", "near", "nearby", "close", "to", "about", "approximately", "roughly"},
 }
 _POINT_WORDS = {"point", "points", "click", "clicks", "seed", "seeds", "dot", "dots", "marker", "markers"}
+# SAM's point prompts are foreground (label 1) / background (label 0) points; SlicerSegmentWithSAM's "Add Positive /
+# Negative Prompt Point": "prompt" alone is a point noun when one of these qualifies it ("positive prompt at (x, y)")
+_PROMPT_QUALIFIERS = {"positive", "negative", "foreground", "background", "pos", "neg", "fg", "bg", "inclusion",
+                      "exclusion", "include", "exclude"}
 _POSITIVE = {"positive", "foreground", "inclusion", "include", "inside", "fg", "pos", "plus", "inclusive"}
 _NEGATIVE = {"negative", "background", "exclusion", "exclude", "outside", "bg", "neg", "minus", "remove",
              "exclusive", "erase"}
@@ -265,6 +293,11 @@ _METRIC_RE = re.compile(rf"\b(?:{_alternation(_METRIC_TERMS)})\b")
 _UNDO_REDO_RE = re.compile(rf"({_alternation((*_UNDO_VERBS, *_UNDO_IF_LAST, *_REDO_VERBS, *_REDO_IF_LAST))})\b(.*)")
 _PROPAGATE_RE = re.compile(rf"\b({_alternation(_PROPAGATE_VERBS)}|propagat\w*|track\w*)\b")
 _POINT_VERB_RE = re.compile(rf"(?:{_alternation(_POINT_VERBS)})\b")
+# a count, then qualifiers (issue 20 round 2: OHIF's include / exclude markers, "prompt" points), then the point noun:
+# "add two exclude markers", "three more positive prompt points", "2 background clicks"
+_POINT_COUNT_RE = re.compile(rf"\b(\d+|a|an|single|couple|pair|few|another)\s+(?:(?:more|extra|additional|new|other|"
+                             rf"prompt|{_alternation(_POSITIVE | _NEGATIVE)})\s+)*"
+                             r"(points?|clicks?|seeds?|dots?|markers?|prompts?)\b")
 _BAD_CHARS = re.compile(r"[`$<>{}|\\~*^@]")
 _NUMBER = r"-?\d+(?:\.\d+)?"
 
@@ -315,8 +348,11 @@ def _normalise(text: str, vocabulary: frozenset) -> str:
     t = text.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
     t = re.sub(r"\s+", " ", t).strip()
     t = re.sub(r"\ba (couple|pair|few) of\b", r"\1", t)
-    t = re.sub(r"\b(?:ctrl|cmd|control)\s*\+?\s*z\b", "undo", t)
-    t = re.sub(r"\b(?:ctrl|cmd|control)\s*\+?\s*(?:y|shift\s*\+?\s*z)\b", "redo", t)
+    for pattern, word in _KEYS:
+        t = re.sub(pattern, word, t)
+    t = re.sub(r"\b(undo|redo)\s*\(\s*\1\s*\)", r"\1", t)  # "undo (ctrl+z)"
+    t = re.sub(r"\b(undo|redo)((?:[ ,]+\1\b)+)", lambda m: f"{m.group(1)} {m.group(2).count(m.group(1)) + 1} times",
+               t)  # "ctrl+z ctrl+z": undo 2 times
     t = re.sub(r"\bre-do\b", "redo", t)
     t = re.sub(r"\bun-do\b", "undo", t)
     t = re.sub(r"^ad\b", "add", t)
@@ -549,17 +585,17 @@ def _box(c: str) -> dict | None:
 
 def _point(c: str, structures: frozenset) -> dict | None:
     words = set(_words(c))
+    polarity = words & (_POSITIVE | _NEGATIVE)
+    if polarity & _PROMPT_QUALIFIERS and words & {"prompt", "prompts"}:  # "positive prompt at (200, 210)"
+        words |= {"point"}
     if not (words & _POINT_WORDS or _POINT_VERB_RE.match(c)):
         return None
-    polarity = words & (_POSITIVE | _NEGATIVE)
     negative = bool(polarity & _NEGATIVE)
     if polarity & _POSITIVE and negative:
         raise CommandError(f"a point is positive or negative, not both: {c!r}")
     rest = c
     count = None
-    if m := re.search(r"\b(\d+|a|an|single|couple|pair|few|another)\s+(?:(?:more|extra|additional|new|other|"
-                      r"positive|negative|foreground|background|inclusion|exclusion|fg|bg)\s+)*"
-                      r"(points?|clicks?|seeds?|dots?|markers?)\b", rest):
+    if m := _POINT_COUNT_RE.search(rest):
         count = _count(m.group(1))
         rest = rest[: m.start(1)] + " " + rest[m.end(1):]
     rest = re.sub(r"\b[xy]\s*[=:]\s*", " ", rest)
@@ -700,26 +736,19 @@ def validate_operations(ops, text: str, structures: frozenset = frozenset(), cau
     numbers = Counter(abs(round(v)) for v in _numbers(clean))
     counts = set(numbers) | {v for w, v in COUNT_WORDS.items() if re.search(rf"\b{w}\b", clean)}
     used: Counter = Counter()  # every coordinate / level / index the model gives must be a number of the text
+    used_counts: set = set()  # ... and every number of the text must be one of them, a count or a step count
     for op in ops:
-        if op["op"] == "segment":
-            target = op["target"].lower().strip()
-            if target not in clean or not _is_anatomy(target, structures, bare=False):
-                raise CommandError(f"the model's target {op['target']!r} is not anatomy named in the text")
+        check_grounding(op, clean, structures)
         values = [op.get(k) for k in ("x", "y", "level", "width", "index", "delta") if op.get(k) is not None]
         used.update(abs(round(v)) for v in [*values, *(op.get("box") or [])])
         for v in (op[k] for k in ("count", "steps") if op.get(k, 1) != 1):
             if v not in counts:
                 raise CommandError(f"the model's count {v} does not appear in the text")
-        if not _mentions(op["op"], clean):
-            raise CommandError(f"the model's {op['op']!r} is not asked for in the text")
-        if op["op"] == "export" and op["format"] != "png" and not re.search(
-                {"nifti": r"nii|nift", "dicom-seg": r"dicom|dcm", "rle": r"rle|run.length|coco"}[op["format"]], clean):
-            raise CommandError(f"the model's format {op['format']!r} is not named in the text")
-        if op["op"] == "set_window" and op["preset"] and not re.search(
-                {"abdomen": "abdom", "soft_tissue": r"soft"}.get(op["preset"], op["preset"]), clean):
-            raise CommandError(f"the model's window {op['preset']!r} is not named in the text")
+            used_counts.add(v)
     if missing := used - numbers:
         raise CommandError(f"the model's values {sorted(missing.elements())} do not appear in the text")
+    if unused := set(numbers) - set(used) - used_counts:  # "add box 1 2 3" is no box without its corners
+        raise CommandError(f"the text's numbers {sorted(unused)} are in none of the model's operations")
     return ops
 
 
@@ -733,15 +762,58 @@ _OP_HINTS = {"segment": "|".join(re.escape(v) for v in _SEGMENT_VERBS),
              "propagate": r"propagat|track|spread|extend|carry",
              "export": r"export|save|download",
              "show_metrics": r"metric|stat|dice|volume|measure|score|iou|area|overlap|how good"}
-# Text that is never handed to a model: prompt injection, code, SQL, shell, URLs, secrets, records.
-_INJECTION = re.compile(
-    r"\b(ignore|disregard|forget|override|bypass)\b|\b(instructions?|rules|system prompt|prompt)\b|\byou are\b"
-    r"|\b(developer|god|dan) mode\b|\bjailbreak|\b(drop|truncate|alter|create)\s+table\b|\bselect\b.*\bfrom\b"
-    r"|\bunion\b|\binsert\s+into\b|'\s*(or|and|--)\b|--|\b\d+\s+or\s+\d+\s*=|\b(rm|sudo|wget|curl|chmod|"
-    r"chown|nc|bash|sh|powershell|cmd|python|eval|exec|import|os|subprocess|shutdown|reboot|kill)\b|&&|"
-    r"[a-z]+://|javascript:|\.\./|/etc/|\b(password|passwd|api key|api_key|apikey|secret|secrets|token|"
-    r"credentials?|ssh|cookies?)\b|\b(patients?|records?|database|email|mail|upload|send)\b"
-    r"|\b(servers?|cache|disks?|computer|network|browser|accounts?|logs?)\b")  # IT, not the image
+# ... and, since issue 20 round 2, what it acts on: the verbs mean other things outside the image ("erase the hard
+# drive", "track my parcel", "download DICOM RTSTRUCT", "next song", "I broke a bone"), so an operation counts only
+# with one of its objects in the text (regexes over the lower-cased text; anatomy counts for propagate / metrics).
+_MASK_OBJECT = (r"\b(?:masks?|segment\w*|seg|annotations?|labels?|labelmaps?|contours?|outlines?|"
+                r"structures?|predictions?|results?)\b")
+_OP_OBJECTS = {
+    "add_point": r"\b(?:points?|clicks?|seeds?|dots?|markers?|positive|negative|foreground|background)\b",
+    "add_box": r"\b(?:box|boxes|bbox|rectangle|rectangular|rect|bounding)\b",
+    "undo": r"\b(?:undo\w*|revert\w*|last|previous|latest|recent|that|it|clicks?|points?|steps?|edits?|actions?|"
+            r"changes?|strokes?|mistake)\b",
+    "redo": r"\b(?:redo\w*|re-?apply|undone|undid|last|previous|steps?|edits?|that|it)\b",
+    "clear": _MASK_OBJECT + r"|\b(?:points?|clicks?|prompts?|markers?|seeds?|box(?:es)?|canvas|drawing)\b"
+                            r"|\bstart (?:over|again)\b",
+    "set_window": r"\b(?:window\w*|level|width|contrast|ww|wl)\b|\bct[- ]?(?:bone|lung|abdomen|brain)\b",
+    "goto_slice": r"\b(?:slices?|frames?|images?)\b",
+    "propagate": _MASK_OBJECT + r"|\b(?:slices?|volume|stack|frames?|series|scan|images)\b",
+    "export": _MASK_OBJECT + r"|\b(?:it|that|this)\b",
+    "show_metrics": _MASK_OBJECT + r"|\b(?:it|that|this|dice|hausdorff|jaccard|iou|voxel count|surface area)\b",
+}
+# An export's format must be named in the text, and a text naming a format no export writes is no export.
+_FORMAT_NAMED = {"png": r"\bpng\b|\bimages?\b", "nifti": r"nii|nift", "dicom-seg": r"\b(?:dicom|dcm)[ _-]?seg\b",
+                 "rle": r"\brle\b|run.length|\bcoco\b"}
+_UNSUPPORTED_FORMAT = re.compile(r"\b(?:rt ?struct\w*|rtss|stl|obj|vtk|vtp|ply|nrrd|mha|mhd|jpe?g|tiff?|bmp|gif|pdf|"
+                                 r"csv|xlsx?|docx?|zip|exe|mp4|avi|json|xml|txt|html?|sr)\b")
+
+
+def check_grounding(op: dict, text: str, structures: frozenset = frozenset()) -> None:
+    """Raise CommandError unless ``text`` (lower case, numbers as digits) asks for ``op``, an operation the LLM
+    fallback returned: a word for the operation, the object the operation acts on ("clear" a mask / segment /
+    annotation, not a hard drive; "track" slices or the volume, not a parcel; a point needs a point noun, a position
+    or a polarity), a segmentation target that is anatomy named in the text, a window preset and an export format the
+    text names, and no format no export writes ("DICOM RTSTRUCT"). Pure (no model, no I/O); every operation it passes
+    passed the check before issue 20 round 2 too. Numbers and counts are checked by ``validate_operations``."""
+    name = op["op"]
+    if not _mentions(name, text):
+        raise CommandError(f"the model's {name!r} is not asked for in the text")
+    needs = _OP_OBJECTS.get(name)
+    anatomy = name in ("propagate", "show_metrics") and any(_is_anatomy(w, structures, bare=True) for w in _words(text))
+    if needs and not (re.search(needs, text) or (name == "add_point" and op["x"] is not None) or anatomy):
+        raise CommandError(f"the model's {name!r} has nothing in the text to act on")
+    if name == "segment":
+        target = op["target"].lower().strip()
+        if target not in text or not _is_anatomy(target, structures, bare=False):
+            raise CommandError(f"the model's target {op['target']!r} is not anatomy named in the text")
+    if name == "export":
+        if unsupported := _UNSUPPORTED_FORMAT.search(text):
+            raise CommandError(f"the text names a format no export writes: {unsupported.group(0)!r}")
+        if not re.search(_FORMAT_NAMED[op["format"]], text):
+            raise CommandError(f"the model's format {op['format']!r} is not named in the text")
+    if name == "set_window" and op["preset"] and not re.search(
+            {"abdomen": "abdom", "soft_tissue": r"soft"}.get(op["preset"], op["preset"]), text):
+        raise CommandError(f"the model's window {op['preset']!r} is not named in the text")
 
 
 def _mentions(op: str, text: str) -> bool:
@@ -752,6 +824,17 @@ def _mentions(op: str, text: str) -> bool:
         known = r"png|image|nifti\S*|nii\S*|nifty|dicom\S*|dcm\S*|rle|coco|run|the|mask|file|segmentation|seg"
         return all(re.fullmatch(known, n) for n in named)
     return True
+
+
+# Text that is never handed to a model: prompt injection, code, SQL, shell, URLs, secrets, records.
+_INJECTION = re.compile(
+    r"\b(ignore|disregard|forget|override|bypass)\b|\b(instructions?|rules|system prompt|prompt)\b|\byou are\b"
+    r"|\b(developer|god|dan) mode\b|\bjailbreak|\b(drop|truncate|alter|create)\s+table\b|\bselect\b.*\bfrom\b"
+    r"|\bunion\b|\binsert\s+into\b|'\s*(or|and|--)\b|--|\b\d+\s+or\s+\d+\s*=|\b(rm|sudo|wget|curl|chmod|"
+    r"chown|nc|bash|sh|powershell|cmd|python|eval|exec|import|os|subprocess|shutdown|reboot|kill)\b|&&|"
+    r"[a-z]+://|javascript:|\.\./|/etc/|\b(password|passwd|api key|api_key|apikey|secret|secrets|token|"
+    r"credentials?|ssh|cookies?)\b|\b(patients?|records?|database|email|mail|upload|send)\b"
+    r"|\b(servers?|cache|disks?|computer|network|browser|accounts?|logs?)\b")  # IT, not the image
 
 
 @lru_cache(maxsize=1)

@@ -11,31 +11,40 @@ import pytest
 
 from rau_ray.cli import main as rau
 from rau_ray.commands import (
+    EXPORT_FORMATS,
     MAX_TEXT,
     OPERATION_SCHEMA,
     OPERATIONS,
+    WINDOW_PRESETS,
     ChatFallback,
     CommandError,
     OpenAICompatibleFallback,
+    check_grounding,
     parse_command,
+    validate_operations,
 )
 
 DATA = Path(__file__).parents[1] / "data"
 CORPUS = [json.loads(line) for line in (DATA / "commands_corpus.jsonl").read_text().splitlines() if line.strip()]
-# issue 20: written after the parser was frozen (commit 90c7364) and committed before it was run on them
-HELDOUT_20 = [json.loads(line) for line in (DATA / "commands_heldout.jsonl").read_text().splitlines() if line.strip()]
+# issue 20, held-out round 1: written after the parser was frozen (commit 90c7364), committed before it was run on them
+# (commit f050e75) and measured once (106 / 112, BENCHMARKS.md); development rows since ("round": 1), held out no more
+ROUND_1 = [r for r in CORPUS if r.get("round") == 1]
 COMMANDS = [r for r in CORPUS if r["ops"] is not None]
 HOSTILE = [r["text"] for r in CORPUS if r["ops"] is None]
 SCHEMA = jsonschema.Draft202012Validator(OPERATION_SCHEMA)
 
 
 def test_corpus_covers_every_operation_many_ways():
+    """The held-out share is that of issue 8's rows (those without a ``source``): the split it guards was written for
+    them; issue 20's rows are all development rows (round 1's held-out rows included, once measured)."""
     per_op = {op: sum(any(o["op"] == op for o in r["ops"]) for r in COMMANDS) for op in OPERATIONS}
     assert min(per_op.values()) >= 15, per_op
     assert sum(len(r["ops"]) > 1 for r in COMMANDS) >= 20  # several operations in one text
     assert len(HOSTILE) >= 40
-    heldout = sum(r["part"] == "heldout" for r in CORPUS) / len(CORPUS)
-    assert 0.2 <= heldout <= 0.35, heldout  # written after the parser was frozen
+    issue_8 = [r for r in CORPUS if "source" not in r]
+    heldout = sum(r["part"] == "heldout" for r in issue_8) / len(issue_8)
+    assert len(issue_8) == 335 and 0.2 <= heldout <= 0.35, heldout  # written after the parser was frozen
+    assert {r["part"] for r in CORPUS if "source" in r} == {"dev"}
     for r in COMMANDS:
         for op in r["ops"]:
             SCHEMA.validate(op)
@@ -107,20 +116,127 @@ def test_issue_20_rows_name_the_tool_their_wording_comes_from():
     assert all(r["source"].strip() for r in rows)
 
 
-def test_issue_20_heldout_exact_match_floor():
-    """Measured once, after the freeze: 106 / 112 exact (0.946, Wilson 95 % 0.888-0.975). The issue's target, 0.97, is
-    NOT reached; this floor is the measured figure, not the target. The parser has not been changed since."""
-    commands = [r for r in HELDOUT_20 if r["ops"] is not None]
-    assert {r["part"] for r in HELDOUT_20} == {"heldout_issue20"} and all(r["source"] for r in HELDOUT_20)
+def test_issue_20_round_1_rows_now_development():
+    """Round 1's held-out rows, now development rows. Measured once as held out, after the freeze at 90c7364: 106 / 112
+    exact (0.946, Wilson 95 % 0.888-0.975), 31 / 31 hostile refused (BENCHMARKS.md); that figure stays the record.
+    As development rows (the parser was widened on the classes its six misses belong to) every row must pass."""
+    commands = [r for r in ROUND_1 if r["ops"] is not None]
+    assert len(ROUND_1) == 143 and all(r["source"] and r["part"] == "dev" for r in ROUND_1)
     assert {op["op"] for r in commands for op in r["ops"]} == set(OPERATIONS)
-    right = [r["text"] for r in commands if _try(r["text"]) == r["ops"]]
-    assert len(commands) == 112 and len(right) >= 106, sorted({r["text"] for r in commands} - set(right))
+    wrong = [r["text"] for r in commands if _try(r["text"]) != r["ops"]]
+    assert len(commands) == 112 and wrong == []
+    assert [r["text"] for r in ROUND_1 if r["ops"] is None and _try(r["text"])] == []  # 31 hostile, all refused
 
 
-@pytest.mark.parametrize("text", [r["text"] for r in HELDOUT_20 if r["ops"] is None])
-def test_issue_20_heldout_hostile_texts_are_refused(text):
+def test_every_development_row_passes():
+    wrong = [r["text"] for r in CORPUS if r["part"] == "dev" and _try(r["text"]) != (r["ops"] or [])]
+    assert wrong == []
+
+
+P = {"op": "add_point", "positive": True, "x": None, "y": None, "count": 1}
+N = {**P, "positive": False}
+
+
+@pytest.mark.parametrize(("text", "ops"), [
+    # "prompt" is a point noun when a polarity qualifies it (SAM: foreground / background point prompts;
+    # SlicerSegmentWithSAM: "Add Positive / Negative Prompt Point")
+    ("positive prompt at (200, 210)", [{**P, "x": 200, "y": 210}]),
+    ("negative prompt at 12, 30", [{**N, "x": 12, "y": 30}]),
+    ("add a background prompt at x=5 y=9", [{**N, "x": 5, "y": 9}]),
+    ("3 positive prompts", [{**P, "count": 3}]),
+    # a count, include / exclude (OHIF Marker Guided Segment's markers), then the point noun
+    ("add two exclude markers", [{**N, "count": 2}]),
+    ("add three include markers", [{**P, "count": 3}]),
+    ("place 4 exclusion points", [{**N, "count": 4}]),
+    ("two more negative prompts", [{**N, "count": 2}]),
+    # a position said loosely: around / near / close to (MONAI Label negative clicks "exclude a particular region")
+    ("erase the area around (50, 52)", [{**N, "x": 50, "y": 52}]),
+    ("a foreground click near 40, 60", [{**P, "x": 40, "y": 60}]),
+    ("exclude the region close to (7, 8)", [{**N, "x": 7, "y": 8}]),
+    # key chords (OHIF hotkeys: Undo ctrl+z, Redo ctrl+y; 3D Slicer Segment Editor: z undo, y redo, Undo / Redo
+    # buttons), with or without press / hit
+    ("press ctrl+z", [{"op": "undo", "steps": 1}]),
+    ("hit cmd-z twice", [{"op": "undo", "steps": 2}]),
+    ("Ctrl + Y", [{"op": "redo", "steps": 1}]),
+    ("press ctrl+shift+z", [{"op": "redo", "steps": 1}]),
+    ("press z", [{"op": "undo", "steps": 1}]),
+    ("hit the y key", [{"op": "redo", "steps": 1}]),
+    ("ctrl+z ctrl+z", [{"op": "undo", "steps": 2}]),
+    ("click the undo button", [{"op": "undo", "steps": 1}]),
+    ("press ctrl+z on the keyboard", [{"op": "undo", "steps": 1}]),
+    # past-tense questions (Segment Statistics / Segment Comparison terms)
+    ("how accurate was that", [{"op": "show_metrics"}]),
+    ("what was the Dice", [{"op": "show_metrics"}]),
+    ("what were the metrics", [{"op": "show_metrics"}]),
+])
+def test_issue_20_round_2_widened_classes(text, ops):
+    """The classes of phrasing round 1 missed, widened (not the six texts only)."""
+    assert parse_command(text) == ops
+
+
+@pytest.mark.parametrize("text", [
+    "press z to continue", "hit y for yes", "press ctrl+c", "ctrl+alt+delete", "press escape",
+    "how accurate was the weather forecast", "what was the score of the game", "how good was the movie",
+    "what was the dice roll", "add two exclude markers to my calendar", "positive prompt for my essay",
+    "write a positive prompt", "negative prompt: blurry, low quality", "erase the area around my house",
+    "a point near the hospital", "click near the window", "was it good"])
+def test_issue_20_round_2_vocabulary_still_needs_its_objects(text):
     with pytest.raises(CommandError):
         parse_command(text)
+
+
+# Every shape of operation an over-eager / compromised model could answer for a text without numbers.
+EVERY_SHAPE = [{"op": "segment", "target": "liver"}, P, N, {"op": "add_box", "box": None}, {"op": "undo", "steps": 1},
+               {"op": "redo", "steps": 1}, {"op": "clear"},
+               *({"op": "set_window", "preset": p, "level": None, "width": None} for p in WINDOW_PRESETS),
+               {"op": "goto_slice", "index": None, "delta": 1}, {"op": "goto_slice", "index": None, "delta": -1},
+               *({"op": "propagate", "direction": d} for d in ("both", "forward", "backward")),
+               *({"op": "export", "format": f} for f in EXPORT_FORMATS), {"op": "show_metrics"}]
+
+
+@pytest.mark.parametrize("text", ["erase the hard drive", "track my parcel", "download DICOM RTSTRUCT"])
+def test_grounding_refuses_verbs_without_their_objects(text):
+    """Round 1's three hostile texts that the fallback's old check let through (clear, propagate, export png): the
+    check is pure, so it is tested directly, with every operation shape a model could answer."""
+    for op in EVERY_SHAPE:
+        with pytest.raises(CommandError):
+            check_grounding(op, text.lower())
+        with pytest.raises(CommandError):
+            validate_operations([op], text)
+
+
+@pytest.mark.parametrize(("text", "op"), [
+    ("make the contrast nice for the lungs", {"op": "set_window", "preset": "lung", "level": None, "width": None}),
+    ("take me to image number 7 of the series", {"op": "goto_slice", "index": 7, "delta": None}),
+    ("wipe out the mask I drew", {"op": "clear"}),
+    ("carry the contour on to the neighbouring slices", {"op": "propagate", "direction": "both"}),
+    ("save what I segmented as a nifti file please", {"op": "export", "format": "nifti"}),
+    ("how good is the segmentation, Dice wise", {"op": "show_metrics"}),
+    ("oops, cancel that last thing", {"op": "undo", "steps": 1}),
+    ("stick a foreground point in the middle at 64 64", {**P, "x": 64, "y": 64}),
+])
+def test_grounding_still_accepts_what_the_text_asks_for(text, op):
+    assert validate_operations([op], text) == [op]
+
+
+def test_grounding_refuses_numbers_the_operations_leave_out():
+    with pytest.raises(CommandError, match="none of the model's operations"):
+        validate_operations([{"op": "add_box", "box": None}], "add box 1 2 3")
+    assert validate_operations([{"op": "undo", "steps": 3}], "go back 3 steps") == [{"op": "undo", "steps": 3}]
+
+
+def test_a_fake_model_answering_every_shape_never_turns_hostile_text_into_an_operation():
+    """Server-free: the fallback is any function text -> operations; every hostile corpus text (issue 8's, issue 20's
+    development rows and round 1's), every shape -> CommandError."""
+    accepted = []
+    for op in EVERY_SHAPE:
+        for text in HOSTILE:
+            try:
+                accepted.append((text, parse_command(text, fallback=lambda _text, op=op: [op])))
+            except CommandError:
+                pass
+    # known: a point without a position is grounded by the word "point" alone
+    assert accepted == [("add a point at the top of the world", [P]), ("add a point at the top of the world", [N])]
 
 
 def test_clauses_join_when_one_alone_is_not_a_command():
