@@ -26,6 +26,7 @@ ROUTES = {("get", "/healthz"), ("get", "/readyz"), ("get", "/v1/structures"), ("
 ROUTES |= {("get", "/info/"), ("post", "/infer/{model}"), ("put", "/session/"), ("get", "/session/{session_id}"),
            ("delete", "/session/{session_id}"), ("get", "/datastore/"), ("put", "/datastore/"),
            ("put", "/datastore/image"), ("delete", "/datastore/image")}  # MONAI Label's (serve/monailabel.py)
+ROUTES |= {("post", "/v1/pacs/segment")}  # a PACS over DICOMweb (serve/pacs_routes.py)
 
 
 def _refs(node):
@@ -62,6 +63,10 @@ def test_openapi_document_comes_from_the_models():
     assert commands["schema"]["$ref"].endswith("/CommandBody")
     assert doc["paths"]["/v1/sessions"]["post"]["responses"]["201"]["content"]["application/json"]["schema"][
         "$ref"].endswith("/SessionCreated")
+    pacs = doc["paths"]["/v1/pacs/segment"]["post"]
+    assert pacs["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PacsSegmentBody")
+    assert {"200", "404", "422", "502", "504"} <= set(pacs["responses"])
+    assert {"url", "study", "series", "structures", "timeout_s"} <= set(schemas["PacsSegmentBody"]["properties"])
 
 
 def _request(body: bytes, content_type: str) -> Request:
