@@ -15,12 +15,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rau_ray.atomic import atomic_dir
 from rau_ray.data.manifest import assign_splits
 from rau_ray.data.phantoms.common import subject_id
 from rau_ray.errors import ConfigError
@@ -68,27 +68,15 @@ def export(out: str | os.PathLike, write: Callable[[Path], None], facts: dict) -
     with ``facts``: data, objective, steps, wall time, command, seed), which then replaces ``out``. A model card
     (README.md) already in ``out`` is kept."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         write(tmp)
         facts = {"command": " ".join(sys.argv), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  **facts}
         (tmp / "training.json").write_text(json.dumps(facts, indent=1, default=str))
         if (out / "README.md").is_file():
             shutil.copy2(out / "README.md", tmp / "README.md")
-        tmp.chmod(0o755)  # mkdtemp makes it private; a weights folder is for everyone who can read the checkout
-        for f in tmp.rglob("*"):
+        for f in tmp.rglob("*"):  # a weights folder is for everyone who can read the checkout
             f.chmod(0o755 if f.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
