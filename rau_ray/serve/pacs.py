@@ -4,8 +4,8 @@
 ``segment_study(pacs, study, structures, backend)``: find the series (QIDO-RS: the study's one image series, or the
 one named), fetch its instances (WADO-RS), open them as a volume exactly as a session opened from an uploaded DICOM
 series (``codecs.series_from_datasets``), segment each structure as a person would in a session on that volume
-(``segment_volume``: a ``Session`` goes to a key slice, "segment the liver", then "propagate" through the volume; so
-the volume is segmented by the sessions' own code, with the sessions' backend), build one DICOM-SEG with a segment
+(``sessions.segment_volume``: a ``Session`` goes to a key slice, "segment the liver", then "propagate" through the
+volume; the sessions' own code, with the sessions' backend), build one DICOM-SEG with a segment
 per structure (``dicom_seg.build_segmentation``, AUTOMATIC) and store it (STOW-RS, one request: the PACS holds the
 whole SEG or nothing). Each phase is timed: fetch (QIDO + WADO + volume), segment, store (SEG encode + STOW).
 The backend: the Serve ``Pipeline`` in the Ingress (the deployments), or ``LocalBackend`` in the CLI (the same
@@ -34,10 +34,9 @@ from rau_ray.models.rau import RAUModel
 from rau_ray.serve import codecs
 from rau_ray.serve.dicom_seg import SegExportError, build_segmentation
 from rau_ray.serve.prompt_decoder import decode_prompts
-from rau_ray.serve.sessions import Session, SessionError
+from rau_ray.serve.sessions import SessionError, VolumeSegmentation, segment_volume
 
 MAX_STRUCTURES = 16
-KEY_SLICE_TRIES = 3  # slices tried for a structure's key slice (the middle first) before calling it absent
 
 
 class PacsSeriesError(RauError):
@@ -73,44 +72,13 @@ def check_known(structures: Sequence[str], known: Sequence[str] | None) -> None:
                               f"{', '.join(sorted(known))}")
 
 
-def key_slices(n: int, tries: int = KEY_SLICE_TRIES) -> list[int]:
-    """Where a structure's segmentation starts: the middle slice, then the quarter points (distinct, in range)."""
-    out: list[int] = []
-    for k in (n // 2, n // 4, (3 * n) // 4)[:max(1, tries)]:
-        if 0 <= k < n and k not in out:
-            out.append(k)
-    return out
-
-
-async def segment_volume(volume: np.ndarray, modality: str, spacing: Sequence[float], structure: str, backend,
-                         known: Sequence[str] | None = None) -> tuple[np.ndarray, dict]:
-    """One structure through a (Z, H, W) volume, as in a session: go to a key slice, segment the structure there
-    (the full pipeline: reference, policy, segmenter), then propagate the mask slice by slice both ways. A key slice
-    where the mask comes back empty moves on to the next (``key_slices``); empty on all: absent, an empty mask.
-    Returns (bool (Z, H, W), {key_slice, score, slices}); ``backend``: what a ``Session`` calls (``segment``,
-    ``prompt``)."""
-    session = Session(volume, modality, tuple(spacing), kind="dicom")
-    found = None
-    for k in key_slices(session.volume.shape[0]):
-        results = await session.apply([{"op": "goto_slice", "index": k}, {"op": "segment", "target": structure}],
-                                      backend, set(known) if known is not None else None)
-        if session.mask().any():
-            found = (k, results[-1].get("score"))
-            break
-    if found is not None and session.is_volume:
-        await session.apply([{"op": "propagate", "direction": "both"}], backend)
-    masks = np.stack([session.mask(i) for i in range(session.volume.shape[0])])
-    slices = [int(i) for i in np.flatnonzero(masks.any(axis=(1, 2)))]
-    return masks, {"key_slice": found[0] if found else None, "score": found[1] if found else None,
-                   "slices": slices}
-
-
-def _structure_summary(name: str, masks: np.ndarray, info: dict, spacing: Sequence[float]) -> dict:
+def _structure_summary(name: str, done: VolumeSegmentation, spacing: Sequence[float]) -> dict:
     sx, sy = float(spacing[0]), float(spacing[1])
     sz = float(spacing[2]) if len(spacing) > 2 else 1.0
-    voxels = int(masks.sum())
-    return {"name": name, "present": voxels > 0, "key_slice": info["key_slice"],
-            "score": None if info["score"] is None else round(float(info["score"]), 4), "slices": info["slices"],
+    voxels = int(done.masks.sum())
+    score = done.result.get("score") if done.key_slice is not None else None
+    return {"name": name, "present": voxels > 0, "key_slice": done.key_slice,
+            "score": None if score is None else round(float(score), 4), "slices": done.slices,
             "voxels": voxels, "volume_ml": round(voxels * sx * sy * sz / 1000.0, 3)}
 
 
@@ -145,12 +113,13 @@ async def segment_study(pacs: DicomWeb, study: str, structures: Sequence[str], b
     t0 = time.perf_counter()
     volume = decoded.array if decoded.array.ndim == 3 else decoded.array[None]
     try:
-        done = await asyncio.gather(*(segment_volume(volume, decoded.modality, decoded.spacing, s, backend, known)
+        done = await asyncio.gather(*(segment_volume(volume, decoded.modality, tuple(decoded.spacing), s, backend,
+                                                     set(known) if known is not None else None)
                                       for s in structures))
     except SessionError as e:
         raise PacsSeriesError(str(e)) from None
-    masks = {s: m for s, (m, _) in zip(structures, done)}
-    summary = [_structure_summary(s, m, i, decoded.spacing) for s, (m, i) in zip(structures, done)]
+    masks = {s: d.masks for s, d in zip(structures, done)}
+    summary = [_structure_summary(s, d, decoded.spacing) for s, d in zip(structures, done)]
     timings["segment"] = time.perf_counter() - t0
     say("segment", {"structures": summary, "seconds": timings["segment"]})
 

@@ -8,7 +8,9 @@ by unguessable ids (``secrets.token_urlsafe``), so one user's state is never rea
 idle sessions expire after ``ttl_s`` (then ``SessionGone`` -> 410), and at most ``max_sessions`` live at once
 (``SessionLimit`` -> 429).
 Use: ``store = SessionStore(ttl_s=900, max_sessions=64)``; ``s = store.create(image, "CT", (1, 1))``;
-``await s.apply(ops, backend)``; ``store.get(s.id)``; ``store.delete(s.id)``.
+``await s.apply(ops, backend)``; ``store.get(s.id)``; ``store.delete(s.id)``. A whole volume, structure by
+structure, as a session does it (key slice, segment, propagate): ``await segment_volume(volume, "CT", spacing,
+"liver", backend)`` (what ``rau pacs segment`` / ``POST /v1/pacs/segment`` run).
 """
 
 from __future__ import annotations
@@ -381,3 +383,50 @@ class SessionStore:
 
     def touch(self, s: Session) -> None:
         s.last_used = self.clock()
+
+
+# ----------------------------------------------------------------------------------- a whole volume, as a session
+def key_slices(n: int, tries: int = 3) -> list[int]:
+    """Where a structure's volume segmentation starts: the middle slice, then the quarter points (distinct)."""
+    out: list[int] = []
+    for k in (n // 2, n // 4, (3 * n) // 4)[:max(1, tries)]:
+        if 0 <= k < n and k not in out:
+            out.append(k)
+    return out
+
+
+@dataclass
+class VolumeSegmentation:
+    """One structure through a volume: ``masks`` bool (Z, H, W); ``key_slice`` where it was segmented (None: found
+    on none of the slices tried, so absent and ``masks`` empty); ``result``: the segment operation's result there
+    (score, label, reasoning, reference, timings); ``slices``: those with mask pixels."""
+
+    masks: np.ndarray
+    key_slice: int | None
+    result: dict
+    slices: list[int]
+
+
+async def segment_volume(volume: np.ndarray, modality: str, spacing: tuple, structure: str, backend,
+                         known=None, *, start: list[int] | None = None, propagate: bool = True
+                         ) -> VolumeSegmentation:
+    """A structure through a (Z, H, W) volume as a person does it in a session: go to a slice, "segment the liver"
+    (the full pipeline: reference, policy, segmenter), then "propagate" (SAM2 slice to slice from the box of the
+    mask before, until a mask comes back empty). ``start``: the slices to try in order until one gives a mask
+    (default ``key_slices``: the middle, then the quarter points). ``backend``: what a ``Session`` calls (the Serve
+    ``Pipeline``, or ``rau_ray.serve.pacs.LocalBackend`` in-process). A SessionError (an unknown structure) is
+    raised as is."""
+    session = Session(volume, modality, spacing)  # this call's own state; the volume array is shared, not copied
+    n = session.volume.shape[0]
+    found, result = None, {}
+    for k in (start if start is not None else key_slices(n)):
+        results = await session.apply([{"op": "goto_slice", "index": int(k)}, {"op": "segment", "target": structure}],
+                                      backend, known)
+        result = results[-1]
+        if session.mask().any():
+            found = int(k)
+            break
+    if found is not None and propagate and session.is_volume:
+        await session.apply([{"op": "propagate", "direction": "both"}], backend)
+    masks = np.stack([session.mask(i) for i in range(n)])
+    return VolumeSegmentation(masks, found, result, [int(i) for i in np.flatnonzero(masks.any(axis=(1, 2)))])

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from rau_ray.commands import parse_command
-from rau_ray.serve.sessions import Session, SessionError, SessionGone, SessionLimit, SessionNotFound, SessionStore
+from rau_ray.serve.sessions import (
+    Session,
+    SessionError,
+    SessionGone,
+    SessionLimit,
+    SessionNotFound,
+    SessionStore,
+    key_slices,
+    segment_volume,
+)
 
 
 class FakeBackend:
@@ -144,3 +153,46 @@ def test_store_expiry_limit_delete():
         store.get(a.id)
     with pytest.raises(SessionNotFound):
         store.get("nope")
+
+
+# ------------------------------------------------------------------------- a whole volume (segment_volume)
+def test_key_slices_start_in_the_middle():
+    assert key_slices(16) == [8, 4, 12]
+    assert key_slices(1) == [0]
+    assert key_slices(2) == [1, 0]
+    assert key_slices(64, tries=1) == [32]
+
+
+class Painter:
+    """A backend that 'finds' a structure where the volume is bright: segment -> the bright pixels of the current
+    slice; a box prompt -> the bright pixels of that slice (empty where there are none, ending propagation)."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def segment(self, session, target):
+        self.calls.append(("segment", session.state.slice))
+        mask = session.current_image() > 100
+        return {"mask": mask, "score": 0.9 if mask.any() else 0.1}
+
+    async def prompt(self, image, points, labels, box, key=None):
+        self.calls.append(("prompt", box))
+        return {"mask": image[..., 0] > 200, "score": 0.8, "cached": False}
+
+
+def test_a_volume_is_segmented_as_a_session_would():
+    vol = np.zeros((10, 32, 32), np.float32)
+    vol[3:7, 8:20, 8:20] = 300.0  # on slices 3..6 only: the middle (5) holds it
+    done = asyncio.run(segment_volume(vol, "CT", (1.0, 1.0, 2.0), "liver", backend := Painter()))
+    assert done.key_slice == 5 and done.result["score"] == 0.9 and done.slices == [3, 4, 5, 6]
+    np.testing.assert_array_equal(done.masks, vol > 100)
+    assert backend.calls[0] == ("segment", 5)
+    vol2 = np.zeros((8, 32, 32), np.float32)
+    vol2[1:3, 4:10, 4:10] = 300.0  # not on the middle slice (4): the quarter point (2) finds it
+    done = asyncio.run(segment_volume(vol2, "CT", (1.0, 1.0), "spleen", backend := Painter()))
+    assert [c for c in backend.calls if c[0] == "segment"] == [("segment", 4), ("segment", 2)]
+    assert done.key_slice == 2 and done.slices == [1, 2]
+    done = asyncio.run(segment_volume(np.zeros((8, 16, 16), np.float32), "CT", (1, 1), "liver", Painter()))
+    assert not done.masks.any() and done.key_slice is None and done.slices == []  # absent
+    done = asyncio.run(segment_volume(vol, "CT", (1, 1), "liver", Painter(), start=[4], propagate=False))
+    assert done.key_slice == 4 and done.slices == [4]  # a given key slice, not carried through

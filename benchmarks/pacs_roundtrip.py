@@ -1,0 +1,116 @@
+"""Benchmark (BENCHMARKS.md "A PACS over DICOMweb"): a 64-slice phantom CT series through Orthanc, each phase timed.
+
+A local Orthanc (``rau_ray.orthanc.LocalOrthanc``: Debian orthanc + orthanc-dicomweb on loopback, temp storage)
+holds one phantom CT series (``phantom_ct_series``: 64 axial slices, 192 px as the tiny profile's data, 5 mm apart);
+the job of ``rau pacs segment`` / ``POST /v1/pacs/segment`` (``rau_ray.serve.pacs.segment_study``) segments liver and
+spleen ``--runs`` times: fetch (QIDO-RS + WADO-RS + the volume), segment (each structure through a session: key
+slice, segment, propagate), store (DICOM-SEG encode + STOW-RS). Two paths: ``local`` (the CLI's: the shipped
+checkpoints in this process, ``LocalBackend``) and ``serve`` (the route on the Serve app of serve_configs/local.yaml,
+started on an embedded Ray cluster; timings from its answer). Medians and min-max over the runs, per phase.
+Run alone (nothing else on the machine): ``.venv/bin/python benchmarks/pacs_roundtrip.py [--runs 3] [--paths local
+serve] [--out runs/bench/pacs_roundtrip.json]``.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import requests
+import torch
+from dicomweb_client.api import DICOMwebClient
+
+from rau_ray.atomic import atomic_write_text
+from rau_ray.data.phantom_dicom import phantom_ct_series
+from rau_ray.dicomweb import DicomWeb
+from rau_ray.orthanc import LocalOrthanc
+from rau_ray.serve.pacs import local_backend, segment_study
+
+PHASES = ("fetch", "qido", "wado", "volume", "segment", "store", "encode", "stow", "total")
+
+
+def summary(runs: list[dict]) -> dict:
+    out = {}
+    for phase in PHASES:
+        values = [r["timings_s"][phase] for r in runs]
+        out[phase] = {"median_s": round(statistics.median(values), 3), "min_s": round(min(values), 3),
+                      "max_s": round(max(values), 3)}
+    return out
+
+
+def run_local(url: str, study: str, structures: list[str], runs: int) -> dict:
+    t0 = time.perf_counter()
+    with local_backend("shipped:grpo", "shipped:seg") as backend:
+        load_s = time.perf_counter() - t0
+        results = []
+        for _ in range(runs):
+            pacs = DicomWeb(url, timeout_s=60)
+            results.append(asyncio.run(segment_study(pacs, study, structures, backend,
+                                                     known=backend.known_structures())))
+            pacs.close()
+    return {"models_and_bank_load_s": round(load_s, 2), "runs": [r["timings_s"] for r in results],
+            "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
+            "phases": summary(results)}
+
+
+def run_serve(url: str, study: str, structures: list[str], runs: int) -> dict:
+    from rau_ray.serve.app import start, stop  # noqa: PLC0415 - Ray Serve only for this path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    base = start(profile="tiny", port=port, timeout_s=600)
+    start_s = time.perf_counter() - t0
+    try:
+        results = []
+        for _ in range(runs):
+            r = requests.post(base + "/v1/pacs/segment", json={"url": url, "study": study, "structures": structures,
+                                                              "timeout_s": 60}, timeout=1200)
+            r.raise_for_status()
+            results.append(r.json())
+    finally:
+        stop()
+    return {"app_start_s": round(start_s, 2), "runs": [r["timings_s"] for r in results],
+            "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
+            "phases": summary(results)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--slices", type=int, default=64)
+    p.add_argument("--size", type=int, default=192)
+    p.add_argument("--structures", default="liver,spleen")
+    p.add_argument("--paths", nargs="+", default=["local", "serve"], choices=("local", "serve"))
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args()
+    structures = a.structures.split(",")
+    datasets, _ = phantom_ct_series(3, slices=a.slices, size=a.size)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                                           f"torch {torch.get_num_threads()} threads, CPU",
+              "command": " ".join(["python", *sys.argv]), "series": {"slices": a.slices, "size": a.size},
+              "structures": structures, "runs": a.runs}
+    with tempfile.TemporaryDirectory(prefix="rau-bench-orthanc-") as tmp, LocalOrthanc(tmp) as orthanc:
+        t0 = time.perf_counter()
+        DICOMwebClient(orthanc.dicomweb_url).store_instances(datasets)
+        result["upload_s"] = round(time.perf_counter() - t0, 3)
+        study = str(datasets[0].StudyInstanceUID)
+        if "local" in a.paths:
+            result["local"] = run_local(orthanc.dicomweb_url, study, structures, a.runs)
+        if "serve" in a.paths:
+            result["serve"] = run_serve(orthanc.dicomweb_url, study, structures, a.runs)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        atomic_write_text(a.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
