@@ -7,6 +7,10 @@ measured once as held out at commit f050e75's parser, 90c7364, then made develop
 ``heldout`` (issue 8, written after that parser was frozen) and ``heldout_issue20_round2``
 (``tests/data/commands_heldout2.jsonl``, written after the round-2 parser was frozen).
 Latency = wall time of one ``parse_command`` call, median and p99 over every row, repeated.
+The LLM fallback's grounding (no model is run): ``fallback_oracle`` = of the commands the parser refuses, how many a
+model answering exactly the expected operations would get through ``validate_operations`` (an upper bound on what the
+fallback can add); ``fallback_adversary`` = the hostile texts a model answering each operation shape would turn into
+an operation.
 Run: ``.venv/bin/python benchmarks/command_parser.py [--corpus FILE ...] [--repeats 20]`` (default: both corpora).
 """
 
@@ -18,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from rau_ray.commands import CommandError, parse_command
+from rau_ray.commands import EXPORT_FORMATS, WINDOW_PRESETS, CommandError, parse_command
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 CORPORA = (DATA / "commands_corpus.jsonl", DATA / "commands_heldout2.jsonl")
@@ -63,6 +67,43 @@ def evaluate(rows: list[dict]) -> dict:
     return {"parts": out, "misses": misses}
 
 
+_POINT = {"op": "add_point", "positive": True, "x": None, "y": None, "count": 1}
+SHAPES = [{"op": "segment", "target": "liver"}, _POINT, {**_POINT, "positive": False}, {"op": "add_box", "box": None},
+          {"op": "undo", "steps": 1}, {"op": "redo", "steps": 1}, {"op": "clear"},
+          *({"op": "set_window", "preset": p, "level": None, "width": None} for p in WINDOW_PRESETS),
+          {"op": "goto_slice", "index": None, "delta": 1}, {"op": "goto_slice", "index": None, "delta": -1},
+          *({"op": "propagate", "direction": d} for d in ("both", "forward", "backward")),
+          *({"op": "export", "format": f} for f in EXPORT_FORMATS), {"op": "show_metrics"}]
+
+
+def fallback(rows: list[dict]) -> dict:
+    """Per part: commands the parser refuses that an oracle model's answer would get through the grounding check,
+    and hostile texts an adversarial model (every operation shape) would get through."""
+    out = {}
+    for part in sorted({part_of(r) for r in rows}):
+        rescued, refused, adversary = [], 0, []
+        for r in (r for r in rows if part_of(r) == part):
+            if r["ops"] is None:
+                for op in SHAPES:
+                    try:
+                        adversary.append([r["text"], parse_command(r["text"], fallback=lambda _t, op=op: [op])])
+                    except CommandError:
+                        pass
+                continue
+            try:
+                parse_command(r["text"])
+                continue
+            except CommandError:
+                refused += 1
+            try:
+                if parse_command(r["text"], fallback=lambda _t, ops=r["ops"]: ops) == r["ops"]:
+                    rescued.append(r["text"])
+            except CommandError:
+                pass
+        out[part] = {"refused_commands": refused, "oracle_rescued": len(rescued), "adversary_accepted": adversary}
+    return out
+
+
 def latency(rows: list[dict], repeats: int) -> dict:
     times = []
     for _ in range(repeats):
@@ -89,7 +130,8 @@ def main() -> None:
     parse_command("segment the liver")  # first call: regex compilation
     first_ms = (time.perf_counter() - t0) * 1e3
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.python_version()}",
-              "corpus": a.corpus, "rows": len(rows), **evaluate(rows), "first_call_ms": round(first_ms, 3),
+              "corpus": a.corpus, "rows": len(rows), **evaluate(rows), "fallback": fallback(rows),
+              "first_call_ms": round(first_ms, 3),
               "latency": latency(rows, a.repeats)}
     print(json.dumps(result, indent=2))
 

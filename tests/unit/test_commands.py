@@ -29,6 +29,9 @@ CORPUS = [json.loads(line) for line in (DATA / "commands_corpus.jsonl").read_tex
 # issue 20, held-out round 1: written after the parser was frozen (commit 90c7364), committed before it was run on them
 # (commit f050e75) and measured once (106 / 112, BENCHMARKS.md); development rows since ("round": 1), held out no more
 ROUND_1 = [r for r in CORPUS if r.get("round") == 1]
+# issue 20, held-out round 2: written after the parser was frozen (commit c38bf20) and committed (018b813) before it was
+# run on them; measured once, the parser unchanged since
+HELDOUT_2 = [json.loads(line) for line in (DATA / "commands_heldout2.jsonl").read_text().splitlines() if line.strip()]
 COMMANDS = [r for r in CORPUS if r["ops"] is not None]
 HOSTILE = [r["text"] for r in CORPUS if r["ops"] is None]
 SCHEMA = jsonschema.Draft202012Validator(OPERATION_SCHEMA)
@@ -126,6 +129,27 @@ def test_issue_20_round_1_rows_now_development():
     wrong = [r["text"] for r in commands if _try(r["text"]) != r["ops"]]
     assert len(commands) == 112 and wrong == []
     assert [r["text"] for r in ROUND_1 if r["ops"] is None and _try(r["text"])] == []  # 31 hostile, all refused
+
+
+def test_issue_20_round_2_heldout_exact_match_floor():
+    """Measured once, after the freeze at c38bf20: 132 / 175 exact (0.754, Wilson 95 % 0.686-0.812); of the 43 misses,
+    42 are refusals and one a wrong operation ("right click at 60 61" read as a positive point). The issue's target,
+    0.97, is NOT reached; this floor is the measured figure, not the target."""
+    commands = [r for r in HELDOUT_2 if r["ops"] is not None]
+    assert {r["part"] for r in HELDOUT_2} == {"heldout_issue20_round2"} and all(r["source"] for r in HELDOUT_2)
+    assert {op["op"] for r in commands for op in r["ops"]} == set(OPERATIONS)
+    right = [r["text"] for r in commands if _try(r["text"]) == r["ops"]]
+    assert len(commands) == 175 and len(right) >= 132, sorted({r["text"] for r in commands} - set(right))
+
+
+@pytest.mark.parametrize("text", [r["text"] for r in HELDOUT_2 if r["ops"] is None])
+def test_issue_20_round_2_heldout_hostile_texts_are_refused(text):
+    with pytest.raises(CommandError):
+        parse_command(text)
+
+
+def test_issue_20_round_2_heldout_hostile_count():
+    assert sum(r["ops"] is None for r in HELDOUT_2) == 38
 
 
 def test_every_development_row_passes():
@@ -237,6 +261,22 @@ def test_a_fake_model_answering_every_shape_never_turns_hostile_text_into_an_ope
                 pass
     # known: a point without a position is grounded by the word "point" alone
     assert accepted == [("add a point at the top of the world", [P]), ("add a point at the top of the world", [N])]
+
+
+def test_a_fake_model_on_round_2_hostile_texts_known_gaps():
+    """Measured after the round-2 freeze (the parser alone refuses all 38): four held-out hostile texts pass the
+    grounding check when a model answers the matching shape; the verbs ground themselves ("redo my kitchen") or the
+    object is not checked against the rest of the text ("undo my last bank transfer"). Open for the next round."""
+    accepted = []
+    for op in EVERY_SHAPE:
+        for text in (r["text"] for r in HELDOUT_2 if r["ops"] is None):
+            try:
+                accepted.append((text, parse_command(text, fallback=lambda _text, op=op: [op])[0]["op"]))
+            except CommandError:
+                pass
+    assert sorted(accepted) == [("box up my belongings", "add_box"), ("redo my kitchen", "redo"),
+                                ("undo my last bank transfer", "undo"), ("what's the dice roll probability",
+                                                                          "show_metrics")]
 
 
 def test_clauses_join_when_one_alone_is_not_a_command():
