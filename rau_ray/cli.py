@@ -156,7 +156,8 @@ def _pacs_segment(a: argparse.Namespace) -> dict:
     policy = a.policy or (None if a.checkpoint else served.get("policy_checkpoint"))
     result = run_cli(a.url, a.study, a.structures, series=a.series, timeout_s=a.timeout, policy_checkpoint=policy,
                      segmenter_checkpoint=a.checkpoint or served.get("segmenter_checkpoint"), bank_dir=a.bank,
-                     profile=a.profile, say=lambda line: print(line, file=sys.stderr, flush=True))
+                     profile=a.profile, threads=a.threads if a.threads is not None else served.get("threads", 1),
+                     say=lambda line: print(line, file=sys.stderr, flush=True))
     result["series"].pop("instance_uids", None)  # the SEG references them; the terminal needs no 64 UIDs
     return result
 
@@ -338,6 +339,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     pseg.add_argument("--bank", help="reference bank folder (`rau index build`); default: a small CT phantom bank")
     pseg.add_argument("--profile", default="tiny", choices=("tiny", "paper"))
     pseg.add_argument("--timeout", type=float, default=30.0, help="each DICOMweb request's timeout, s (default 30)")
+    pseg.add_argument("--threads", type=int, help="torch threads (default: local.yaml's per-replica threads, 1)")
     pseg.set_defaults(func=_pacs_segment)
     return p
 

@@ -178,9 +178,15 @@ class LocalBackend:
 
 @contextlib.contextmanager
 def local_backend(policy_checkpoint: str | None, segmenter_checkpoint: str | None, bank_dir: str | None = None,
-                  profile: str = "tiny", phantom_subjects: int = 6, phantom_size: int = 128):
+                  profile: str = "tiny", phantom_subjects: int = 6, phantom_size: int = 128,
+                  threads: int | None = 1):
     """A ``LocalBackend`` on the checkpoints, with the bank at ``bank_dir``; without one, the small CT phantom bank
-    the Serve Retriever builds for ``bank_dir: null`` (``retrieval.phantom_bank``, in a temp folder removed after)."""
+    the Serve Retriever builds for ``bank_dir: null`` (``retrieval.phantom_bank``, in a temp folder removed after).
+    ``threads``: torch's threads in this process (None: torch's default). 1, as each Serve replica of local.yaml
+    runs: the tiny models' small ops gain nothing from a second thread, and on a busy 2-core machine its spin-waits
+    made one prediction 13-26 s instead of 0.4 s (measured here)."""
+    if threads:
+        torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory(prefix="rau-pacs-bank-") as tmp:
         if bank_dir is None:
             bank_dir = retrieval.phantom_bank(tmp, phantom_subjects, phantom_size)
@@ -191,7 +197,8 @@ def local_backend(policy_checkpoint: str | None, segmenter_checkpoint: str | Non
 
 def run_cli(url: str, study: str, structures: str, *, series: str | None = None, timeout_s: float = 30.0,
             policy_checkpoint: str | None = None, segmenter_checkpoint: str | None = None,
-            bank_dir: str | None = None, profile: str = "tiny", say: Callable[[str], None] | None = None) -> dict:
+            bank_dir: str | None = None, profile: str = "tiny", threads: int | None = 1,
+            say: Callable[[str], None] | None = None) -> dict:
     """``rau pacs segment``: the job with a ``LocalBackend`` (``say``: one line per phase as it ends)."""
     names = parse_structures(structures)
     pacs = DicomWeb(url, timeout_s=timeout_s)
@@ -209,7 +216,7 @@ def run_cli(url: str, study: str, structures: str, *, series: str | None = None,
             else:
                 say(f"store: DICOM-SEG {info['sop_instance_uid']} in {info['seconds']:.2f} s")
 
-        with local_backend(policy_checkpoint, segmenter_checkpoint, bank_dir, profile) as backend:
+        with local_backend(policy_checkpoint, segmenter_checkpoint, bank_dir, profile, threads=threads) as backend:
             return asyncio.run(segment_study(pacs, study, names, backend, series=series,
                                              known=backend.known_structures(), progress=progress))
     finally:
