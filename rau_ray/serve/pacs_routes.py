@@ -17,7 +17,7 @@ Use: ``curl -X POST localhost:8000/v1/pacs/segment -H 'content-type: application
 import logging
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from rau_ray.dicomweb import DicomWeb, NotFoundAtPacs, PacsError, PacsRequestError, check_url
@@ -101,7 +101,7 @@ class PacsRoutes:
 
     @router.post("/v1/pacs/segment", tags=["pacs"], responses=ANSWERS,
                  summary="Segment a study in a PACS (QIDO-RS, WADO-RS) and store the DICOM-SEG there (STOW-RS)")
-    async def pacs_segment(self, body: PacsSegmentBody):
+    async def pacs_segment(self, body: PacsSegmentBody, request: Request):
         settings = self.settings
         timeout_s = body.timeout_s or getattr(settings, "pacs_timeout_s", 30.0)
         try:
@@ -115,7 +115,7 @@ class PacsRoutes:
             masks: dict = {}
             try:
                 result = await segment_study(pacs, body.study, structures, self.pipeline, series=body.series,
-                                             known=known, software_version="0.1.0",
+                                             known=known, software_version=request.app.version,
                                              masks_out=masks if body.masks else None)
             finally:
                 pacs.close()
