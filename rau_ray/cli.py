@@ -162,6 +162,23 @@ def _pacs_segment(a: argparse.Namespace) -> dict:
     return result
 
 
+def _keys(a: argparse.Namespace):
+    """``rau keys add`` prints the new key (NAME.SECRET) alone on stdout, once (the file keeps only its salted
+    hash), and how to use it on stderr; ``list`` and ``revoke`` print JSON."""
+    from rau_ray.serve import keys
+
+    if a.keys_command == "add":
+        key = keys.add_key(a.file, a.name)
+        print(key)
+        print(f"key {a.name!r} added to {a.file} (stored as a salted scrypt hash; this is the only time the key is "
+              f"shown). Clients send 'Authorization: Bearer <key>'; MONAI Label / 3D Slicer: username {a.name}, "
+              "password = the part after the dot.", file=sys.stderr)
+        return None
+    if a.keys_command == "revoke":
+        return keys.revoke_key(a.file, a.name)
+    return keys.list_keys(a.file)
+
+
 def _demo(a: argparse.Namespace) -> None:
     """The demo prints its own stage lines and summary table; its whole report is the report.json it names."""
     from rau_ray.demo import run_demo
@@ -323,6 +340,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         submit_arguments(submit)
     submit.set_defaults(func=_submit)
+
+    keys_p = sub.add_parser("keys", help="API keys of the Serve app: add (prints the key once), list, revoke")
+    ksub = keys_p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    for action, text in (("add", "make a key NAME.SECRET; the file keeps its salted hash (mode 0600)"),
+                         ("list", "the keys: name, created, revoked"),
+                         ("revoke", "refuse a key from its next request on (the running app re-reads the file)")):
+        kp = ksub.add_parser(action, help=text)
+        if action != "list":
+            kp.add_argument("name", help="the key's name (letters, digits, _ or -): who or what holds it")
+        kp.add_argument("--file", required=True, help="the keys file (serve args.api_keys_file)")
+        kp.set_defaults(func=_keys)
 
     pacs = sub.add_parser("pacs", help="a PACS over DICOMweb (e.g. Orthanc): segment a study, store the DICOM-SEG")
     psub = pacs.add_subparsers(dest="pacs_command", required=True, metavar="ACTION")

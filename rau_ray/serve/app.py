@@ -11,6 +11,7 @@ Use: ``serve run serve_configs/local.yaml``; from Python ``base_url = start(prof
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from rau_ray import ray_session
 from rau_ray.config import from_dict, text_fields
 from rau_ray.errors import ConfigError
 from rau_ray.models import checkpoint as ckpt
-from rau_ray.serve import codecs
+from rau_ray.serve import auth, codecs
 from rau_ray.serve.deployments import Commander, Policy, Retriever, Segmenter
 from rau_ray.serve.pipeline import DecoderSpec
 from rau_ray.serve.routes import Ingress, Settings
@@ -69,8 +70,42 @@ class AppArgs:
     # prefixes the route may reach (None: any http(s) URL; set it where clients must not steer the app's requests)
     pacs_timeout_s: float = 30.0
     pacs_allowed_urls: tuple[str, ...] | None = None
+    # Access (rau_ray/serve/auth.py): the JSON file of hashed API keys (`rau keys add NAME --file PATH`), required
+    # unless auth_off_on_loopback (serve_configs/local.yaml only: keys off, every route open, a loud warning; refused
+    # by `start` and `check_config` on a host other than loopback). Per key: live sessions, requests a minute (429).
+    api_keys_file: str | None = None
+    auth_off_on_loopback: bool = False
+    max_sessions_per_key: int = 16
+    requests_per_minute_per_key: int = 600
+    cors_origins: tuple[str, ...] | None = None  # None: no CORS headers; e.g. ["https://viewer.example.org"]
+    audit_log: str | None = None  # JSON lines; None: rau_audit.jsonl in Serve's log folder
+
+    def access(self) -> auth.Policy:
+        return auth.Policy(keys_file=self.api_keys_file, max_sessions_per_key=self.max_sessions_per_key,
+                           requests_per_minute_per_key=self.requests_per_minute_per_key,
+                           cors_origins=tuple(self.cors_origins) if self.cors_origins else None,
+                           audit_log=self.audit_log)
+
+    def validate_access(self) -> None:
+        if self.api_keys_file is None and not self.auth_off_on_loopback:
+            raise ConfigError("serve args.api_keys_file is required: the file of hashed API keys (make it with `rau "
+                              "keys add NAME --file PATH`); only a development app on 127.0.0.1 may run without keys "
+                              "(auth_off_on_loopback: true, as serve_configs/local.yaml)")
+        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
+            raise ConfigError(f"serve args.api_keys_file: {self.api_keys_file} does not exist (make it with `rau keys "
+                              f"add NAME --file {self.api_keys_file}`)")
+        if self.max_sessions_per_key < 1 or self.requests_per_minute_per_key < 1:
+            raise ConfigError("serve args.max_sessions_per_key and requests_per_minute_per_key must be >= 1")
+        for origin in self.cors_origins or ():
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", str(origin)):
+                raise ConfigError(f"serve args.cors_origins: {origin!r} is not an origin (scheme://host[:port], no "
+                                  "path) or '*'")
 
     def validate(self) -> None:
+        self.validate_serving()
+        self.validate_access()
+
+    def validate_serving(self) -> None:
         if self.prompt_decoding not in ("segmenter", "ingress"):
             raise ConfigError(f"serve args.prompt_decoding must be 'segmenter' or 'ingress', not "
                               f"{self.prompt_decoding!r}")
@@ -127,7 +162,7 @@ def build_graph(args: dict | None = None, options: dict | None = None):
     refused = pair_refusal(a.policy_checkpoint, a.segmenter_checkpoint)
     settings = Settings(session_ttl_s=a.session_ttl_s, max_sessions=a.max_sessions,
                         max_image_bytes=a.max_image_bytes, max_pixels=a.max_pixels, refusal=refused,
-                        pacs_timeout_s=a.pacs_timeout_s, pacs_allowed_urls=a.pacs_allowed_urls)
+                        pacs_timeout_s=a.pacs_timeout_s, pacs_allowed_urls=a.pacs_allowed_urls, access=a.access())
     if refused:  # the Ingress alone, answering 503 with the reason: no model is loaded for an app that serves none
         return opt(Ingress).bind(None, None, None, None, settings, None)
     common = {"profile": a.profile, "policy_checkpoint": a.policy_checkpoint,
@@ -152,6 +187,31 @@ def local_options(path: Path = LOCAL_CONFIG) -> tuple[dict, dict]:
     return dict(application.get("args") or {}), options
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_config(conf: dict, where: str = "Serve config") -> None:
+    """A Serve config (``serve_configs/*.yaml``, the RayService's ``serveConfigV2``): keys are on in each RAU
+    application unless Serve listens on loopback only and the app says ``auth_off_on_loopback: true``; a
+    ConfigError naming the field otherwise."""
+    host = str((conf.get("http_options") or {}).get("host", "127.0.0.1"))
+    for i, application in enumerate(conf.get("applications") or []):
+        args = application.get("args") or {}
+        if application.get("import_path") != "rau_ray.serve.app:build_app" or args.get("api_keys_file"):
+            continue
+        field = f"{where}: applications[{i}].args.api_keys_file"
+        if not is_loopback(host):
+            raise ConfigError(f"{field} is required: Serve listens on {host}, not loopback, so API keys must be on "
+                              "(auth_off_on_loopback is for 127.0.0.1 only)")
+        if str(args.get("auth_off_on_loopback")).lower() not in ("true", "1"):
+            raise ConfigError(f"{field} is required (or auth_off_on_loopback: true, for a development app on "
+                              "127.0.0.1 only)")
+
+
 _STARTED: dict = {}
 
 
@@ -161,10 +221,16 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
     until ``/readyz`` is 200; returns the base URL. Deployment options come from serve_configs/local.yaml, then
     ``options`` ({deployment name: {option: value}}); ``args`` are ``AppArgs`` fields. The file's checkpoints (the
     shipped pair) are a pair: a caller naming either checkpoint, or another profile, serves without them."""
-    ray_session.connect()
     conf_args, conf_options = local_options()
+    if "api_keys_file" in args:  # keys named: local.yaml's keys-off switch does not apply
+        conf_args = {k: v for k, v in conf_args.items() if k != "auth_off_on_loopback"}
     if {"policy_checkpoint", "segmenter_checkpoint"} & set(args) or profile != conf_args.get("profile", profile):
         conf_args = {k: v for k, v in conf_args.items() if k not in ("policy_checkpoint", "segmenter_checkpoint")}
+    merged_args = {**conf_args, "profile": profile, **args}
+    if not is_loopback(host) and not merged_args.get("api_keys_file"):
+        raise ConfigError(f"serve args.api_keys_file is required to serve on {host} (not loopback): without keys "
+                          f"every route would be open to the network")
+    ray_session.connect()
     merged = {k: dict(v) for k, v in conf_options.items()}
     for dep, o in (options or {}).items():
         merged[dep] = {**merged.get(dep, {}), **o}
@@ -177,7 +243,7 @@ def start(profile: str = "tiny", route_prefix: str = "/", port: int = 8000, host
             rao["runtime_env"] = env
             o["ray_actor_options"] = rao
     serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(build_graph({**conf_args, "profile": profile, **args}, merged), name=name, route_prefix=route_prefix,
+    serve.run(build_graph(merged_args, merged), name=name, route_prefix=route_prefix,
               blocking=False)
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     deadline, last = time.monotonic() + timeout_s, ""

@@ -30,7 +30,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from rau_ray.serve import codecs, http
+from rau_ray.serve import auth, codecs, http
 from rau_ray.serve import monailabel_mapping as mm
 from rau_ray.serve.codecs import BadInput
 from rau_ray.serve.dicom_seg import SegExportError, encode_segmentation
@@ -87,7 +87,8 @@ class MonaiLabelRoutes:
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _ml_stats(self) -> dict:
         self._ml.prune(self.sessions)
-        return {"total": len(self._ml.images), "completed": 0, "label_tags": {}}
+        return {"total": sum(1 for sid in self._ml.images.values() if auth.may_see(sid)), "completed": 0,
+                "label_tags": {}}
 
     def _ml_decode(self, parts: list) -> tuple:
         """(Decoded, Geometry or None, file name) of uploaded file parts: a NIfTI / DICOM / PNG / JPEG file, or a
@@ -111,15 +112,20 @@ class MonaiLabelRoutes:
 
     def _ml_store(self, image, geometry, name: str) -> Session:
         self._ml.prune(self.sessions)
+        auth.check_quota(self.sessions)
         try:
             s = self.sessions.create(image.array, image.modality or "CT", image.spacing, sources=image.sources,
                                      kind=image.kind)
         except SessionLimit as e:
             raise ApiError(429, str(e.args[0]), headers={"Retry-After": str(e.args[1])}) from None
+        auth.own(s)
         self._ml.uploads[s.id] = Upload(name, geometry, time.time())
         return s
 
     def _ml_session(self, sid: str) -> Session:
+        s = self.sessions.peek(sid)
+        if s is not None:
+            auth.check_owner(s)  # another key's session: 403, the session untouched
         try:
             return self.sessions.get(sid)
         except SessionGone as e:
@@ -174,6 +180,8 @@ class MonaiLabelRoutes:
             raise ApiError(422, f"output must be stats, all or train, not {output!r}")
         objects = {}
         for image_id, sid in self._ml.images.items():
+            if not auth.may_see(sid):
+                continue
             up = self._ml.uploads[sid]
             s = self.sessions.peek(sid)
             info = {"session": sid, "name": mm.safe_name(up.name), "ts": int(up.created),
@@ -193,6 +201,9 @@ class MonaiLabelRoutes:
         image_id = image or mm.safe_name(name)
         if len(image_id) > MAX_IMAGE_ID:
             raise ApiError(422, f"image id is {len(image_id)} characters; at most {MAX_IMAGE_ID}")
+        auth.note(image=image_id)
+        if image_id in self._ml.images and not auth.may_see(self._ml.images[image_id]):
+            raise ApiError(403, f"image id {image_id!r} is another API key's upload; pick another id")
         old = self._ml.images.pop(image_id, None)
         if old and self.sessions.peek(old) is not None:  # the same id again: the new image replaces the old one
             self.sessions.delete(old)
@@ -204,6 +215,9 @@ class MonaiLabelRoutes:
                    responses=http.responses(None, 404))
     async def ml_remove_image(self, id: str):
         self._ml.prune(self.sessions)
+        auth.note(image=id)
+        if id in self._ml.images and not auth.may_see(self._ml.images[id]):
+            raise ApiError(403, f"image {id!r} is another API key's upload")
         sid = self._ml.images.pop(id, None)
         if sid is None:
             raise ApiError(404, f"no image {id!r} in the datastore")

@@ -28,7 +28,7 @@ from ray import serve
 
 from rau_ray.commands import operation_validator
 from rau_ray.data import formats
-from rau_ray.serve import codecs, http, refusal
+from rau_ray.serve import auth, codecs, http, refusal
 from rau_ray.serve.dicom_seg import SegExportError, encode_segmentation
 from rau_ray.serve.http import ApiError
 from rau_ray.serve.messages import NotUnderstood
@@ -63,6 +63,7 @@ class Settings:
     refusal: str | None = None  # set by build_graph for a mismatched checkpoint pair: every route but /healthz -> 503
     pacs_timeout_s: float = 30.0  # each DICOMweb request's timeout (POST /v1/pacs/segment)
     pacs_allowed_urls: tuple[str, ...] | None = None  # PACS URL prefixes the route may reach; None: any
+    access: auth.Policy = auth.Policy()  # API keys, per-key limits, CORS, the audit log (rau_ray/serve/auth.py)
 
 
 app = http.new_app(STATIC, title="RAU-Ray", version="0.1.0",
@@ -73,6 +74,8 @@ app = http.new_app(STATIC, title="RAU-Ray", version="0.1.0",
 
 app.include_router(monailabel_router)  # MONAI Label-compatible routes (rau_ray/serve/monailabel.py)
 app.include_router(pacs_router)  # POST /v1/pacs/segment (rau_ray/serve/pacs_routes.py)
+app.include_router(auth.router)  # MONAI Label's /auth/ routes
+app.add_middleware(auth.AccessMiddleware)  # API keys on every route but the open ones, per-key rate, audit, CORS
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
@@ -91,6 +94,7 @@ class Ingress(MonaiLabelRoutes, PacsRoutes):
         refusal.REASON[:] = [self.settings.refusal] if self.settings.refusal else []
         if self.settings.refusal:
             log.error("refusing every request: %s", self.settings.refusal)
+        auth.configure(self.settings.access)
         self.sessions = SessionStore(self.settings.session_ttl_s, self.settings.max_sessions)
         self.read = http.Reader(self.settings.max_image_bytes, self.settings.max_pixels)
         handles = {"retriever": retriever, "policy": policy, "segmenter": segmenter, "commander": commander}
@@ -156,6 +160,9 @@ class Ingress(MonaiLabelRoutes, PacsRoutes):
 
     # -- sessions ---------------------------------------------------------------------------------------------------
     def _session(self, sid: str):
+        s = self.sessions.peek(sid)
+        if s is not None:
+            auth.check_owner(s)  # 403 before anything else: another key's session is not touched, not even its TTL
         try:
             return self.sessions.get(sid)
         except SessionGone as e:
@@ -171,10 +178,12 @@ class Ingress(MonaiLabelRoutes, PacsRoutes):
     async def create_session(self, request: Request):
         req = await self.read.session(request)
         image = req.image
+        auth.check_quota(self.sessions)
         try:
             s = self.sessions.create(image.array, req.modality, image.spacing, sources=image.sources, kind=image.kind)
         except SessionLimit as e:
             raise ApiError(429, str(e.args[0]), headers={"Retry-After": str(e.args[1])}) from None
+        auth.own(s)
         known = await self.pipeline.known_structures()
         return JSONResponse({**s.summary(), "structures": list(known.structures), "ttl_s": self.sessions.ttl_s},
                             status_code=201, headers={"Location": f"/v1/sessions/{s.id}"})

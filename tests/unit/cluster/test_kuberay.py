@@ -130,8 +130,9 @@ def test_rayservice_mirrors_the_serve_configs():
     (app,), (local_app,) = config["applications"], local["applications"]
     assert app["import_path"] == local_app["import_path"] and app["route_prefix"] == local_app["route_prefix"]
     assert [d["name"] for d in app["deployments"]] == [d["name"] for d in local_app["deployments"]]
-    assert set(app["args"]) <= set(local_app["args"]) | {"policy_checkpoint", "segmenter_checkpoint",
-                                                         "max_new_tokens", "embedding_cache"}
+    assert set(app["args"]) <= set(local_app["args"]) - {"auth_off_on_loopback"} | {
+        "policy_checkpoint", "segmenter_checkpoint", "max_new_tokens", "embedding_cache", "api_keys_file",
+        "max_sessions_per_key", "requests_per_minute_per_key"}
     assert app["args"]["profile"] == "paper" and app["args"]["device"] == "cuda"
     need = sum(d["ray_actor_options"].get("num_gpus", 0) * d["autoscaling_config"]["min_replicas"]
                for d in app["deployments"])
@@ -140,7 +141,7 @@ def test_rayservice_mirrors_the_serve_configs():
     # one config for VMs and Kubernetes: serveConfigV2 is serve_configs/gpu.yaml
     assert config == yaml.safe_load((REPO / "serve_configs" / "gpu.yaml").read_text())
     mounts = {m["mountPath"] for spec in pods(spec["rayClusterConfig"]) for m in spec["containers"][0]["volumeMounts"]}
-    for key in ("bank_dir", "policy_checkpoint", "segmenter_checkpoint"):  # every path it names is on a volume
+    for key in ("bank_dir", "policy_checkpoint", "segmenter_checkpoint", "api_keys_file"):  # each on a volume
         assert app["args"][key].startswith(("s3://", "gs://")) or any(app["args"][key].startswith(m + "/")
                                                                       for m in mounts), key
 

@@ -60,7 +60,7 @@ def test_serve_run_text_args_take_their_types():
     from rau_ray.serve.app import build_app
 
     app = build_app({"threads": "4", "bank_dir": "null", "policy_batch_wait_s": "0.02", "max_sessions": "8",
-                     "prompt_decoding": "ingress"})
+                     "prompt_decoding": "ingress", "auth_off_on_loopback": "true"})
     retriever = app._bound_deployment.init_args[0]._bound_deployment  # Ingress(retriever, policy, ...)
     assert retriever.init_kwargs["threads"] == 4 and retriever.init_kwargs["bank_dir"] is None
     with pytest.raises(ConfigError, match=r"serve args.threads: '4x' matches none of"):
@@ -72,7 +72,7 @@ def test_command_llm_args():
     from rau_ray.serve.app import build_app
 
     ok = {"command_llm_url": "http://127.0.0.1:8080", "command_llm_model": "m",
-          "command_llm_api_key_env": "RAU_COMMAND_LLM_KEY", "command_llm_timeout_s": 5}
+          "command_llm_api_key_env": "RAU_COMMAND_LLM_KEY", "command_llm_timeout_s": 5, "auth_off_on_loopback": True}
     assert build_app(ok) is not None
     for bad, words in [({"command_llm_url": "ftp://x", "command_llm_model": "m"}, "http"),
                        ({"command_llm_url": "http://x"}, "command_llm_model"),

@@ -27,6 +27,7 @@ ROUTES |= {("get", "/info/"), ("post", "/infer/{model}"), ("put", "/session/"), 
            ("delete", "/session/{session_id}"), ("get", "/datastore/"), ("put", "/datastore/"),
            ("put", "/datastore/image"), ("delete", "/datastore/image")}  # MONAI Label's (serve/monailabel.py)
 ROUTES |= {("post", "/v1/pacs/segment")}  # a PACS over DICOMweb (serve/pacs_routes.py)
+ROUTES |= {("get", "/auth/"), ("post", "/auth/token"), ("get", "/auth/token/valid")}  # MONAI Label's (serve/auth.py)
 
 
 def _refs(node):
