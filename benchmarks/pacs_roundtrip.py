@@ -54,13 +54,15 @@ def run_local(url: str, study: str, structures: list[str], runs: int) -> dict:
             results.append(asyncio.run(segment_study(pacs, study, structures, backend,
                                                      known=backend.known_structures())))
             pacs.close()
-    return {"models_and_bank_load_s": round(load_s, 2), "runs": [r["timings_s"] for r in results],
+        threads = torch.get_num_threads()
+    return {"models_and_bank_load_s": round(load_s, 2), "torch_threads": threads,
+            "runs": [r["timings_s"] for r in results],
             "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
             "phases": summary(results)}
 
 
 def run_serve(url: str, study: str, structures: list[str], runs: int) -> dict:
-    from rau_ray.serve.app import start, stop  # noqa: PLC0415 - Ray Serve only for this path
+    from rau_ray.serve.app import local_options, start, stop  # noqa: PLC0415 - Ray Serve only for this path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,7 +79,8 @@ def run_serve(url: str, study: str, structures: list[str], runs: int) -> dict:
             results.append(r.json())
     finally:
         stop()
-    return {"app_start_s": round(start_s, 2), "runs": [r["timings_s"] for r in results],
+    return {"app_start_s": round(start_s, 2), "torch_threads_per_replica": local_options()[0].get("threads"),
+            "runs": [r["timings_s"] for r in results],
             "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
             "phases": summary(results)}
 
@@ -93,8 +96,8 @@ def main() -> None:
     a = p.parse_args()
     structures = a.structures.split(",")
     datasets, _ = phantom_ct_series(3, slices=a.slices, size=a.size)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                                                           f"torch {torch.get_num_threads()} threads, CPU",
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+              "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
               "command": " ".join(["python", *sys.argv]), "series": {"slices": a.slices, "size": a.size},
               "structures": structures, "runs": a.runs}
     with tempfile.TemporaryDirectory(prefix="rau-bench-orthanc-") as tmp, LocalOrthanc(tmp) as orthanc:
