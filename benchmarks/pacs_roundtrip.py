@@ -6,7 +6,8 @@ the job of ``rau pacs segment`` / ``POST /v1/pacs/segment`` (``rau_ray.serve.pac
 spleen ``--runs`` times: fetch (QIDO-RS + WADO-RS + the volume), segment (each structure through a session: key
 slice, segment, propagate), store (DICOM-SEG encode + STOW-RS). Two paths: ``local`` (the CLI's: the shipped
 checkpoints in this process, ``LocalBackend``) and ``serve`` (the route on the Serve app of serve_configs/local.yaml,
-started on an embedded Ray cluster; timings from its answer). Medians and min-max over the runs, per phase.
+started on an embedded Ray cluster; timings from its answer). Medians and min-max over the runs, per phase; the
+local path's masks scored against the phantom's label map (volume Dice), so a fast figure is one of a sane result.
 Run alone (nothing else on the machine): ``.venv/bin/python benchmarks/pacs_roundtrip.py [--runs 3] [--paths local
 serve] [--out runs/bench/pacs_roundtrip.json]``.
 """
@@ -22,12 +23,14 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import requests
 import torch
 from dicomweb_client.api import DICOMwebClient
 
 from rau_ray.atomic import atomic_write_text
 from rau_ray.data.phantom_dicom import phantom_ct_series
+from rau_ray.data.phantoms import ct_abdomen
 from rau_ray.dicomweb import DicomWeb
 from rau_ray.orthanc import LocalOrthanc
 from rau_ray.serve.pacs import local_backend, segment_study
@@ -44,18 +47,23 @@ def summary(runs: list[dict]) -> dict:
     return out
 
 
-def run_local(url: str, study: str, structures: list[str], runs: int) -> dict:
+def run_local(url: str, study: str, structures: list[str], runs: int, truth: np.ndarray) -> dict:
     t0 = time.perf_counter()
     with local_backend("shipped:grpo", "shipped:seg") as backend:
         load_s = time.perf_counter() - t0
-        results = []
+        results, masks = [], {}
         for _ in range(runs):
             pacs = DicomWeb(url, timeout_s=60)
-            results.append(asyncio.run(segment_study(pacs, study, structures, backend,
+            results.append(asyncio.run(segment_study(pacs, study, structures, backend, masks_out=masks,
                                                      known=backend.known_structures())))
             pacs.close()
         threads = torch.get_num_threads()
-    return {"models_and_bank_load_s": round(load_s, 2), "torch_threads": threads,
+    values = {name: value for value, name in ct_abdomen.LABELS.items()}
+    dice = {}
+    for name, m in masks.items():  # the volume Dice of the last run's masks against the phantom's label map
+        t = truth == values[name]
+        dice[name] = round(2 * float((m & t).sum()) / max(1.0, float(m.sum() + t.sum())), 3)
+    return {"models_and_bank_load_s": round(load_s, 2), "torch_threads": threads, "dice_vs_phantom_truth": dice,
             "runs": [r["timings_s"] for r in results],
             "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
             "phases": summary(results)}
@@ -95,7 +103,7 @@ def main() -> None:
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args()
     structures = a.structures.split(",")
-    datasets, _ = phantom_ct_series(3, slices=a.slices, size=a.size)
+    datasets, truth = phantom_ct_series(3, slices=a.slices, size=a.size)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
               "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
               "command": " ".join(["python", *sys.argv]), "series": {"slices": a.slices, "size": a.size},
@@ -106,7 +114,7 @@ def main() -> None:
         result["upload_s"] = round(time.perf_counter() - t0, 3)
         study = str(datasets[0].StudyInstanceUID)
         if "local" in a.paths:
-            result["local"] = run_local(orthanc.dicomweb_url, study, structures, a.runs)
+            result["local"] = run_local(orthanc.dicomweb_url, study, structures, a.runs, truth)
         if "serve" in a.paths:
             result["serve"] = run_serve(orthanc.dicomweb_url, study, structures, a.runs)
     text = json.dumps(result, indent=2)
