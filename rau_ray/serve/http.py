@@ -16,6 +16,7 @@ responses=responses(SegmentResponse))``; ``await Reader(limit, pixels).segment(r
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -466,6 +467,29 @@ def command_request(body: bytes) -> CommandRequest:
     return CommandRequest(None, data["operations"], fmt)
 
 
+async def _own_boundary(request: Request) -> Request:
+    """The request as sent, or, when its multipart body is framed by another boundary than its content-type names,
+    the same body under the boundary it really uses. MONAI Label 0.8.5's client keeps the content-type of its last
+    multipart request in its auth headers (``update_auth``'s dict, updated in place), so with a token its next
+    upload (``create_session``) names a stale boundary."""
+    body = await request.body()
+    named = re.search(r'boundary="?([^";]+)"?', request.headers.get("content-type", ""))
+    first = body[:200].split(b"\r\n", 1)[0]
+    if not first.startswith(b"--") or (named and first == b"--" + named.group(1).encode("latin-1")):
+        return request
+    real = first[2:].decode("latin-1")
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", real):
+        return request
+    scope = dict(request.scope)
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"] + [
+        (b"content-type", f"multipart/form-data; boundary={real}".encode("latin-1"))]
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)
+
+
 class Reader:
     """Reads the image routes' bodies (multipart or JSON) within the app's limits, into typed requests."""
 
@@ -519,6 +543,8 @@ class Reader:
             raise BadInput(f"request body is {length} bytes; the limit is {limit} bytes of image", 413)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
+            if length and length.isdigit():
+                request = await _own_boundary(request)
             try:
                 form = await request.form(max_files=max_files, max_fields=32)
             except Exception as e:

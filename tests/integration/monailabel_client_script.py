@@ -5,7 +5,8 @@ requests), so it imports nothing of this project. It calls ``monailabel.client.M
 Slicer's MONAI Label module does (info, upload, datastore, infer, sessions), and prints one JSON object with what
 the server answered; the test asserts on it and reads the label files it saved.
 Use: ``.venv-monailabel/bin/python tests/integration/monailabel_client_script.py URL IMAGE.nii.gz WORKDIR SPEC``
-(SPEC: JSON {"slice": k, "structures": [...], "click": [i, j, k]}).
+(SPEC: JSON {"slice": k, "structures": [...], "click": [i, j, k]}; with API keys on also "username" (the key's
+name) and "password" (its secret), and "infer": false to skip inference).
 """
 
 import json
@@ -29,7 +30,23 @@ def failure(call) -> dict:
 
 def main(url: str, image: str, workdir: str, spec: dict) -> dict:
     client = MONAILabelClient(url, tmpdir=workdir)
-    out = {"info": client.info()}
+    out = {}
+    if spec.get("username"):  # API keys on: log in as 3D Slicer's module does (auth_enabled, auth_token, update_auth)
+        out["without_token"] = failure(lambda: client.info())
+        out["auth_enabled"] = client.auth_enabled()
+        out["bad_login"] = failure(lambda: client.auth_token(spec["username"], "not-the-secret"))
+        token = client.auth_token(spec["username"], spec["password"])
+        out["token_type"] = token["token_type"]  # the token itself is not printed
+        client.update_auth(token)
+        out["token_valid"] = client.auth_valid_token()
+    out["info"] = client.info()
+    if spec.get("infer") is False:  # the calls without inference: upload, datastore, a session opened and closed
+        out["upload"] = client.upload_image(image, image_id="phantom")
+        out["datastore"] = client.datastore()
+        sid = client.create_session(image)["session_id"]
+        out["get_session"] = client.get_session(sid)
+        out["removed"] = client.remove_session(sid)
+        return out
     out["upload"] = client.upload_image(image, image_id="phantom")
     out["datastore"] = client.datastore()
     seg_file, seg_params = client.infer("rau_segmentation", "phantom",
