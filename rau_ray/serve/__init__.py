@@ -19,5 +19,7 @@ the OpenAPI document is generated from), ``pipeline`` (the calls between deploym
 retries, where clicks are decoded), ``messages`` (the typed messages between deployments), ``deployments``
 (Retriever, Policy, Segmenter, Commander), ``sessions`` (per-user interactive state, undo/redo, expiry, limit),
 ``prompt_decoder`` (SAM2's prompt decoder in the Ingress), ``codecs`` (image decode with limits, mask PNG / COCO RLE),
-``dicom_seg`` (DICOM-SEG export), ``refusal`` (a refused checkpoint pair's reason).
+``dicom_seg`` (DICOM-SEG export), ``refusal`` (a refused checkpoint pair's reason), ``keys`` (API keys: the
+hashed keys file, ``rau keys``), ``auth`` (access control: keys on every route, session owners, per-key limits, the
+audit log, CORS, MONAI Label's ``/auth/`` routes).
 """

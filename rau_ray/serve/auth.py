@@ -26,8 +26,7 @@ Use: ``configure(Policy(...))`` in the Ingress's ``__init__`` (a module of its o
 app by value and this module by reference, so the replica's routes read what its Ingress set).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the /auth/ routes' signatures on the replica (routes.py).
 import asyncio
 import contextvars
 import datetime
@@ -44,8 +43,8 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from starlette.middleware.cors import CORSMiddleware
 
 from rau_ray.errors import ConfigError
 from rau_ray.serve.http import ApiError
