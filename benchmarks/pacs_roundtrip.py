@@ -4,12 +4,13 @@ A local Orthanc (``rau_ray.orthanc.LocalOrthanc``: Debian orthanc + orthanc-dico
 holds one phantom CT series (``phantom_ct_series``: 64 axial slices, 192 px as the tiny profile's data, 5 mm apart);
 the job of ``rau pacs segment`` / ``POST /v1/pacs/segment`` (``rau_ray.serve.pacs.segment_study``) segments liver and
 spleen ``--runs`` times: fetch (QIDO-RS + WADO-RS + the volume), segment (each structure through a session: key
-slice, segment, propagate), store (DICOM-SEG encode + STOW-RS). Two paths: ``local`` (the CLI's: the shipped
-checkpoints in this process, ``LocalBackend``) and ``serve`` (the route on the Serve app of serve_configs/local.yaml,
-started on an embedded Ray cluster; timings from its answer). Medians and min-max over the runs, per phase; the
-local path's masks scored against the phantom's label map (volume Dice), so a fast figure is one of a sane result.
+slice, segment, propagate; or ``every-slice``: the full pipeline on each slice), store (DICOM-SEG encode + STOW-RS).
+Two paths: ``local`` (the CLI's: the shipped checkpoints in this process, ``LocalBackend``) and ``serve`` (the route
+on the Serve app of serve_configs/local.yaml, started on an embedded Ray cluster; timings from its answer). Medians
+and min-max over the runs, per phase; the masks scored against the phantom's label map (volume Dice), so a time is
+one of a known result.
 Run alone (nothing else on the machine): ``.venv/bin/python benchmarks/pacs_roundtrip.py [--runs 3] [--paths local
-serve] [--out runs/bench/pacs_roundtrip.json]``.
+serve] [--modes propagate every-slice] [--out runs/bench/pacs_roundtrip.json]``.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from rau_ray.data.phantom_dicom import phantom_ct_series
 from rau_ray.data.phantoms import ct_abdomen
 from rau_ray.dicomweb import DicomWeb
 from rau_ray.orthanc import LocalOrthanc
+from rau_ray.serve import codecs
 from rau_ray.serve.pacs import local_backend, segment_study
 
 PHASES = ("fetch", "qido", "wado", "volume", "segment", "store", "encode", "stow", "total")
@@ -47,29 +49,43 @@ def summary(runs: list[dict]) -> dict:
     return out
 
 
-def run_local(url: str, study: str, structures: list[str], runs: int, truth: np.ndarray) -> dict:
-    t0 = time.perf_counter()
-    with local_backend("shipped:grpo", "shipped:seg") as backend:
-        load_s = time.perf_counter() - t0
-        results, masks = [], {}
-        for _ in range(runs):
-            pacs = DicomWeb(url, timeout_s=60)
-            results.append(asyncio.run(segment_study(pacs, study, structures, backend, masks_out=masks,
-                                                     known=backend.known_structures())))
-            pacs.close()
-        threads = torch.get_num_threads()
+def dice_vs_truth(masks: dict, truth: np.ndarray) -> dict:
+    """The volume Dice of each structure's masks against the phantom's label map."""
     values = {name: value for value, name in ct_abdomen.LABELS.items()}
-    dice = {}
-    for name, m in masks.items():  # the volume Dice of the last run's masks against the phantom's label map
+    out = {}
+    for name, m in masks.items():
         t = truth == values[name]
-        dice[name] = round(2 * float((m & t).sum()) / max(1.0, float(m.sum() + t.sum())), 3)
-    return {"models_and_bank_load_s": round(load_s, 2), "torch_threads": threads, "dice_vs_phantom_truth": dice,
-            "runs": [r["timings_s"] for r in results],
-            "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
-            "phases": summary(results)}
+        out[name] = round(2 * float((m & t).sum()) / max(1.0, float(m.sum() + t.sum())), 3)
+    return out
 
 
-def run_serve(url: str, study: str, structures: list[str], runs: int) -> dict:
+def mode_result(results: list[dict], dice: dict | None = None) -> dict:
+    out = {"runs": [r["timings_s"] for r in results], "phases": summary(results),
+           "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]]}
+    if dice is not None:
+        out["dice_vs_phantom_truth"] = dice
+    return out
+
+
+def run_local(url: str, study: str, structures: list[str], runs: int, modes: list[str], truth: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    out = {}
+    with local_backend("shipped:grpo", "shipped:seg") as backend:
+        out["models_and_bank_load_s"] = round(time.perf_counter() - t0, 2)
+        out["torch_threads"] = torch.get_num_threads()
+        for mode in modes:
+            results, masks = [], {}
+            for _ in range(runs):
+                pacs = DicomWeb(url, timeout_s=60)
+                results.append(asyncio.run(segment_study(pacs, study, structures, backend, masks_out=masks,
+                                                         propagate=mode == "propagate",
+                                                         known=backend.known_structures())))
+                pacs.close()
+            out[mode] = mode_result(results, dice_vs_truth(masks, truth))
+    return out
+
+
+def run_serve(url: str, study: str, structures: list[str], runs: int, modes: list[str], truth: np.ndarray) -> dict:
     from rau_ray.serve.app import local_options, start, stop  # noqa: PLC0415 - Ray Serve only for this path
 
     with socket.socket() as s:
@@ -77,20 +93,23 @@ def run_serve(url: str, study: str, structures: list[str], runs: int) -> dict:
         port = s.getsockname()[1]
     t0 = time.perf_counter()
     base = start(profile="tiny", port=port, timeout_s=600)
-    start_s = time.perf_counter() - t0
+    out = {"app_start_s": round(time.perf_counter() - t0, 2),
+           "torch_threads_per_replica": local_options()[0].get("threads")}
     try:
-        results = []
-        for _ in range(runs):
-            r = requests.post(base + "/v1/pacs/segment", json={"url": url, "study": study, "structures": structures,
-                                                              "timeout_s": 60}, timeout=1200)
-            r.raise_for_status()
-            results.append(r.json())
+        for mode in modes:
+            results = []
+            for _ in range(runs):
+                r = requests.post(base + "/v1/pacs/segment", json={
+                    "url": url, "study": study, "structures": structures, "timeout_s": 60, "masks": True,
+                    "propagate": mode == "propagate"}, timeout=1200)
+                r.raise_for_status()
+                results.append(r.json())
+            masks = {s["name"]: np.stack([codecs.rle_decode(m) for m in s["mask"]])
+                     for s in results[-1]["structures"]}
+            out[mode] = mode_result(results, dice_vs_truth(masks, truth))
     finally:
         stop()
-    return {"app_start_s": round(start_s, 2), "torch_threads_per_replica": local_options()[0].get("threads"),
-            "runs": [r["timings_s"] for r in results],
-            "structures": [{k: s[k] for k in ("name", "key_slice", "voxels")} for s in results[-1]["structures"]],
-            "phases": summary(results)}
+    return out
 
 
 def main() -> None:
@@ -100,6 +119,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=192)
     p.add_argument("--structures", default="liver,spleen")
     p.add_argument("--paths", nargs="+", default=["local", "serve"], choices=("local", "serve"))
+    p.add_argument("--modes", nargs="+", default=["propagate", "every-slice"], choices=("propagate", "every-slice"),
+                   help="every slice (the CLI's and route's default) and/or a key slice + SAM2 propagation")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args()
     structures = a.structures.split(",")
@@ -114,9 +135,9 @@ def main() -> None:
         result["upload_s"] = round(time.perf_counter() - t0, 3)
         study = str(datasets[0].StudyInstanceUID)
         if "local" in a.paths:
-            result["local"] = run_local(orthanc.dicomweb_url, study, structures, a.runs, truth)
+            result["local"] = run_local(orthanc.dicomweb_url, study, structures, a.runs, a.modes, truth)
         if "serve" in a.paths:
-            result["serve"] = run_serve(orthanc.dicomweb_url, study, structures, a.runs)
+            result["serve"] = run_serve(orthanc.dicomweb_url, study, structures, a.runs, a.modes, truth)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -157,6 +157,7 @@ def _pacs_segment(a: argparse.Namespace) -> dict:
     result = run_cli(a.url, a.study, a.structures, series=a.series, timeout_s=a.timeout, policy_checkpoint=policy,
                      segmenter_checkpoint=a.checkpoint or served.get("segmenter_checkpoint"), bank_dir=a.bank,
                      profile=a.profile, threads=a.threads if a.threads is not None else served.get("threads", 1),
+                     propagate=a.propagate,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
     result["series"].pop("instance_uids", None)  # the SEG references them; the terminal needs no 64 UIDs
     return result
@@ -368,6 +369,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     pseg.add_argument("--profile", default="tiny", choices=("tiny", "paper"))
     pseg.add_argument("--timeout", type=float, default=30.0, help="each DICOMweb request's timeout, s (default 30)")
     pseg.add_argument("--threads", type=int, help="torch threads (default: local.yaml's per-replica threads, 1)")
+    pseg.add_argument("--propagate", action="store_true", help="a key slice carried through by SAM2: faster than the "
+                                                               "full pipeline on every slice, weaker on small organs")
     pseg.set_defaults(func=_pacs_segment)
     return p
 

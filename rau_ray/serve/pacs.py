@@ -4,14 +4,16 @@
 ``segment_study(pacs, study, structures, backend)``: find the series (QIDO-RS: the study's one image series, or the
 one named), fetch its instances (WADO-RS), open them as a volume exactly as a session opened from an uploaded DICOM
 series (``codecs.series_from_datasets``), segment each structure as a person would in a session on that volume
-(``sessions.segment_volume``: a ``Session`` goes to a key slice, "segment the liver", then "propagate" through the
-volume; the sessions' own code, with the sessions' backend), build one DICOM-SEG with a segment
-per structure (``dicom_seg.build_segmentation``, AUTOMATIC) and store it (STOW-RS, one request: the PACS holds the
-whole SEG or nothing). Each phase is timed: fetch (QIDO + WADO + volume), segment, store (SEG encode + STOW).
-The backend: the Serve ``Pipeline`` in the Ingress (the deployments), or ``LocalBackend`` in the CLI (the same
-checkpoints in this process, ``RAUModel``). A PACS failure is a ``rau_ray.dicomweb.PacsError`` (502 / 504, the
-reason named); a series that is not one volume is a ``PacsSeriesError`` (422); nothing is stored unless every
-structure was segmented and the SEG built.
+(``sessions.segment_volume``: "segment the liver" on every slice; or, faster, on five slices, the largest mask
+kept as the key slice and "propagate"d through the volume: the sessions' own code and backend), build one DICOM-SEG
+with a
+segment per structure (``dicom_seg.build_segmentation``, AUTOMATIC) and store it (STOW-RS, one request: the PACS
+holds the whole SEG or nothing). Each phase is timed: fetch (QIDO + WADO + volume), segment, store (SEG encode +
+STOW). The backend: the Ingress's ``Pipeline`` (the deployments; ``ServeBackend``), or ``LocalBackend`` in the CLI
+(the same checkpoints in this process, ``RAUModel``); either answers an empty mask for a slice that no reference
+shows the structure on. A PACS failure is a ``rau_ray.dicomweb.PacsError`` (502 / 504, the reason named); a series
+that is not one volume is a ``PacsSeriesError`` (422); nothing is stored unless every structure was segmented and
+the SEG built.
 Use: ``result = await segment_study(DicomWeb(url), study, ["liver", "spleen"], backend, known=...)``; from the command
 line ``rau pacs segment --url http://127.0.0.1:8042/dicom-web --study UID --structures liver,spleen``.
 """
@@ -28,11 +30,12 @@ import numpy as np
 import torch
 
 from rau_ray.dicomweb import DicomWeb, PacsRequestError
-from rau_ray.errors import RauError
+from rau_ray.errors import DataError, RauError
 from rau_ray.models import retrieval
 from rau_ray.models.rau import RAUModel
 from rau_ray.serve import codecs
 from rau_ray.serve.dicom_seg import SegExportError, build_segmentation
+from rau_ray.serve.http import ApiError
 from rau_ray.serve.prompt_decoder import decode_prompts
 from rau_ray.serve.sessions import SessionError, VolumeSegmentation, segment_volume
 
@@ -79,17 +82,21 @@ def _structure_summary(name: str, done: VolumeSegmentation, spacing: Sequence[fl
     score = done.result.get("score") if done.key_slice is not None else None
     return {"name": name, "present": voxels > 0, "key_slice": done.key_slice,
             "score": None if score is None else round(float(score), 4), "slices": done.slices,
-            "voxels": voxels, "volume_ml": round(voxels * sx * sy * sz / 1000.0, 3)}
+            "voxels": voxels, "volume_ml": round(voxels * sx * sy * sz / 1000.0, 3),
+            "tried": {str(k): v for k, v in done.tried.items()}}
 
 
 async def segment_study(pacs: DicomWeb, study: str, structures: Sequence[str], backend, *,
-                        series: str | None = None, known: Sequence[str] | None = None,
+                        series: str | None = None, known: Sequence[str] | None = None, propagate: bool = False,
                         software_version: str = "0.1.0", masks_out: dict | None = None,
                         progress: Callable[[str, dict], None] | None = None) -> dict:
     """The whole job (see the module's docstring); returns what the CLI prints and the route answers: the source
     series, the stored SEG's UIDs, a summary per structure and the timings in seconds. ``masks_out``: a dict given
     here receives {structure: bool (Z, H, W)} in the source series' slice order (the SEG's frames). ``progress``:
-    called after each phase with its name ("fetch", "segment", "store") and what it did."""
+    called after each phase with its name ("fetch", "segment", "store") and what it did. Each structure is
+    segmented on every slice (the full pipeline per slice, a slice no reference shows it on left empty); with
+    ``propagate``, on a key slice only and carried through by SAM2 (``sessions.segment_volume``): several times
+    faster, but SAM2's slice-to-slice propagation drifts onto neighbours for small organs (BENCHMARKS.md)."""
     structures = parse_structures(structures)
     check_known(structures, known)
     say = progress or (lambda phase, info: None)
@@ -114,7 +121,8 @@ async def segment_study(pacs: DicomWeb, study: str, structures: Sequence[str], b
     volume = decoded.array if decoded.array.ndim == 3 else decoded.array[None]
     try:
         done = await asyncio.gather(*(segment_volume(volume, decoded.modality, tuple(decoded.spacing), s, backend,
-                                                     set(known) if known is not None else None)
+                                                     set(known) if known is not None else None,
+                                                     every_slice=not propagate)
                                       for s in structures))
     except SessionError as e:
         raise PacsSeriesError(str(e)) from None
@@ -138,13 +146,38 @@ async def segment_study(pacs: DicomWeb, study: str, structures: Sequence[str], b
     say("store", {"sop_instance_uid": stored.sop_instance_uid, "seconds": timings["store"]})
     if masks_out is not None:
         masks_out.update(masks)
-    return {"pacs": pacs.url, "study": study,
+    return {"pacs": pacs.url, "study": study, "mode": "key slice + propagation" if propagate else "every slice",
             "series": {"uid": info.uid, "modality": info.modality, "description": info.description,
                        "slices": int(volume.shape[0]), "instance_uids": [str(ds.SOPInstanceUID)
                                                                          for ds in decoded.sources]},
             "seg": {"study_uid": stored.study_uid, "series_uid": stored.series_uid,
                     "sop_instance_uid": stored.sop_instance_uid, "retrieve_url": stored.retrieve_url},
             "structures": summary, "timings_s": {k: round(v, 4) for k, v in timings.items()}}
+
+
+def not_here(session, why: str) -> dict:
+    """A segment result for a slice the models find no reference for (the structure is not at this level)."""
+    return {"mask": np.zeros(session.shape, bool), "score": 0.0, "reference": None, "absent": why}
+
+
+class ServeBackend:
+    """The Ingress's ``Pipeline`` as the job's backend: a 422 for one slice (no reference in the bank shows the
+    structure near it, or the reference lacks it) is an empty mask there, so the key-slice search moves on; any
+    other error (503, 504) is raised."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    async def segment(self, session, target: str) -> dict:
+        try:
+            return await self.pipeline.segment(session, target)
+        except ApiError as e:
+            if e.status != 422:
+                raise
+            return not_here(session, e.message)
+
+    async def prompt(self, image, points, labels, box, key: str | None = None) -> dict:
+        return await self.pipeline.prompt(image, points, labels, box, key=key)
 
 
 # ---------------------------------------------------------------------------------------- the CLI's backend
@@ -161,8 +194,11 @@ class LocalBackend:
         return sorted({n for r in self.model.bank.rows for n in r["labels"].values()})
 
     async def segment(self, session, target: str) -> dict:
-        with torch.no_grad():
-            p = self.model.predict(session.current_image(), target, modality=session.modality)
+        try:
+            with torch.no_grad():
+                p = self.model.predict(session.current_image(), target, modality=session.modality)
+        except DataError as e:  # no reference shows the structure near this slice: not here
+            return not_here(session, str(e))
         return {"mask": p.mask, "score": p.score, "reference": p.reference, "label": p.label, "box": p.box,
                 "reasoning": p.reasoning, "format_error": p.format_error,
                 "timings_ms": {k: round(1000 * v, 2) for k, v in p.timings.items()}}
@@ -197,7 +233,7 @@ def local_backend(policy_checkpoint: str | None, segmenter_checkpoint: str | Non
 
 def run_cli(url: str, study: str, structures: str, *, series: str | None = None, timeout_s: float = 30.0,
             policy_checkpoint: str | None = None, segmenter_checkpoint: str | None = None,
-            bank_dir: str | None = None, profile: str = "tiny", threads: int | None = 1,
+            bank_dir: str | None = None, profile: str = "tiny", threads: int | None = 1, propagate: bool = False,
             say: Callable[[str], None] | None = None) -> dict:
     """``rau pacs segment``: the job with a ``LocalBackend`` (``say``: one line per phase as it ends)."""
     names = parse_structures(structures)
@@ -217,7 +253,7 @@ def run_cli(url: str, study: str, structures: str, *, series: str | None = None,
                 say(f"store: DICOM-SEG {info['sop_instance_uid']} in {info['seconds']:.2f} s")
 
         with local_backend(policy_checkpoint, segmenter_checkpoint, bank_dir, profile, threads=threads) as backend:
-            return asyncio.run(segment_study(pacs, study, names, backend, series=series,
+            return asyncio.run(segment_study(pacs, study, names, backend, series=series, propagate=propagate,
                                              known=backend.known_structures(), progress=progress))
     finally:
         pacs.close()

@@ -1,10 +1,11 @@
 """``POST /v1/pacs/segment``: segment a study held by a PACS (DICOMweb) and store the DICOM-SEG back, from the Ingress.
 
-The route runs ``rau_ray.serve.pacs.segment_study`` with the Ingress's ``Pipeline`` as the sessions' backend (the
-models are the deployments': one code path with sessions and ``rau pacs segment``). JSON body
+The route runs ``rau_ray.serve.pacs.segment_study`` with the Ingress's ``Pipeline`` as the sessions' backend
+(``ServeBackend``; the models are the deployments': one code path with sessions and ``rau pacs segment``). JSON body
 ``{"url": "http://HOST:8042/dicom-web", "study": UID, "series": UID (optional), "structures": ["liver", "spleen"],
-"timeout_s": 30 (optional), "masks": false}`` -> the source series, the stored SEG's UIDs, a summary per structure,
-the timings of fetch / segment / store (and with ``masks: true`` each structure's mask as COCO RLE per slice).
+"timeout_s": 30 (optional), "propagate": false, "masks": false}`` -> the source series, the stored SEG's UIDs, a
+summary per structure, the timings of fetch / segment / store (and with ``masks: true`` each structure's mask as
+COCO RLE per slice).
 Errors are ``{"error": reason}``: the PACS unreachable, answering an error or not DICOMweb at all -> 502, silent past
 the timeout -> 504, an unknown study or series -> 404, a series that is not one volume or an unknown structure ->
 422; a URL outside ``pacs_allowed_urls`` (AppArgs, when set) -> 403. Nothing is stored unless the whole SEG is built.
@@ -23,7 +24,7 @@ from pydantic import BaseModel, Field
 from rau_ray.dicomweb import DicomWeb, NotFoundAtPacs, PacsError, PacsRequestError, check_url
 from rau_ray.serve import codecs
 from rau_ray.serve.http import ApiError, ErrorBody
-from rau_ray.serve.pacs import PacsSeriesError, parse_structures, segment_study
+from rau_ray.serve.pacs import PacsSeriesError, ServeBackend, parse_structures, segment_study
 
 log = logging.getLogger("rau_ray.serve")
 router = APIRouter()
@@ -39,6 +40,9 @@ class PacsSegmentBody(BaseModel):
     structures: list[str] | str = Field(description='["liver", "spleen"] or "liver,spleen"')
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S,
                                     description="each DICOMweb request's timeout (default: the app's pacs_timeout_s)")
+    propagate: bool = Field(False, description="segment a key slice (the largest mask of five tried) and carry it "
+                                               "through the volume with SAM2: faster than the full pipeline on "
+                                               "every slice (the default), weaker on small organs")
     masks: bool = Field(False, description="also answer each structure's mask, COCO RLE per slice")
 
 
@@ -50,12 +54,15 @@ class PacsStructure(BaseModel):
     slices: list[int]
     voxels: int
     volume_ml: float
+    tried: dict[str, int] = Field(description="mask pixels of the segment operation on each slice tried: every "
+                                              "slice, or with propagate the key slices (the largest is kept)")
     mask: list[dict] | None = Field(None, description="with masks: true, COCO RLE per slice in the series' order")
 
 
 class PacsSegmentResponse(BaseModel):
     pacs: str
     study: str
+    mode: str = Field(description="'key slice + propagation' or 'every slice'")
     series: dict = Field(description="uid, modality, description, slices, instance_uids (the SEG's sources)")
     seg: dict = Field(description="study_uid, series_uid, sop_instance_uid, retrieve_url of the stored DICOM-SEG")
     structures: list[PacsStructure]
@@ -114,8 +121,9 @@ class PacsRoutes:
             pacs = DicomWeb(url, timeout_s=timeout_s)
             masks: dict = {}
             try:
-                result = await segment_study(pacs, body.study, structures, self.pipeline, series=body.series,
-                                             known=known, software_version=request.app.version,
+                result = await segment_study(pacs, body.study, structures, ServeBackend(self.pipeline),
+                                             series=body.series, known=known, propagate=body.propagate,
+                                             software_version=request.app.version,
                                              masks_out=masks if body.masks else None)
             finally:
                 pacs.close()

@@ -386,47 +386,65 @@ class SessionStore:
 
 
 # ----------------------------------------------------------------------------------- a whole volume, as a session
-def key_slices(n: int, tries: int = 3) -> list[int]:
-    """Where a structure's volume segmentation starts: the middle slice, then the quarter points (distinct)."""
-    out: list[int] = []
-    for k in (n // 2, n // 4, (3 * n) // 4)[:max(1, tries)]:
-        if 0 <= k < n and k not in out:
-            out.append(k)
-    return out
+def key_slices(n: int, count: int = 5) -> list[int]:
+    """Where a structure's volume segmentation may start: ``count`` slices evenly spaced inside the volume (not its
+    end slices), nearest the middle first."""
+    count = max(1, min(int(count), n))
+    picks = {min(n - 1, (n * (i + 1)) // (count + 1)) for i in range(count)}
+    return sorted(picks, key=lambda k: (abs(2 * k - (n - 1)), k))
 
 
 @dataclass
 class VolumeSegmentation:
     """One structure through a volume: ``masks`` bool (Z, H, W); ``key_slice`` where it was segmented (None: found
     on none of the slices tried, so absent and ``masks`` empty); ``result``: the segment operation's result there
-    (score, label, reasoning, reference, timings); ``slices``: those with mask pixels."""
+    (score, label, reasoning, reference, timings); ``slices``: those with mask pixels; ``tried``: {slice: mask
+    pixels} of the key slices tried."""
 
     masks: np.ndarray
     key_slice: int | None
     result: dict
     slices: list[int]
+    tried: dict
 
 
 async def segment_volume(volume: np.ndarray, modality: str, spacing: tuple, structure: str, backend,
-                         known=None, *, start: list[int] | None = None, propagate: bool = True
-                         ) -> VolumeSegmentation:
-    """A structure through a (Z, H, W) volume as a person does it in a session: go to a slice, "segment the liver"
-    (the full pipeline: reference, policy, segmenter), then "propagate" (SAM2 slice to slice from the box of the
-    mask before, until a mask comes back empty). ``start``: the slices to try in order until one gives a mask
-    (default ``key_slices``: the middle, then the quarter points). ``backend``: what a ``Session`` calls (the Serve
-    ``Pipeline``, or ``rau_ray.serve.pacs.LocalBackend`` in-process). A SessionError (an unknown structure) is
-    raised as is."""
-    session = Session(volume, modality, spacing)  # this call's own state; the volume array is shared, not copied
-    n = session.volume.shape[0]
-    found, result = None, {}
-    for k in (start if start is not None else key_slices(n)):
-        results = await session.apply([{"op": "goto_slice", "index": int(k)}, {"op": "segment", "target": structure}],
+                         known=None, *, start: list[int] | None = None, propagate: bool = True,
+                         every_slice: bool = False) -> VolumeSegmentation:
+    """A structure through a (Z, H, W) volume as a person does it in a session: find a slice that shows it well,
+    "segment the liver" there (the full pipeline: reference, policy, segmenter), then "propagate" (SAM2 slice to
+    slice from the box of the mask before, until a mask comes back empty). The key slice: of ``start`` (default
+    ``key_slices``: five evenly spaced, each segmented in a session of its own, concurrently), the one whose mask
+    is largest, as a person scrolls to where the organ is biggest; a backend that finds no reference showing the
+    structure on a slice answers an empty mask there. ``every_slice``: "segment the liver" on every slice instead
+    (the full pipeline each time, no propagation: n times the calls, but no drift from slice to slice).
+    ``backend``: what a ``Session`` calls (the Serve pipeline, or ``rau_ray.serve.pacs.LocalBackend``
+    in-process). A SessionError (an unknown structure) is raised as is."""
+    n = volume.shape[0] if volume.ndim == 3 else 1
+    if every_slice:
+        candidates = list(range(n))
+    else:
+        candidates = [int(k) for k in (start if start is not None else key_slices(n))]
+
+    async def at(k: int):
+        session = Session(volume, modality, spacing)  # each its own state; the volume array is shared, not copied
+        results = await session.apply([{"op": "goto_slice", "index": k}, {"op": "segment", "target": structure}],
                                       backend, known)
-        result = results[-1]
-        if session.mask().any():
-            found = int(k)
-            break
-    if found is not None and propagate and session.is_volume:
+        return session, results[-1]
+
+    tried = await asyncio.gather(*(at(k) for k in candidates))
+    areas = {k: int(session.mask().sum()) for k, (session, _) in zip(candidates, tried)}
+    best = max(candidates, key=lambda k: areas[k]) if candidates else None  # ties: the first (nearest the middle)
+    if every_slice:
+        masks = np.stack([session.mask() for session, _ in tried])  # each session is on its own slice
+        found = best if best is not None and areas[best] else None
+        return VolumeSegmentation(masks, found, tried[candidates.index(best)][1] if tried else {},
+                                  [k for k in candidates if areas[k]], areas)
+    if best is None or areas[best] == 0:
+        return VolumeSegmentation(np.zeros((n, *volume.shape[-2:]), bool), None,
+                                  tried[0][1] if tried else {}, [], areas)
+    session, result = tried[candidates.index(best)]
+    if propagate and session.is_volume:
         await session.apply([{"op": "propagate", "direction": "both"}], backend)
     masks = np.stack([session.mask(i) for i in range(n)])
-    return VolumeSegmentation(masks, found, result, [int(i) for i in np.flatnonzero(masks.any(axis=(1, 2)))])
+    return VolumeSegmentation(masks, best, result, [int(i) for i in np.flatnonzero(masks.any(axis=(1, 2)))], areas)

@@ -1,9 +1,10 @@
 """A PACS over DICOMweb, for real: Orthanc (Debian orthanc + orthanc-dicomweb, ``make install``) started on loopback
 with its storage in a temp folder and stopped by PID; a phantom CT series (8 slices, 128 px) stored in it with
-dicomweb-client (STOW-RS). ``rau pacs segment`` (a subprocess) and ``POST /v1/pacs/segment`` (the shared
-``local_app``) each find the series (QIDO-RS), fetch it (WADO-RS), segment liver and spleen and store a DICOM-SEG
-(STOW-RS); the test then finds that SEG in Orthanc, reads it back with highdicom: it references the series'
-instances, its segments are the structures, its frames are the masks returned (the route) / counted (the CLI).
+dicomweb-client (STOW-RS). ``rau pacs segment`` (a subprocess; every slice) and ``POST /v1/pacs/segment`` (the
+shared ``local_app``; key slice + propagation) each find the series (QIDO-RS), fetch it (WADO-RS), segment liver and
+spleen and store a DICOM-SEG (STOW-RS); the test then finds that SEG in Orthanc, reads it back with highdicom: it
+references the series' instances, its segments are the structures, its frames are the masks returned (the route) /
+counted (the CLI).
 Failures: nothing listening, servers that are not a PACS (the app's own /healthz base, a server answering 404), a
 PACS answering 500, one that accepts and never answers, and a PACS that stops answering at the store (a proxy in
 front of Orthanc holding STOW-RS) -> 502 / 504 naming the URL, nothing stored, and the app still answers /healthz."""
@@ -99,6 +100,7 @@ def test_cli_segments_a_study_and_stores_the_seg_in_orthanc(orthanc, study):
     assert f"fetch: {SLICES} slices of series {datasets[0].SeriesInstanceUID}" in r.stderr
     assert "segment: liver" in r.stderr and f"store: DICOM-SEG {out['seg']['sop_instance_uid']}" in r.stderr
     assert out["series"]["uid"] == datasets[0].SeriesInstanceUID and out["series"]["slices"] == SLICES
+    assert out["mode"] == "every slice" and all(len(s["tried"]) == SLICES for s in out["structures"])
     assert all(out["timings_s"][k] > 0 for k in ("fetch", "segment", "store", "qido", "wado", "stow"))
     assert out["seg"]["series_uid"] in seg_series(orthanc, uid)
     pixels = check_seg(read_seg(orthanc, uid, out["seg"]["series_uid"]), datasets)
@@ -126,10 +128,12 @@ def test_route_segments_a_study_and_stores_the_seg_in_orthanc(local_app, orthanc
     datasets, labels = study
     uid = datasets[0].StudyInstanceUID
     before = seg_series(orthanc, uid)
-    r = requests.post(local_app + "/v1/pacs/segment", json={"url": orthanc.dicomweb_url, "study": uid,
-                                                            "structures": "liver, spleen", "masks": True}, timeout=600)
+    r = requests.post(local_app + "/v1/pacs/segment", json={"url": orthanc.dicomweb_url, "study": uid, "masks": True,
+                                                            "structures": "liver, spleen", "propagate": True},
+                      timeout=600)
     assert r.status_code == 200, r.text[:2000]
     out = r.json()
+    assert out["mode"] == "key slice + propagation"  # the CLI test runs the default, every slice
     assert out["series"]["instance_uids"] == [str(ds.SOPInstanceUID) for ds in datasets]
     assert set(seg_series(orthanc, uid)) - set(before) == {out["seg"]["series_uid"]}
     pixels = check_seg(read_seg(orthanc, uid, out["seg"]["series_uid"]), datasets)

@@ -4,6 +4,7 @@ Orthanc and the real models is tests/integration/test_pacs.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import highdicom as hd
@@ -14,8 +15,10 @@ from rau_ray.data.phantom_dicom import phantom_ct_series
 from rau_ray.dicomweb import PacsRequestError
 from rau_ray.serve import codecs
 from rau_ray.serve.dicom_seg import SegExportError, build_segmentation
-from rau_ray.serve.pacs import PacsSeriesError, check_known, parse_structures
+from rau_ray.serve.http import ApiError
+from rau_ray.serve.pacs import PacsSeriesError, ServeBackend, check_known, parse_structures
 from rau_ray.serve.pacs_routes import allowed
+from rau_ray.serve.sessions import Session
 
 
 def test_structures_are_parsed_and_checked():
@@ -60,3 +63,19 @@ def test_the_route_reaches_only_allowed_urls():
                 "http://pacs:99999/dicom-web", "https://pacs:8042/x", "http://pacs:8042/other"):
         assert not allowed(sly, ("http://pacs:8042/dicom-web",)), sly
     assert allowed("http://PACS:8042/dicom-web/studies", ("http://pacs:8042/dicom-web",))
+
+
+def test_a_slice_no_reference_shows_is_empty_other_errors_raise():
+    class Pipeline:
+        def __init__(self, status):
+            self.status = status
+
+        async def segment(self, session, target):
+            raise ApiError(self.status, "none of the 8 most similar references shows 'spleen'")
+
+    session = Session(np.zeros((4, 16, 16), np.float32), "CT", (1, 1, 1))
+    out = asyncio.run(ServeBackend(Pipeline(422)).segment(session, "spleen"))
+    assert out["mask"].shape == (16, 16) and not out["mask"].any() and "most similar" in out["absent"]
+    with pytest.raises(ApiError) as e:
+        asyncio.run(ServeBackend(Pipeline(503)).segment(session, "spleen"))
+    assert e.value.status == 503

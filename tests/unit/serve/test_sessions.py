@@ -156,11 +156,11 @@ def test_store_expiry_limit_delete():
 
 
 # ------------------------------------------------------------------------- a whole volume (segment_volume)
-def test_key_slices_start_in_the_middle():
-    assert key_slices(16) == [8, 4, 12]
-    assert key_slices(1) == [0]
-    assert key_slices(2) == [1, 0]
-    assert key_slices(64, tries=1) == [32]
+def test_key_slices_are_spread_nearest_the_middle_first():
+    assert key_slices(64) == [32, 21, 42, 10, 53]
+    assert key_slices(10) == [5, 3, 6, 1, 8]
+    assert key_slices(1) == [0] and key_slices(3) == [1, 0, 2]
+    assert key_slices(64, count=1) == [32]
 
 
 class Painter:
@@ -182,17 +182,19 @@ class Painter:
 
 def test_a_volume_is_segmented_as_a_session_would():
     vol = np.zeros((10, 32, 32), np.float32)
-    vol[3:7, 8:20, 8:20] = 300.0  # on slices 3..6 only: the middle (5) holds it
+    for k, half in ((3, 3), (4, 5), (5, 6), (6, 8), (7, 2)):  # on slices 3..7, largest on 6
+        vol[k, 16 - half:16 + half, 16 - half:16 + half] = 300.0
     done = asyncio.run(segment_volume(vol, "CT", (1.0, 1.0, 2.0), "liver", backend := Painter()))
-    assert done.key_slice == 5 and done.result["score"] == 0.9 and done.slices == [3, 4, 5, 6]
-    np.testing.assert_array_equal(done.masks, vol > 100)
-    assert backend.calls[0] == ("segment", 5)
-    vol2 = np.zeros((8, 32, 32), np.float32)
-    vol2[1:3, 4:10, 4:10] = 300.0  # not on the middle slice (4): the quarter point (2) finds it
-    done = asyncio.run(segment_volume(vol2, "CT", (1.0, 1.0), "spleen", backend := Painter()))
-    assert [c for c in backend.calls if c[0] == "segment"] == [("segment", 4), ("segment", 2)]
-    assert done.key_slice == 2 and done.slices == [1, 2]
+    assert sorted(c[1] for c in backend.calls if c[0] == "segment") == [1, 3, 5, 6, 8]  # every key slice tried
+    assert done.key_slice == 6 and done.tried == {5: 144, 3: 36, 6: 256, 1: 0, 8: 0}
+    assert done.result["score"] == 0.9 and done.slices == [3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(done.masks, vol > 100)  # carried from 6 both ways until a slice comes back empty
     done = asyncio.run(segment_volume(np.zeros((8, 16, 16), np.float32), "CT", (1, 1), "liver", Painter()))
     assert not done.masks.any() and done.key_slice is None and done.slices == []  # absent
     done = asyncio.run(segment_volume(vol, "CT", (1, 1), "liver", Painter(), start=[4], propagate=False))
     assert done.key_slice == 4 and done.slices == [4]  # a given key slice, not carried through
+    vol[0, :4, :4] = 300.0  # apart from the rest: propagation stops before it, every slice finds it
+    done = asyncio.run(segment_volume(vol, "CT", (1, 1), "liver", backend := Painter(), every_slice=True))
+    assert sorted(c[1] for c in backend.calls) == list(range(10)) and {c[0] for c in backend.calls} == {"segment"}
+    np.testing.assert_array_equal(done.masks, vol > 100)
+    assert done.slices == [0, 3, 4, 5, 6, 7] and done.key_slice == 6
