@@ -18,7 +18,8 @@ Every job config is the paper one with these fields replaced: manifest, name, mo
 (2 CPU workers), batch sizes, steps, lengths, checkpoints (``overrides``). Used by
 ``tests/integration/test_paper_width.py``.
 Run: ``.venv/bin/python benchmarks/paper_width.py [--out DIR] [--models DIR] [--parts predict,sft,grpo,seg,serve]``
-(prints one JSON object: per part its wall time, peak RSS and what it produced).
+(prints one JSON object, also written to OUT/report.json: per part its wall time, peak RSS and what it produced;
+``models.wall_s`` is 0 when the models folder was there already).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import requests
 import torch
 from peft.tuners.lora import LoraLayer
 
+from rau_ray.atomic import atomic_write_text
 from rau_ray.config import load_config
 from rau_ray.data.formats import encode_png, hu_to_png16
 from rau_ray.data.make import MakeConfig, make_dataset
@@ -341,7 +343,10 @@ def main() -> None:
     work = Path(a.out or tempfile.mkdtemp(prefix="rau-paper-width-"))
     report = run(tuple(x for x in a.parts.split(",") if x), work, Path(a.models) if a.models else None,
                  workers=a.workers)
-    print(json.dumps(report, indent=2, default=str))
+    text = json.dumps(report, indent=2, default=str)
+    atomic_write_text(work / "report.json", text)  # the Ray workers' log lines share stdout with the report
+    print(text)
+    print(f"report: {work / 'report.json'}")
 
 
 if __name__ == "__main__":
