@@ -7,7 +7,8 @@ once for the module; every part loads them by path through the paper profile's c
 Train (DeepSpeed ZeRO-2, sft-paper.yaml; one worker: two hold ~13 GB), one segmenter step on its checkpoint (the seg
 job's trainer, in this process), and ``benchmarks/gpu_latency.py --scale paper-cut`` as a script. Each part prints
 its wall time and peak RSS. Measured by the benchmark only, over this module's 3-minute budget: the GRPO step (one
-worker: ~85 s and 8.3 GB here), the 2-worker jobs, the seg job on Ray Train and a request through gpu.yaml's graph.
+worker: 74-92 s and 8.3-8.6 GiB here), the 2-worker jobs, the seg job on Ray Train and a request through gpu.yaml's
+graph (BENCHMARKS.md "Paper width on CPU").
 """
 
 from __future__ import annotations
