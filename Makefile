@@ -17,7 +17,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "warning: could not install chromium (apt-get failed); the browser test will fail"
 
-# Debian Orthanc + its DICOMweb plugin for the PACS tests (tests/integration/test_pacs.py starts one on loopback).
+# Debian Orthanc + its DICOMweb plugin for the PACS tests (tests/integration/test_pacs_orthanc.py starts one on loopback).
 # Where apt-get is missing or not allowed this only warns, and the PACS tests fail saying so.
 orthanc:
 	@if command -v Orthanc >/dev/null 2>&1 && dpkg -s orthanc-dicomweb >/dev/null 2>&1; then :; \

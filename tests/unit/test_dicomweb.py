@@ -1,7 +1,7 @@
 """rau_ray.dicomweb: UIDs and URLs checked, QIDO-RS records read, the series chosen, STOW-RS answers read, and every
 way a URL can fail to be a PACS mapped to its typed error (502 / 504) naming the URL, against real sockets on
 loopback (a port nothing listens on, small HTTP servers in a thread, one that accepts and never answers). The real
-PACS round trip (Orthanc) is tests/integration/test_pacs.py."""
+PACS round trip (Orthanc) is tests/integration/test_pacs_orthanc.py."""
 
 from __future__ import annotations
 
