@@ -121,7 +121,8 @@ def test_no_report_to_no_callback(tmp_path):
     assert tracking.finish(None, "FINISHED") == {}
 
 
-def test_a_bucket_run_needs_a_tracking_uri():
+def test_a_bucket_run_needs_a_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri (an earlier sweep) sets it
     with pytest.raises(ConfigError, match="mlflow_tracking_uri: report_to mlflow needs a tracking URI"):
         tracking.tracking_uri("", "s3://bucket/runs")
 
