@@ -41,7 +41,9 @@ from rau_ray.serve.sessions import (
     SessionGone,
     SessionLimit,
     SessionNotFound,
+    VolumeSegmentation,
     dicom_seg_refusal,
+    segment_volume,
 )
 
 # the app's pair refusal (503 naming both checkpoints) applies here too: an included router's routes do not carry
@@ -303,7 +305,8 @@ class MonaiLabelRoutes:
 
     async def _ml_segment(self, s: Session, geometry, params: dict) -> tuple:
         """rau_segmentation: each structure segmented by the RAU chain on the key slice, then carried through the
-        volume by SAM2 (box of the slice before, until a mask comes back empty: the session's ``propagate``)."""
+        volume by SAM2 (box of the slice before, until a mask comes back empty): ``sessions.segment_volume``, as the
+        PACS job does it."""
         known = list((await self.pipeline.known_structures()).structures)
         names = mm.pick_structures(params.get("structures"), known, self.settings.max_structures)
         propagate = mm.flag(params.get("propagate"), True)
@@ -311,28 +314,23 @@ class MonaiLabelRoutes:
         z = s.volume.shape[0] // 2 if z is None else z
         to_k = geometry.z_to_slice if geometry is not None else int
 
-        async def one(name: str):
-            scratch = Session(s.volume, s.modality, s.spacing)  # the request's own state; the volume is shared
-            try:
-                _, seg = await scratch.apply([{"op": "goto_slice", "index": z}, {"op": "segment", "target": name}],
-                                             self.pipeline, set(known))
-                if propagate and scratch.is_volume and scratch.mask().any():
-                    await scratch.apply([{"op": "propagate", "direction": "both"}], self.pipeline)
+        async def one(name: str) -> VolumeSegmentation:
+            try:  # the key slice given (or the middle one), then carried through as a session does it
+                return await segment_volume(s.volume, s.modality, s.spacing, name, self.pipeline, set(known),
+                                            start=[z], propagate=propagate)
             except SessionError as e:
                 raise ApiError(422, f"{name}: {e}") from None
-            return scratch, seg
 
         done = await asyncio.gather(*(one(n) for n in names))
         labels = np.zeros(s.volume.shape, np.uint8)
         found = []
-        for value, (name, (scratch, seg)) in enumerate(zip(names, done), 1):
-            slices = sorted(i for i, m in scratch.state.masks.items() if m.any())
-            for i in slices:
-                labels[i][scratch.state.masks[i]] = value
+        for value, (name, vs) in enumerate(zip(names, done), 1):
+            labels[vs.masks.reshape(labels.shape)] = value
+            seg = vs.result
             found.append({"name": name, "value": value, "label": seg.get("label"), "score": seg.get("score"),
                           "reference": seg.get("reference"), "format_error": seg.get("format_error"),
                           "reasoning": seg.get("reasoning"), "timings_ms": seg.get("timings_ms"),
-                          "slices": sorted(to_k(i) for i in slices)})
+                          "slices": sorted(to_k(i) for i in vs.slices)})
         return labels, {"label_names": {n: v for v, n in enumerate(names, 1)}, "slice": to_k(z),
                         "propagate": propagate, "structures": found}
 

@@ -86,10 +86,7 @@ class Ingress(MonaiLabelRoutes, PacsRoutes):
                  decoder: DecoderSpec | None = None):
         """``decoder``: None (prompts are decoded by the Segmenter), or the SAM2 whose prompt decoder runs here
         (``prompt_decoding: ingress``)."""
-        try:
-            operation_validator()  # built once here (7 ms), not in the first click's request
-        except ImportError:
-            pass
+        operation_validator()  # built once here (7 ms), not in the first click's request
         self.settings = settings or Settings()
         refusal.REASON[:] = [self.settings.refusal] if self.settings.refusal else []
         if self.settings.refusal:
