@@ -50,12 +50,9 @@ $(ML_STAMP): requirements-monailabel.txt
 	$(ML_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-monailabel.txt
 	touch $(ML_STAMP)
 
-# The whole suite: lint and layer contracts first, then every test (unit + integration: real Ray, Serve, browser),
-# on two pytest-xdist workers, each with its own Ray cluster: a third of a serial run's 2-core time was idle (start-ups,
-# polls, HTTP round trips). --dist loadfile: a module's tests stay on one worker (its module-scoped apps and data).
-# (loadgroup would keep the local_app users together too, but xdist 3.8 cannot set its group ids under pytest 9.)
+# The whole suite: lint and layer contracts first, then every test (unit + integration: real Ray, Serve, browser).
 test: lint browser orthanc monailabel-client
-	$(VENV)/bin/pytest -n 2 --dist loadfile
+	$(VENV)/bin/pytest
 
 # The fast tier: no Ray cluster, no subprocesses, no browser (a unit test that starts Ray is refused); ~1 minute.
 test-unit: lint

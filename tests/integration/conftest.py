@@ -3,7 +3,7 @@ subprocesses or a browser. ``make test-unit`` (``pytest tests/unit -m "not integ
 
 ``local_app`` is the Serve app as ``serve_configs/local.yaml`` serves it (the shipped chain, default settings),
 started once per test process and shared: the tests that ask for it run at the end of the session, so one
-start-up (~25 s) serves them all (under ``make test``'s two xdist workers, at most one start-up per worker).
+start-up (~25 s) serves them all.
 A test that needs other settings starts its own app (``rau_ray.serve.app.start``)."""
 
 import socket
