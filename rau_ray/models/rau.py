@@ -12,7 +12,6 @@ Use: ``model = RAUModel.build(get_profile("tiny"), bank_dir="banks/ct")`` (rando
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import OrderedDict
@@ -31,18 +30,9 @@ from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.losses import dice_loss, focal_dice_loss  # noqa: F401  (dice_loss: re-exported)
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import ModelConfig
+from rau_ray.models.reference import Reference, image_digest
 from rau_ray.models.retrieval import Embedder, ReferenceBank
 from rau_ray.models.sam2_builder import ImageEmbedding, build_sam2_model
-
-
-@dataclass
-class Reference:
-    image: np.ndarray  # as stored (CT in HU)
-    label: np.ndarray  # integer label map
-    names: dict[int, str]  # label value -> structure name
-    modality: str = "CT"
-    row: dict | None = None  # the bank's metadata row when retrieved
-    similarity: float | None = None
 
 
 @dataclass
@@ -57,13 +47,6 @@ class Prediction:
     format_error: str | None = None  # why the answer could not be parsed, if it could not
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     attention: np.ndarray | None = None  # the <Seg> query's attention over reference memory slots
-
-
-def image_digest(image: np.ndarray) -> str:
-    """The key of the embedding caches (SAM2 image embeddings here and in the serving Segmenter): SHA-1 of the
-    pixels, shape and dtype."""
-    a = np.ascontiguousarray(image)
-    return hashlib.sha1(a.tobytes() + str((a.shape, a.dtype)).encode()).hexdigest()
 
 
 class RAUModel:

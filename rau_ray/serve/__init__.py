@@ -17,7 +17,8 @@ Modules: ``app`` (``AppArgs``, ``build_app`` for serve configs, ``build_graph``,
 FastAPI Ingress: every route, the sessions it holds), ``http`` (errors, request parsing, the request / response models
 the OpenAPI document is generated from), ``pipeline`` (the calls between deployments: retrieve -> policy -> segment,
 retries, where clicks are decoded), ``messages`` (the typed messages between deployments), ``deployments``
-(Retriever, Policy, Segmenter, Commander), ``sessions`` (per-user interactive state, undo/redo, expiry, limit),
+(Retriever, Policy, Segmenter), ``commander`` (the Commander: commands -> operations, no model), ``sessions``
+(per-user interactive state, undo/redo, expiry, limit),
 ``prompt_decoder`` (SAM2's prompt decoder in the Ingress), ``codecs`` (image decode with limits, mask PNG / COCO RLE),
 ``dicom_seg`` (DICOM-SEG export), ``refusal`` (a refused checkpoint pair's reason), ``keys`` (API keys: the
 hashed keys file, ``rau keys``), ``auth`` (access control: keys on every route, session owners, per-key limits, the

@@ -29,7 +29,8 @@ from rau_ray.config import from_dict, text_fields
 from rau_ray.errors import ConfigError
 from rau_ray.models import checkpoint as ckpt
 from rau_ray.serve import auth, codecs
-from rau_ray.serve.deployments import Commander, Policy, Retriever, Segmenter
+from rau_ray.serve.commander import Commander
+from rau_ray.serve.deployments import Policy, Retriever, Segmenter
 from rau_ray.serve.pipeline import DecoderSpec
 from rau_ray.serve.routes import Ingress, Settings
 

@@ -1,4 +1,5 @@
-"""The model deployments of the serving graph: Retriever, Policy, Segmenter, Commander. Each loads its models once
+"""The model deployments of the serving graph: Retriever, Policy, Segmenter (the Commander, which holds no model,
+is ``rau_ray.serve.commander``). Each loads its models once
 per replica (in ``__init__``), answers Serve's health check, and is called by the Ingress through
 ``DeploymentHandle``s (``rau_ray.serve.pipeline``) with the typed messages of ``rau_ray.serve.messages``.
 
@@ -12,7 +13,6 @@ per replica (in ``__init__``), answers Serve's health check, and is called by th
   so point/box prompts on an image already seen skip the encoder; ``prepare`` builds the embeddings and reference
   memory while the Policy generates, ``segment`` decodes the <Seg> query; ``embedding`` ships an image's features to
   an Ingress that decodes clicks itself (``prompt_decoding: ingress``).
-- ``Commander``: natural-language command -> operations (``rau_ray.commands``) or ``NotUnderstood``.
 The models come from the checkpoints as ``RAUModel.from_checkpoint`` builds them (``rau_ray.models.checkpoint``).
 Use: ``rau_ray.serve.app.build_app({...})`` wires them; each class is also usable in-process via ``.func_or_class``.
 """
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from ray import serve
 
-from rau_ray.commands import CommandError, OpenAICompatibleFallback, parse_command
 from rau_ray.data.manifest import ManifestRow, read_manifest
 from rau_ray.errors import DataError
 from rau_ray.models import checkpoint as ckpt
@@ -39,7 +38,8 @@ from rau_ray.models.fusion import RAUSegmenter
 from rau_ray.models.policy import load_policy
 from rau_ray.models.precision import sam2_autocast
 from rau_ray.models.profiles import ModelConfig
-from rau_ray.models.rau import RAUModel, Reference, image_digest
+from rau_ray.models.rau import RAUModel
+from rau_ray.models.reference import Reference, image_digest
 from rau_ray.models.retrieval import Embedder, ReferenceBank
 from rau_ray.models.sam2_builder import build_sam2_model
 from rau_ray.serve.messages import (
@@ -48,7 +48,6 @@ from rau_ray.serve.messages import (
     Features,
     NoReference,
     NotHeld,
-    NotUnderstood,
     Prompted,
     Question,
     Retrieved,
@@ -367,42 +366,3 @@ class Segmenter:
     def check_health(self) -> None:
         if self.seg is None:
             raise RuntimeError("segmenter not loaded")
-
-
-@serve.deployment(name="Commander", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64,
-                  health_check_period_s=10)
-class Commander:
-    """Natural-language command -> the operations of ``rau_ray.commands`` (``NotUnderstood`` when it is none).
-
-    With ``llm_url`` (AppArgs ``command_llm_url``), text the deterministic parser refuses goes to an
-    OpenAI-compatible chat completions server (``OpenAICompatibleFallback``); its answer is only accepted when it
-    validates against the operation schema and is grounded in the text, and text that looks hostile is never sent.
-    The API key is read from the environment variable named ``llm_api_key_env`` in this replica's environment."""
-
-    def __init__(self, llm_url: str | None = None, llm_model: str | None = None,
-                 llm_api_key_env: str | None = None, llm_timeout_s: float = 10.0):
-        self.fallback = None
-        if llm_url:
-            key = None
-            if llm_api_key_env:
-                key = os.environ.get(llm_api_key_env)
-                if not key:
-                    raise RuntimeError(f"command_llm_api_key_env names {llm_api_key_env!r}, but that environment "
-                                       "variable is not set where the Commander replica runs (set it on the Ray "
-                                       "nodes, e.g. from a Kubernetes Secret)")
-            self.fallback = OpenAICompatibleFallback(llm_url, llm_model or "", api_key=key,
-                                                     timeout=float(llm_timeout_s))
-
-    def parse(self, text: str) -> list[dict] | NotUnderstood:
-        try:
-            return parse_command(text, fallback=self.fallback)
-        except CommandError as e:
-            return NotUnderstood(str(e))
-        except Exception as e:  # noqa: BLE001 - a language model server misbehaving (a broken reply) is no 500
-            if self.fallback is None:
-                raise
-            return NotUnderstood(f"not a command the parser reads, and the language model failed "
-                                 f"({type(e).__name__}: {e})"[:500])
-
-    def check_health(self) -> None:
-        return None

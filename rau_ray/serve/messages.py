@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rau_ray.models.rau import Reference
+from rau_ray.models.reference import Reference
 
 TASKS = ("segment", "label", "all_boxes")
 

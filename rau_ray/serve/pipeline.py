@@ -33,7 +33,7 @@ import torch
 
 from rau_ray.data.tasks import label_boxes
 from rau_ray.models.prompts import to_pil
-from rau_ray.models.rau import Reference, image_digest
+from rau_ray.models.reference import Reference, image_digest
 from rau_ray.scoring.matching import MatchConfig, assign
 from rau_ray.serve import codecs
 from rau_ray.serve.deployments import load_segmenter

@@ -25,7 +25,7 @@ import numpy as np
 
 from rau_ray.data.formats import get_window
 from rau_ray.models.prompts import to_pil
-from rau_ray.models.rau import image_digest
+from rau_ray.models.reference import image_digest
 
 MAX_HISTORY = 50
 MAX_POINTS = 64
@@ -117,7 +117,7 @@ class Session:
         return self._model_input(index)[0]
 
     def model_input_key(self, index: int | None = None) -> str:
-        """That image's digest (``rau_ray.models.rau.image_digest``), computed once per slice, not per click."""
+        """That image's digest (``rau_ray.models.reference.image_digest``), computed once per slice, not per click."""
         return self._model_input(index)[1]
 
     def _model_input(self, index: int | None) -> tuple[np.ndarray, str]:

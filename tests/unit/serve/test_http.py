@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 
 from rau_ray.data import formats
-from rau_ray.models.rau import Reference
+from rau_ray.models.reference import Reference
 from rau_ray.serve import http, messages
 from rau_ray.serve.codecs import BadInput
 from rau_ray.serve.routes import app
