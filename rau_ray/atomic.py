@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import matplotlib.pyplot as plt
-
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -81,6 +79,10 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 
 def figure_png(fig, dpi: int = 100) -> bytes:
     """A matplotlib figure as PNG bytes; the figure is closed so figures do not pile up in memory."""
+    # every process imports this module, few draw (pyplot is 0.45 s of each Ray worker's start); a caller with a figure
+    # has imported pyplot already
+    from matplotlib import pyplot as plt  # noqa: PLC0415 - see above
+
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)
