@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,9 +10,7 @@ import torch
 
 from rau_ray.config import from_dict
 from rau_ray.data.make import MakeConfig, make_dataset
-from rau_ray.data.manifest import read_manifest
-from rau_ray.data.tasks import make_pairs
-from rau_ray.models.checkpoint import STATE, WEIGHTS, read_history, read_weights_and_state
+from rau_ray.models.checkpoint import locate_checkpoint, read_history, read_weights_and_state
 from rau_ray.models.policy import load_policy
 from rau_ray.models.profiles import model_config_from
 from rau_ray.train.grpo import GRPOJobConfig, adapter_state, load_adapter, run_grpo
@@ -21,7 +18,6 @@ from rau_ray.train.grpo import GRPOJobConfig, adapter_state, load_adapter, run_g
 # the SFT recipe of jobs/configs/sft-tiny.yaml: LoRA on the attention and the MLPs
 MODEL = {"profile": "tiny", "policy": {"lora_rank": 32, "lora_alpha": 64, "lora_targets": [
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}
-SFT_STEPS = 150
 
 
 @pytest.fixture(scope="module")
@@ -33,29 +29,11 @@ def manifest(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sft_checkpoint(manifest, tmp_path_factory):
-    """A quick SFT start in this process (the SFT job has its own tests): the label answers of the train items,
-    teacher-forced until the policy writes them, saved in the training checkpoint layout. Sampled at temperature 1
-    its answers are in format 44 % of the time and every group's rewards differ (measured); at 0.5 three groups in
-    four are all alike, and a group whose rewards are equal has no advantage: GRPO rightly leaves the adapter."""
-    from safetensors.torch import save_file
-
-    from rau_ray.train.policy_examples import PolicyExamples
-
-    torch.manual_seed(0)
-    policy = load_policy(model_config_from(MODEL).policy)
-    examples = PolicyExamples(policy.processor)
-    pairs = [examples.example(i) for i in make_pairs(read_manifest(manifest), tasks=("label",))]
-    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=5e-3)
-    for step in range(SFT_STEPS):
-        batch = [pairs[(2 * step + k) % len(pairs)] for k in range(2)]
-        policy.model(**policy.inputs_for([m for m, _ in batch], [c for _, c in batch])).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    folder = tmp_path_factory.mktemp("sft_checkpoint")
-    save_file(adapter_state(policy.model), str(folder / WEIGHTS))
-    (folder / STATE).write_text(json.dumps({"step": 150, "config": {"model": MODEL}}))
-    return folder
+def sft_checkpoint() -> Path:
+    """The SFT start: the shipped SFT checkpoint (``shipped:sft``, jobs/configs/sft-tiny.yaml's long run; the SFT job
+    has its own tests). Sampled at temperature 1 its answers are in format and the groups' rewards differ, so GRPO
+    has advantages to learn from (a group whose rewards are all equal has none: GRPO rightly leaves the adapter)."""
+    return Path(locate_checkpoint("shipped:sft"))
 
 
 def grpo_config(manifest, sft_checkpoint, tmp_path, **fields) -> GRPOJobConfig:
