@@ -40,12 +40,19 @@ def sft_config(manifest, tmp_path, **fields) -> SFTConfig:
     return from_dict(SFTConfig, {**base, **fields}, "test")
 
 
-def test_zero2_and_zero3_learn_a_fixed_batch_identically_and_checkpoints_load(ray_cluster, manifest, tmp_path):
+def test_zero2_and_zero3_learn_a_fixed_batch_identically_report_to_trackers_and_checkpoints_load(ray_cluster, manifest,
+                                                                                               tmp_path):
     # 4 training targets -> one batch of 2 per worker, the same batch every epoch
     losses = {}
     for stage in (2, 3):
-        result = run_sft(sft_config(manifest, tmp_path, name=f"zero{stage}", zero_stage=stage))
+        # the ZeRO-2 run also reports to MLflow (a local file store) and TensorBoard (check_tracking)
+        tracking = {"report_to": ["mlflow", "tensorboard"], "mlflow_tracking_uri": (tmp_path / "mlruns").as_uri(),
+                    "mlflow_experiment": "rau-test"} if stage == 2 else {}
+        cfg = sft_config(manifest, tmp_path, name=f"zero{stage}", zero_stage=stage, **tracking)
+        result = run_sft(cfg)
         assert result.error is None
+        if tracking:
+            check_tracking(cfg, result, tmp_path)
         history = read_history(result.checkpoint.path)
         losses[stage] = [row["loss"] for row in history if "loss" in row]
         assert [row["step"] for row in history if "loss" in row] == list(range(1, 9))
@@ -116,33 +123,28 @@ def test_killed_worker_resumes_from_checkpoint_and_step_continues(ray_cluster, m
     assert state["step"] == 16
 
 
-def test_report_to_logs_rank_zeros_rows_params_and_checkpoint_to_mlflow_and_tensorboard(ray_cluster, manifest,
-                                                                                          tmp_path):
+def check_tracking(cfg: SFTConfig, result, tmp_path) -> None:
+    """report_to [mlflow, tensorboard]: rank 0's rows, the run's params and its final checkpoint reached a local
+    MLflow file store, and the same rows TensorBoard's event files."""
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    store = (tmp_path / "mlruns").as_uri()  # a local MLflow file store
-    cfg = sft_config(manifest, tmp_path, name="tracked", max_steps=2, checkpoint_every=2, report_to=["mlflow",
-                     "tensorboard"], mlflow_tracking_uri=store, mlflow_experiment="rau-test")
-    result = run_sft(cfg)
-    assert result.error is None
     history = [row for row in read_history(result.checkpoint.path) if "loss" in row]
-    assert [row["step"] for row in history] == [1, 2]
-
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("rau-test").experiment_id])
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow_experiment).experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert run.info.status == "FINISHED" and run.info.run_name == cfg.name
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in losses] == [(row["step"], pytest.approx(row["loss"])) for row in history]
     assert "val_accuracy" in run.data.metrics and "samples_per_s" in run.data.metrics
     params = run.data.params
     assert params["lr"] == "0.003" and params["scale.num_workers"] == "2" and params["tasks"] == '["label"]'
     assert params["model.policy.lora_rank"] == str(cfg.model.policy.lora_rank)
+    assert params["zero_stage"] == str(cfg.zero_stage)
     assert params["final_checkpoint"] == result.checkpoint.path
 
-    events = EventAccumulator(str(tmp_path / "runs" / "tracked" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "runs" / cfg.name / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [
         (row["step"], pytest.approx(row["loss"])) for row in history]
