@@ -1,7 +1,8 @@
 """Ray Tune sweeps of the segmenter on the session's 2-CPU Ray cluster: a tiny 2 x 2 grid (+ a random lr) with ASHA
-in-process, then a sweep run by ``rau tune`` in a subprocess, interrupted (SIGINT) after a trial finished and resumed
-with ``--resume``: finished trials are not rerun, the others finish, and the best checkpoint loads; a sweep stored in
-an S3 bucket (moto's server, tests/conftest.py). Run: ``.venv/bin/pytest tests/integration/test_tune.py``."""
+in-process, stored in an S3 bucket (moto's server, tests/conftest.py) and resumed from it; then a sweep run by
+``rau tune`` in a subprocess on the local disk, interrupted (SIGINT) after a trial finished and resumed with
+``--resume``: finished trials are not rerun, the other finishes, and the best checkpoint loads.
+Run: ``.venv/bin/pytest tests/integration/test_tune.py``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rau_ray import storage
 from rau_ray.errors import ConfigError
 from rau_ray.tune import janitor
 from rau_ray.tune.results import records_from_experiment
@@ -46,19 +48,24 @@ def write_configs(tmp_path, manifest, search, **sweep) -> Path:
     return path
 
 
-def check_best_export(sweep_dir: Path, summary: dict) -> None:
-    """best/ is the best trial's final checkpoint, and the one checkpoint loader rebuilds its models from it."""
+def check_best_export(sweep_dir: str | Path, summary: dict) -> None:
+    """best/ is the best trial's final checkpoint, and the one checkpoint loader rebuilds its models from it (a local
+    folder or a bucket URI: read through rau_ray.storage)."""
     from rau_ray.models.checkpoint import load_policy_checkpoint, load_segmenter_checkpoint, read_checkpoint
 
-    best = json.loads((sweep_dir / "best.json").read_text())
+    best = json.loads(storage.read_text(storage.join(sweep_dir, "best.json")))
     assert best == summary["best"] and best["metric"] == "val_dice" and 0 <= best["value"] <= 1
-    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
-    saved = {p.parent.name for p in (sweep_dir / "runs").glob("*/checkpoint_*")}  # ASHA may stop one before any
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(sweep_dir, "results.csv")))))
+    runs = storage.join(sweep_dir, "runs")
+    saved = {t for t in storage.list_dir(runs)  # ASHA may stop one before any checkpoint
+             if any(n.startswith("checkpoint_") for n in storage.list_dir(storage.join(runs, t)))}
     ranked = [r for r in rows if r["val_dice"] and r["trial_id"] in saved]
     assert best["trial_id"] == max(ranked, key=lambda r: float(r["val_dice"]))["trial_id"]
     if "best_unsaved" in summary:  # a better trial stopped before its first checkpoint: named, not exported
         assert summary["best_unsaved"]["val_dice"] >= best["value"] and summary["best_unsaved"]["trial_id"] not in saved
-    ck = read_checkpoint(sweep_dir / "best")
+    assert best["path"] == str(storage.join(sweep_dir, "best"))
+    assert best["source"].startswith(f"{storage.join(runs, best['trial_id'])}/checkpoint_")
+    ck = read_checkpoint(best["path"])
     assert ck.kind == "seg" and ck.step == best["checkpoint_step"] == 2
     assert ck.config["name"] == best["trial_id"]
     assert ck.config["lr"] == pytest.approx(best["config"].get("lr", 0.01))  # the trial's own lr (or the base's)
@@ -68,36 +75,54 @@ def check_best_export(sweep_dir: Path, summary: dict) -> None:
     assert policy.model.peft_config["default"].r == best["config"]["model.policy.lora_rank"]
 
 
-def test_tiny_sweep_with_asha_writes_table_heatmap_and_loadable_best(ray_cluster, manifest, tmp_path):
+def test_tiny_sweep_with_asha_in_a_bucket_writes_table_heatmap_and_loadable_best(ray_cluster, manifest, tmp_path,
+                                                                                    s3_bucket):
+    """The 2 x 2 grid (+ a random lr) with ASHA, stored in an S3 bucket (the session's moto server): Tune's state,
+    the trials' runs, the table, heatmap and best/ all go to the bucket, nothing to the local disk; the best checkpoint
+    loads from there; MLflow has a run per trial; --resume restores the finished sweep from the bucket and reruns
+    nothing."""
     config = write_configs(tmp_path, manifest, {"model.fusion.projector_dim": [128, 256],
                                                 "model.policy.lora_rank": [4, 8],
                                                 "lr": {"loguniform": [1.0e-3, 3.0e-2]}},
                            name="grid", asha={"grace_period": 1, "reduction_factor": 2}, report_to=["mlflow"],
-                           mlflow_tracking_uri=(tmp_path / "mlruns").as_uri())
+                           mlflow_tracking_uri=(tmp_path / "mlruns").as_uri(), storage_path=f"{s3_bucket}/tune")
     summary = run_sweep(load_sweep_config(config))
-    sweep_dir = tmp_path / "tune" / "grid"
+    exp = f"{s3_bucket}/tune/grid"
     # trials ASHA stopped left no worker placement group behind (their CPUs are free for the next test)
     assert janitor._groups_of_this_job() == []
-    assert summary["trials"] == 4 and summary["finished"] + summary["stopped_early"] == 4
+    assert summary["sweep"] == exp and summary["trials"] == 4 and summary["finished"] + summary["stopped_early"] == 4
     assert summary["error"] == summary["unfinished"] == 0 and not summary["interrupted"]
     assert summary["scheduler"] == {"enabled": True, "time_attr": "step", "grace_period": 1, "reduction_factor": 2.0,
                                     "max_t": 2}
-    records = records_from_experiment(sweep_dir)
+    records = records_from_experiment(exp)
     assert sorted((r["config"]["model.fusion.projector_dim"], r["config"]["model.policy.lora_rank"])
                   for r in records) == [(128, 4), (128, 8), (256, 4), (256, 8)]
     for rec in records:
         assert rec["status"] == "finished" and rec["history"]
         assert all(0 <= h["val_dice"] <= 1 for h in rec["history"])  # only validation rows reach Tune
         assert rec["history"][0]["step"] == 0 and 1e-3 <= rec["config"]["lr"] <= 3e-2
-    rows = list(csv.DictReader(open(summary["table_csv"])))
+    assert summary["table_csv"] == f"{exp}/results.csv" and summary["heatmap"] == f"{exp}/heatmap.png"
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(summary["table_csv"]))))
     assert len(rows) == 4 and all(0 <= float(r["val_dice"]) <= 1 for r in rows)
     assert {r["status"] for r in rows} <= {"finished", "stopped early"}
     assert [r["trial_id"] for r in rows if r["status"] == "finished"] and \
         all(int(r["step"]) == 2 for r in rows if r["status"] == "finished")
-    assert "| rank | trial | status | projector_dim | lora_rank | lr |" in Path(summary["table_md"]).read_text()
-    assert Path(summary["heatmap"]).read_bytes()[:4] == b"\x89PNG"
-    check_best_export(sweep_dir, summary)
+    assert "| rank | trial | status | projector_dim | lora_rank | lr |" in storage.read_text(summary["table_md"])
+    assert storage.read_bytes(summary["heatmap"])[:4] == b"\x89PNG"
+    assert json.loads(storage.read_text(f"{exp}/summary.json")) == json.loads(json.dumps(summary))
+    names = storage.list_dir(exp)
+    assert {"best", "best.json", "results.md", "runs", "sweep.json"} <= set(names)
+    assert any(n.startswith("experiment_state") for n in names)  # Tune's own state is in the bucket too
+    trials = storage.list_dir(f"{exp}/runs")
+    assert len(trials) == 4 and all(storage.is_file(f"{exp}/runs/{t}/trial.json") for t in trials)
+    check_best_export(exp, summary)
     check_mlflow_runs(tmp_path / "mlruns", "grid", records)
+    assert not (tmp_path / "tune").exists()  # nothing of the sweep on the local disk
+
+    kept = {t: storage.read_bytes(f"{exp}/runs/{t}/trial.json") for t in trials}
+    again = run_sweep(load_sweep_config(config), resume=True)  # Tuner.restore from the bucket: nothing left to run
+    assert again["finished"] + again["stopped_early"] == 4 and again["best"]["trial_id"] == summary["best"]["trial_id"]
+    assert {t: storage.read_bytes(f"{exp}/runs/{t}/trial.json") for t in trials} == kept
 
 
 def check_mlflow_runs(store: Path, experiment: str, records: list[dict]) -> None:
@@ -168,44 +193,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 
     with pytest.raises(ConfigError, match="already holds a sweep: continue it with --resume"):
         run_sweep(load_sweep_config(config))  # a second fresh start of the same sweep is refused
-
-
-def test_sweep_stored_in_a_bucket_writes_its_outputs_there_and_resumes_from_it(ray_cluster, manifest, tmp_path,
-                                                                                 s3_bucket):
-    """storage_path s3://... (the session's moto server): Tune's state, the trials' runs, the table, heatmap and
-    best/ all go to the bucket, the best checkpoint loads from there, and --resume restores the sweep from it."""
-    from rau_ray import storage
-    from rau_ray.models.checkpoint import load_segmenter_checkpoint, read_checkpoint
-
-    config = write_configs(tmp_path, manifest, {"model.policy.lora_rank": [4, 8], "model.fusion.projector_dim": [128]},
-                           name="remote", asha={"enabled": False}, storage_path=f"{s3_bucket}/tune")
-    summary = run_sweep(load_sweep_config(config))
-    exp = f"{s3_bucket}/tune/remote"
-    assert summary["sweep"] == exp and summary["finished"] == 2 and not summary["interrupted"]
-    assert summary["table_csv"] == f"{exp}/results.csv" and summary["heatmap"] == f"{exp}/heatmap.png"
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(summary["table_csv"]))))
-    assert len(rows) == 2 and all(0 <= float(r["val_dice"]) <= 1 and int(r["step"]) == 2 for r in rows)
-    assert storage.read_bytes(summary["heatmap"])[:4] == b"\x89PNG"
-    assert json.loads(storage.read_text(f"{exp}/summary.json")) == json.loads(json.dumps(summary))
-    names = storage.list_dir(exp)
-    assert {"best", "best.json", "results.md", "runs", "sweep.json"} <= set(names)
-    assert any(n.startswith("experiment_state") for n in names)  # Tune's own state is in the bucket too
-    trials = storage.list_dir(f"{exp}/runs")
-    assert len(trials) == 2 and all(storage.is_file(f"{exp}/runs/{t}/trial.json") for t in trials)
-    best = json.loads(storage.read_text(f"{exp}/best.json"))
-    assert best == summary["best"] and best["path"] == f"{exp}/best"
-    assert best["source"].startswith(f"{exp}/runs/{best['trial_id']}/checkpoint_")
-    ck = read_checkpoint(best["path"])
-    assert ck.kind == "seg" and ck.step == best["checkpoint_step"] == 2 and ck.config["name"] == best["trial_id"]
-    assert load_segmenter_checkpoint(ck).projector[0].out_features == 128
-    assert not (tmp_path / "tune").exists()  # nothing of the sweep on the local disk
-
-    kept = {t: storage.read_bytes(f"{exp}/runs/{t}/trial.json") for t in trials}
-    again = run_sweep(load_sweep_config(config), resume=True)  # Tuner.restore from the bucket: nothing left to run
-    assert again["finished"] == 2 and again["best"]["trial_id"] == best["trial_id"]
-    assert {t: storage.read_bytes(f"{exp}/runs/{t}/trial.json") for t in trials} == kept
-    with pytest.raises(ConfigError, match="already holds a sweep: continue it with --resume"):
-        run_sweep(load_sweep_config(config))
 
 
 def test_janitor_removes_only_groups_whose_creator_actor_died(ray_cluster):
