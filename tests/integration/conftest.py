@@ -136,12 +136,25 @@ def _local_app_owner(ray_cluster):
         _LOCAL_APP.pop("app").stop()
 
 
+def _still_up(app: LocalApp, wait_s: float = 60.0) -> bool:
+    """The app's process runs and /readyz answers 200 within ``wait_s`` (a busy app may answer late)."""
+    deadline = time.monotonic() + wait_s
+    while app.proc.poll() is None:
+        if _ready(app.url):
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return False
+
+
 @pytest.fixture
 def local_app_run(_local_app_owner, ray_cluster, tmp_path_factory) -> LocalApp:
     """The shared ``serve run serve_configs/local.yaml``; started on first use, and again if it is not up."""
     app = _LOCAL_APP.get("app")
-    if app is None or app.proc.poll() is not None or not _ready(app.url):
+    if app is None or not _still_up(app):
         if app is not None:
+            print(f"local_app restarted: exit code {app.proc.poll()}, /readyz not 200 for 60 s:\n{app.log()}")
             app.stop()
         _LOCAL_APP["app"] = app = _serve_run_local_yaml(ray_cluster, tmp_path_factory.mktemp("local_app"))
     return app
