@@ -6,10 +6,11 @@ dimension, the index type): a bank built with one embedder is never searched wit
 modality, never returns the query's own subject, and answers "no suitable reference" below a similarity threshold
 instead of returning a bad match. Exact (Flat) indexes move to the GPU when a GPU is present: a faiss GPU index
 with faiss-gpu (the ``gpu`` extra), else ``TorchFlatIP`` (the same exact inner-product search as a torch matmul +
-top-k on the GPU) with faiss-cpu; HNSW and IVF stay on the CPU. A bank logs its index type, whether it is on the GPU
-and which faiss build is installed when it is built or loaded (logger ``rau_ray.retrieval``). A bank
-folder may also be an ``s3://`` / ``gs://`` URI: ``save`` uploads it (bank.json last), ``load`` downloads it once per
-node into the local cache (``rau_ray.storage.local_copy``).
+top-k on the GPU) with faiss-cpu; HNSW and IVF stay on the CPU. A build on Ray embeds on a Ray Data actor pool
+(one embedder per actor, ``num_gpus=1`` each on CUDA). A bank logs its index type, whether it is on the GPU and which
+faiss build is installed when it is built or loaded (logger ``rau_ray.retrieval``). A bank folder may also be an
+``s3://`` / ``gs://`` URI: ``save`` uploads it (bank.json last), ``load`` downloads it once per node into the local
+cache (``rau_ray.storage.local_copy``).
 The tiny embedder (``embedder: tiny``): ``init: pretrained`` (the default) loads ``weights/tiny/dinov2``, the
 self-supervised DINOv2-tiny made by ``rau pretrain dino`` and shipped with its model card, which must hold the
 configured architecture (``rau_tiny_spec.json``); ``init: random`` builds a seeded random-initialised DINOv2 into
@@ -36,6 +37,7 @@ except ImportError as e:  # the core leaves the faiss build to the extras: one o
     raise ImportError("faiss is not installed: install rau-ray with one of its faiss extras, '.[cpu]' (faiss-cpu) "
                       "or '.[gpu]' (faiss-gpu-cu12)") from e
 import numpy as np
+import ray.data
 import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
@@ -385,7 +387,8 @@ class ReferenceBank:
     @classmethod
     def build(cls, manifest_path: str | Path, cfg: RetrievalConfig = TINY, split: str | None = "train",
               backend: str = "ray", progress: bool = True) -> ReferenceBank:
-        """Embed the manifest's rows of ``split`` (all rows if None), on Ray tasks or in-process."""
+        """Embed the manifest's rows of ``split`` (all rows if None), on a Ray Data actor pool (an embedder loaded
+        once per actor; ``num_gpus`` on CUDA) or in-process."""
         cfg.validate()
         if backend not in ("ray", "local"):
             raise ValueError(f"backend must be 'ray' or 'local', not {backend!r}")
@@ -554,31 +557,50 @@ class ReferenceBank:
         return bank
 
 
+class _EmbedActor:
+    """One actor of a bank build's Ray Data pool: its Embedder loaded once, then batches of manifest rows ({"n",
+    "id"}) in, their unit embeddings out (with "n", the rows' places in the build, and "error": a bad image's
+    DataError text, returned as a value: Ray Data hands the driver no exception object of the actor's)."""
+
+    def __init__(self, cfg: RetrievalConfig, manifest_path: str):
+        self.manifest = read_manifest(manifest_path)
+        self.by_id = {r.id: r for r in self.manifest.rows}
+        self.embedder = Embedder(cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self.by_id[str(i)] for i in batch["id"]]
+        try:
+            embedded, error = self.embedder.embed([self.manifest.load(r)[0] for r in rows],
+                                                  [r.modality for r in rows]), ""
+        except RauError as e:  # a bad image: the user's problem
+            embedded, error = np.zeros((len(rows), self.embedder.dim), np.float32), str(e)
+        return {"n": np.asarray(batch["n"]), "embedding": embedded, "error": np.array([error] * len(rows))}
+
+
 def _embed_on_ray(cfg: RetrievalConfig, manifest_path: str, ids: list[str], bar) -> np.ndarray:
-    """Chunks of rows on Ray tasks (one CPU, one Embedder each); results put back in manifest order."""
-    ray = ray_session.connect()
-    chunk = max(cfg.batch_size, math.ceil(len(ids) / (2 * ray_session.cluster_cpus())))  # ~2 tasks a CPU
-    options = {"num_cpus": 1}
-    if "RAU_CACHE" in os.environ:  # workers build/read the tiny model in the driver's cache, not their own default
-        options["runtime_env"] = {"env_vars": {"RAU_CACHE": os.environ["RAU_CACHE"]}}
-    task = ray.remote(_embed_rows).options(**options)
-    refs = [task.remote(cfg, manifest_path, ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
-    order, pending, done = {ref: n for n, ref in enumerate(refs)}, list(refs), {}
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                done[order[ready[0]]] = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, RauError):  # a bad image found by a worker: the user's error, unwrapped
-                    raise e.cause from None
-                raise
-            bar.update(len(done[order[ready[0]]]))
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
-    return np.concatenate([done[n] for n in range(len(refs))])
+    """The rows through a Ray Data actor pool (``map_batches``): an actor per CPU (per GPU when the embedder runs on
+    CUDA, ``num_gpus=1`` each), each loading the embedder once; results put back in manifest order."""
+    ray_session.connect()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus > 0)
+    batches = math.ceil(len(ids) / cfg.batch_size)
+    actors = max(1, min(int(gpus) if on_gpu else ray_session.cluster_cpus(), batches))
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller's bar counts images
+    env = {"env_vars": {"RAU_CACHE": os.environ["RAU_CACHE"]}} if "RAU_CACHE" in os.environ else None  # the cache
+    ds = ray.data.from_items([{"n": n, "id": i} for n, i in enumerate(ids)], override_num_blocks=batches)
+    ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"cfg": cfg, "manifest_path": manifest_path},
+                        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+                        num_gpus=1 if on_gpu else None, runtime_env=env)
+    out: np.ndarray | None = None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        errors = [str(e) for e in batch["error"] if e]
+        if errors:
+            raise DataError(errors[0])
+        if out is None:
+            out = np.zeros((len(ids), batch["embedding"].shape[1]), np.float32)
+        out[batch["n"]] = batch["embedding"]
+        bar.update(len(batch["n"]))
+    return out
 
 
 def recall_at_k(bank: ReferenceBank, embedder: Embedder, manifest_path: str | Path, split: str = "test",
@@ -611,7 +633,7 @@ def recall_at_k(bank: ReferenceBank, embedder: Embedder, manifest_path: str | Pa
 
 def phantom_bank(out: str | Path, subjects: int = 6, size: int = 128, seed: int = 0) -> str:
     """A small CT phantom dataset (``out/ct``) and the tiny reference bank over all of it (``out/bank``), built
-    in-process (no Ray tasks); returns the bank folder. What the serving app's Retriever builds at start-up for
+    in-process (no Ray); returns the bank folder. What the serving app's Retriever builds at start-up for
     ``bank_dir: null`` (serve_configs/local.yaml), and what a demo or test needing a bank without a pipeline uses."""
     data = os.path.join(out, "ct")
     make_dataset(MakeConfig("ct-abdomen", n=subjects, out=data, size=size, seed=seed, slices_per_subject=4),

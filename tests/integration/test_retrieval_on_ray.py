@@ -1,5 +1,5 @@
-"""The reference bank built on Ray tasks: the same bank as the in-process build, and a bad image on a worker is a
-DataError naming the file (tests/unit/models/test_retrieval.py covers the bank itself, without Ray)."""
+"""The reference bank built on a Ray Data actor pool: the same bank as the in-process build, and a bad image on an
+actor is a DataError naming the file (tests/unit/models/test_retrieval.py covers the bank itself, without Ray)."""
 
 import shutil
 from dataclasses import replace
