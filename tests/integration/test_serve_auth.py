@@ -5,9 +5,11 @@ Covered: 401 without a key, with a wrong one and with one revoked while the app 
 restart); 200 with a good key on /v1/segment, the session routes and MONAI Label's; 403 on another key's session
 (which is left as it was); 429 at the per-key session limit and over the per-key rate, with Retry-After; /auth/ and
 /auth/token, and MONAI Label's own client logging in as 3D Slicer's module does; CORS only for the listed origin;
-the audit log holds the actions with ids only: no key text, no patient name from an uploaded DICOM.
+three users clicking at once, each seeing only their own session; the audit log holds the actions with ids only: no
+key text, no patient name from an uploaded DICOM.
 """
 
+import importlib.util
 import io
 import json
 import socket
@@ -25,6 +27,9 @@ from rau_ray.serve import keys
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("serve_users", REPO / "benchmarks" / "serve_users.py")
+serve_users = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve_users)
 CLIENT_PYTHON = REPO / ".venv-monailabel" / "bin" / "python"
 SCRIPT = Path(__file__).with_name("monailabel_client_script.py")
 RPM = 30
@@ -38,7 +43,7 @@ def app(ray_cluster, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("auth")
     path = folder / "keys.json"
-    made = {name: keys.add_key(path, name) for name in ("alice", "bob", "carol", "rate", "slicer")}
+    made = {name: keys.add_key(path, name) for name in ("alice", "bob", "carol", "rate", "slicer", "u1", "u2", "u3")}
     audit = folder / "audit.jsonl"
     url = start(profile="tiny", port=free_port(), api_keys_file=str(path), max_sessions_per_key=2,
                 requests_per_minute_per_key=RPM, audit_log=str(audit), cors_origins=[ORIGIN], timeout_s=300)
@@ -192,6 +197,17 @@ def test_auth_routes_cors_and_monailabel_client(app, tmp_path):
     r = requests.put(url + "/datastore/?image=phantom", headers=bearer(k["alice"]), timeout=30,
                      files={"file": ("p.nii.gz", image.read_bytes())})
     assert r.status_code == 403 and "another API key" in r.json()["error"]
+
+
+def test_several_users_at_once_each_see_only_their_own_session(app):
+    """Three keys clicking at once, each in a session of its own on an image of its own (benchmarks/serve_users.py's
+    level, small): every request answered, each session holds its own clicks only, each key gets 403 on another's
+    session (left as it was), and each final mask equals that user's clicks replayed alone afterwards."""
+    users = ("u1", "u2", "u3")
+    result = serve_users.level(app["url"], [app["keys"][u] for u in users], serve_users.user_images(3), clicks=3)
+    assert result["checks"] == {"every_request_200": True, "requests": 3 * 4, "clicks_answered": 9,
+                                "sessions_hold_only_their_clicks": True, "foreign_session_403": True,
+                                "masks_equal_replayed_alone": True}, result
 
 
 def test_audit_log_has_the_actions_and_ids_only(app):
