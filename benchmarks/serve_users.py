@@ -164,9 +164,9 @@ def main() -> int:
                  max_sessions_per_key=4, requests_per_minute_per_key=100_000, audit_log=str(folder / "audit.jsonl"),
                  timeout_s=600)
     started = time.perf_counter() - t0
-    images = user_images(max(args.users))
+    images = user_images(max(args.users) + 1)
     try:
-        level(base, made[:1], images[:1], 2)  # warm-up: the first requests' lazy work, not timed
+        level(base, made[:1], images[-1:], 2)  # warm-up on an image of no user's: the lazy first-request work
         levels = [level(base, made[:n], images[:n], args.clicks) for n in args.users]
     finally:
         stop()
