@@ -91,7 +91,11 @@ def ray_cluster(isolated_model_cache, s3_endpoint):
     # on this machine (a second test session, a user's app) cannot make this session's proxy fail to start
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         os.environ.setdefault(key, str(_free_port()))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # the node's Prometheus endpoint on a free port, reporting every second (Ray's default: 10 s), for the metrics test
+    os.environ["RAU_TEST_METRICS_PORT"] = str(_free_port())
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             _metrics_export_port=int(os.environ["RAU_TEST_METRICS_PORT"]),
+             _system_config={"metrics_report_interval_ms": 1000})
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()

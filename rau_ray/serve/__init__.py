@@ -22,5 +22,5 @@ retries, where clicks are decoded), ``messages`` (the typed messages between dep
 ``prompt_decoder`` (SAM2's prompt decoder in the Ingress), ``codecs`` (image decode with limits, mask PNG / COCO RLE),
 ``dicom_seg`` (DICOM-SEG export), ``refusal`` (a refused checkpoint pair's reason), ``keys`` (API keys: the
 hashed keys file, ``rau keys``), ``auth`` (access control: keys on every route, session owners, per-key limits, the
-audit log, CORS, MONAI Label's ``/auth/`` routes).
+audit log, CORS, MONAI Label's ``/auth/`` routes), ``metrics`` (Prometheus metrics through Ray's metrics API).
 """

@@ -35,7 +35,7 @@ from rau_ray.data.tasks import label_boxes
 from rau_ray.models.prompts import to_pil
 from rau_ray.models.reference import Reference, image_digest
 from rau_ray.scoring.matching import MatchConfig, assign
-from rau_ray.serve import codecs
+from rau_ray.serve import codecs, metrics
 from rau_ray.serve.deployments import load_segmenter
 from rau_ray.serve.http import ApiError, BankReference, ClientReference, ReferenceChoice
 from rau_ray.serve.messages import Answer, BankInfo, Features, NoReference, NotHeld, Prompted, Question, Segmentation
@@ -205,6 +205,8 @@ class Pipeline:
         timings["segmenter"] = time.perf_counter() - t_pol
         timings.update({f"segmenter_{k}": v for k, v in seg.timings.items()})
         timings["total"] = time.perf_counter() - t0
+        for stage in ("retrieval", "policy", "segmenter"):
+            metrics.stage(stage, timings[stage])
         out = {"structure": structure, "label": pol.label or structure, "box": mask_box(seg.mask),
                "score": round(float(seg.score), 4), "reference": reference_used(ref),
                "format_error": pol.format_error, "policy_batch": pol.timings.get("batch"),
@@ -251,6 +253,7 @@ class Pipeline:
         digest goes first (routed to the replica holding it, so no pixels travel) and the image itself only when
         that replica lacks it (first prompt, eviction, a replaced replica). ``key``: the image's digest when the
         caller has it (a session keeps it per slice)."""
+        t_prompt = time.perf_counter()
         key = key or image_digest(image)
         if self.decoder is None:
             got: Prompted = await self._on_segmenter("prompt", image, key, points, labels, box)
@@ -258,10 +261,14 @@ class Pipeline:
         else:
             cached = True
             if key not in self.decoder:
+                t0 = time.perf_counter()
                 features: Features = await self._on_segmenter("embedding", image, key)
+                metrics.stage("embedding", time.perf_counter() - t0)
                 self.decoder.put(key, features)
                 cached = features.cached
             got = self.decoder.predict(key, points, labels, box)
+        metrics.cache(cached)
+        metrics.stage("prompt", time.perf_counter() - t_prompt)
         return {"mask": got.mask, "score": got.score, "cached": cached, "timings": got.timings}
 
     async def _on_segmenter(self, method: str, image: np.ndarray, key: str, *args):

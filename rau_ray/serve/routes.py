@@ -28,7 +28,7 @@ from ray import serve
 
 from rau_ray.commands import operation_validator
 from rau_ray.data import formats
-from rau_ray.serve import auth, codecs, http, refusal
+from rau_ray.serve import auth, codecs, http, metrics, refusal
 from rau_ray.serve.dicom_seg import SegExportError, encode_segmentation
 from rau_ray.serve.http import ApiError
 from rau_ray.serve.messages import NotUnderstood
@@ -76,6 +76,7 @@ app.include_router(monailabel_router)  # MONAI Label-compatible routes (rau_ray/
 app.include_router(pacs_router)  # POST /v1/pacs/segment (rau_ray/serve/pacs_routes.py)
 app.include_router(auth.router)  # MONAI Label's /auth/ routes
 app.add_middleware(auth.AccessMiddleware)  # API keys on every route but the open ones, per-key rate, audit, CORS
+app.add_middleware(metrics.MetricsMiddleware)  # outermost: counts what the access check refuses too
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64,
@@ -93,6 +94,7 @@ class Ingress(MonaiLabelRoutes, PacsRoutes):
             log.error("refusing every request: %s", self.settings.refusal)
         auth.configure(self.settings.access)
         self.sessions = SessionStore(self.settings.session_ttl_s, self.settings.max_sessions)
+        metrics.watch_sessions(self.sessions)
         self.read = http.Reader(self.settings.max_image_bytes, self.settings.max_pixels)
         handles = {"retriever": retriever, "policy": policy, "segmenter": segmenter, "commander": commander}
         self.pipeline = Pipeline(handles, self.settings.request_timeout_s, self.settings.retries,

@@ -136,25 +136,33 @@ def _local_app_owner(ray_cluster):
         _LOCAL_APP.pop("app").stop()
 
 
-def _still_up(app: LocalApp, wait_s: float = 60.0) -> bool:
-    """The app's process runs and /readyz answers 200 within ``wait_s`` (a busy app may answer late)."""
-    deadline = time.monotonic() + wait_s
+def _wait_up(app: LocalApp) -> str | None:
+    """None once /readyz answers 200 (a busy app may answer late: up to READY_S while its process runs), else why
+    it is not up."""
+    deadline = time.monotonic() + READY_S
     while app.proc.poll() is None:
         if _ready(app.url):
-            return True
+            return None
         if time.monotonic() > deadline:
-            break
+            return f"/readyz not 200 for {READY_S} s"
         time.sleep(1)
-    return False
+    return f"serve run exited with {app.proc.returncode}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A restart of the shared app is said at the end of the run (each costs ~40 s of the suite)."""
+    for reason in _LOCAL_APP.get("restarts", []):
+        terminalreporter.write_line(f"local_app restarted: {reason}")
 
 
 @pytest.fixture
 def local_app_run(_local_app_owner, ray_cluster, tmp_path_factory) -> LocalApp:
-    """The shared ``serve run serve_configs/local.yaml``; started on first use, and again if it is not up."""
+    """The shared ``serve run serve_configs/local.yaml``; started on first use, and again if its process is gone."""
     app = _LOCAL_APP.get("app")
-    if app is None or not _still_up(app):
+    why = "not started" if app is None else _wait_up(app)
+    if why is not None:
         if app is not None:
-            print(f"local_app restarted: exit code {app.proc.poll()}, /readyz not 200 for 60 s:\n{app.log()}")
+            _LOCAL_APP.setdefault("restarts", []).append(f"{why}; its log's end:\n{app.log()[-1500:]}")
             app.stop()
         _LOCAL_APP["app"] = app = _serve_run_local_yaml(ray_cluster, tmp_path_factory.mktemp("local_app"))
     return app

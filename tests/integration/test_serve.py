@@ -11,6 +11,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -478,6 +479,51 @@ def _replica_actors(deployment: str):
 
     return [a for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]]
+
+
+def _metric_lines(text: str, name: str, **labels) -> list[float]:
+    """Values of Prometheus sample lines of ``name`` whose labels include ``labels``."""
+    values = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            values.append(float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+def test_prometheus_metrics_of_requests_stages_cache_and_sessions(base, ct_png):
+    """Ray's metrics endpoint of the node (tests/conftest.py: a free port, reporting every second) carries the app's
+    metrics (rau_ray/serve/metrics.py): requests by route template and status, seconds per request and per stage,
+    embedding cache hits and misses of clicks, open sessions."""
+    port = os.environ["RAU_TEST_METRICS_PORT"]
+    assert post_image(base, "/v1/segment", ct_png, structures="liver").status_code == 200
+    assert requests.post(base + "/v1/segment", json={"image_b64": "not base64!", "structures": ["liver"]},
+                         timeout=30).status_code == 400
+    sid = post_image(base, "/v1/sessions", ct_png).json()["id"]
+    for x in (60, 64):  # the first click fetches the embedding, the second meets it cached
+        r = requests.post(f"{base}/v1/sessions/{sid}/commands", timeout=60, json={
+            "operations": [{"op": "add_point", "positive": True, "x": x, "y": 70, "count": 1}]})
+        assert r.status_code == 200, r.text
+    deadline, text = time.monotonic() + 60, ""
+    wanted = (("ray_rau_requests_total", {"route": "/v1/segment", "status": "200"}),
+              ("ray_rau_requests_total", {"route": "/v1/segment", "status": "400"}),
+              ("ray_rau_requests_total", {"route": "/v1/sessions/{sid}/commands", "status": "200"}),
+              ("ray_rau_request_seconds_count", {"route": "/v1/segment"}),
+              ("ray_rau_stage_seconds_count", {"stage": "policy"}),
+              ("ray_rau_stage_seconds_count", {"stage": "retrieval"}),
+              ("ray_rau_stage_seconds_count", {"stage": "prompt"}),
+              ("ray_rau_embedding_cache_total", {"result": "hit"}),
+              ("ray_rau_sessions_active", {}))
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(_metric_lines(text, name, **labels) for name, labels in wanted):
+            break
+        time.sleep(1)
+    for name, labels in wanted:
+        assert _metric_lines(text, name, **labels), (name, labels, [ln for ln in text.splitlines() if "rau_" in ln])
+    assert sum(_metric_lines(text, "ray_rau_requests_total", route="/v1/segment", status="200")) >= 1
+    assert max(_metric_lines(text, "ray_rau_sessions_active")) >= 1
+    assert not [ln for ln in text.splitlines() if "ray_rau_requests_total" in ln and sid in ln]  # no id in a label
+    requests.delete(f"{base}/v1/sessions/{sid}", timeout=30)
 
 
 def test_segmenter_killed_under_load(base, ct_png):
