@@ -8,6 +8,7 @@ the session, so one start-up (~30 s) serves them all; ``local_app_run`` (its pro
 the test that stops it with Ctrl-C (test_serve_cli.py).
 A test that needs other settings starts its own app (``rau_ray.serve.app.start``)."""
 
+import inspect
 import os
 import signal
 import socket
@@ -32,8 +33,9 @@ def pytest_collection_modifyitems(config, items):
 
     # the local_app users last and together, the one that stops it at the very end (a stable sort: order kept)
     def rank(item) -> int:
-        names = getattr(item, "fixturenames", ())
-        return 2 if "local_app_run" in names else 1 if "local_app" in names else 0
+        names = getattr(item, "fixturenames", ())  # every fixture the test needs: local_app brings local_app_run
+        asks = inspect.signature(item.function).parameters if hasattr(item, "function") else {}
+        return 2 if "local_app_run" in asks else 1 if "local_app_run" in names else 0
 
     items.sort(key=rank)
 
